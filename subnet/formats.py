@@ -1,0 +1,90 @@
+"""Weight formats a linear layer (or the embedding) can be stored in, and what each needs.
+
+One registry serves validation (row-length alignment), cost (bits per weight), the exporters
+(which runtime holds which format) and quantization simulation (see ``subnet.quant``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LLAMA_CPP = "llama.cpp"
+ONNXRUNTIME = "onnxruntime"
+TENSORRT = "tensorrt"
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """A storage format for a 2-D weight, quantized along its rows (the input dimension)."""
+
+    name: str
+    bits: float  # storage bits per weight, scales and offsets included
+    block: int  # the row length (input features) must be a multiple of this
+    runtimes: tuple[str, ...]
+    ggml_type: str | None = None  # gguf.GGMLQuantizationType member name, for GGUF formats
+    fallback: str | None = None  # what llama.cpp substitutes when the row length does not fit
+    note: str = ""
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits < 16
+
+    def fits(self, row_length: int) -> bool:
+        return row_length % self.block == 0
+
+
+def _f(name, bits, block, runtimes, ggml=None, fallback=None, note=""):
+    return WeightFormat(name, bits, block, tuple(runtimes), ggml, fallback, note)
+
+
+_ALL = (LLAMA_CPP, ONNXRUNTIME, TENSORRT)
+FORMATS: dict[str, WeightFormat] = {
+    f.name: f
+    for f in [
+        _f("f32", 32, 1, (LLAMA_CPP, ONNXRUNTIME), "F32"),
+        _f("f16", 16, 1, _ALL, "F16"),
+        _f("bf16", 16, 1, (LLAMA_CPP,), "BF16"),
+        # GGML block formats (block sizes and byte layouts from ggml-common.h)
+        _f("q8_0", 8.5, 32, (LLAMA_CPP,), "Q8_0"),
+        _f("q6_k", 6.5625, 256, (LLAMA_CPP,), "Q6_K", fallback="q8_0"),
+        _f("q5_k", 5.5, 256, (LLAMA_CPP,), "Q5_K", fallback="q5_1"),
+        _f("q5_1", 6.0, 32, (LLAMA_CPP,), "Q5_1"),
+        _f("q5_0", 5.5, 32, (LLAMA_CPP,), "Q5_0"),
+        _f("q4_k", 4.5, 256, (LLAMA_CPP,), "Q4_K", fallback="q5_0"),
+        _f("q4_1", 5.0, 32, (LLAMA_CPP,), "Q4_1"),
+        _f("q4_0", 4.5, 32, (LLAMA_CPP,), "Q4_0"),
+        _f("iq4_nl", 4.5, 32, (LLAMA_CPP,), "IQ4_NL", note="non-linear 4-bit grid, 32-wide blocks"),
+        _f("q3_k", 3.4375, 256, (LLAMA_CPP,), "Q3_K", fallback="q4_0"),
+        _f("q2_k", 2.625, 256, (LLAMA_CPP,), "Q2_K", fallback="q4_0"),
+        # ONNX Runtime / TensorRT weight formats
+        _f("int8", 8.0, 1, (ONNXRUNTIME, TENSORRT), note="symmetric int8 per output channel"),
+        _f("int8_b32", 9.0, 32, (ONNXRUNTIME,), note="MatMulNBits 8-bit, block 32, fp32 scale"),
+        _f("int4_b32", 5.125, 32, (ONNXRUNTIME,), note="MatMulNBits 4-bit, block 32, fp32 scale + 4-bit zero point"),
+        _f("int4_b128", 4.28125, 128, (ONNXRUNTIME, TENSORRT), note="4-bit, block 128, scale + zero point"),
+    ]
+}
+
+
+def get_format(name: str) -> WeightFormat:
+    """Look a format up by name; unknown names fail with the list of known ones."""
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown weight format {name!r}; known formats: {', '.join(FORMATS)}") from None
+
+
+def formats_for(runtime: str) -> list[str]:
+    """Names of the formats a runtime can hold."""
+    return [f.name for f in FORMATS.values() if runtime in f.runtimes]
+
+
+def effective_format(name: str, row_length: int) -> str:
+    """The format llama.cpp really writes for a row of this length (K-quants fall back)."""
+    fmt = get_format(name)
+    seen = set()
+    while not fmt.fits(row_length) and fmt.fallback and fmt.name not in seen:
+        seen.add(fmt.name)
+        fmt = get_format(fmt.fallback)
+    if not fmt.fits(row_length):
+        raise ValueError(f"format {name!r} cannot hold rows of length {row_length} (needs a multiple of {fmt.block})")
+    return fmt.name

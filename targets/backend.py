@@ -1,0 +1,119 @@
+"""What every runtime backend shares: the artifact it writes and the measurement it takes.
+
+A backend module (``targets.llamacpp``, ``targets.onnxrt``, ``targets.tensorrt``) provides
+``export(model, tokenizer, spec, out, force=False) -> Artifact``, ``load(artifact)`` returning an
+object with ``logits(token_ids) -> np.ndarray`` and ``generate(token_ids, n) -> list[int]``, and
+``measure(artifact, workload, threads) -> Measurement``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be done, with the reason and the fix in one line."""
+
+
+@dataclass
+class Artifact:
+    """An exported model: its files and what made it."""
+
+    runtime: str
+    path: str  # the main file (.gguf, .onnx) or folder
+    files: list[str] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)  # formats really written, fallbacks, parity, versions
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def write_meta(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+
+@dataclass
+class Workload:
+    """What a deployment runs: prompt length, tokens generated, batch."""
+
+    prompt_tokens: int = 128
+    gen_tokens: int = 64
+    batch: int = 1
+
+    @property
+    def context(self) -> int:
+        return self.prompt_tokens + self.gen_tokens
+
+
+@dataclass
+class Measurement:
+    """Latency and memory measured on this host (medians over repeats)."""
+
+    runtime: str
+    prefill_ms: float  # time to process the prompt = time to first token
+    decode_ms_per_token: float
+    peak_rss_mb: float
+    repeats: int
+    workload: dict
+    fingerprint: dict
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1000.0 / self.decode_ms_per_token
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tokens_per_s"] = self.tokens_per_s
+        return d
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fingerprint(runtime: str, version: str, threads: int | None = None, device: str | None = None) -> dict:
+    """Where a measurement was taken: machine, cores, threads, runtime and version, date."""
+    return {
+        "device": device or cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "machine": platform.machine(),
+        "os": platform.platform(terse=True),
+        "runtime": runtime,
+        "runtime_version": version,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+@contextmanager
+def atomic_output(final: str | os.PathLike, force: bool = False):
+    """Yield a temp folder next to ``final``; on success it is renamed to ``final``.
+
+    An existing ``final`` is refused unless ``force``; on error nothing is left under the final name.
+    """
+    final = Path(final)
+    if final.exists() and not force:
+        raise ExportError(f"{final} already exists: choose another output path or pass --force")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final) if final.is_dir() else final.unlink()
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
