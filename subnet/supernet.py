@@ -1,0 +1,143 @@
+"""Weight-sharing supernet view: run any SubnetSpec of a loaded model in place, without weight copies.
+
+The base model's parameters are read through slices (views for prefixes, which an importance-sorted
+base makes the common case); switching specs only swaps a small description. The forward pass is
+written out here in one readable function (LitGPT-style) so that every sub-network, including
+per-layer head counts, MLP widths, dropped layers and a narrower hidden size, runs through the same
+code. Quantization is simulated per linear with the spec's formats, computed layer by layer during
+the forward pass so that at most one layer's quantized copy exists at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from subnet.arch import arch_of
+from subnet.extract import layer_index_sets
+from subnet.spec import SubnetSpec
+
+
+def _compact(idx: torch.Tensor) -> int | torch.Tensor:
+    """A prefix index list becomes its length (sliced as a view); anything else stays a gather index."""
+    n = idx.numel()
+    return n if torch.equal(idx, torch.arange(n)) else idx
+
+
+def _take(w: torch.Tensor, idx: int | torch.Tensor | None, dim: int) -> torch.Tensor:
+    """Index ``w`` along ``dim``: a view for a prefix length, a gather for an index tensor."""
+    if idx is None:
+        return w
+    if isinstance(idx, int):
+        return w if idx == w.shape[dim] else w.narrow(dim, 0, idx)
+    return w.index_select(dim, idx)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+class Supernet:
+    """A view of ``model`` that computes the sub-network of the active spec."""
+
+    def __init__(self, model):
+        self.model = model.eval()
+        self.arch = arch_of(model.config)
+        self.eps = model.config.rms_norm_eps
+        self.spec: SubnetSpec = SubnetSpec.full(self.arch)
+        self.simulate_quantization = True
+        self._plan = None
+        self.activate(self.spec)
+
+    # ---- activation ---------------------------------------------------------------------
+    def activate(self, spec: SubnetSpec) -> "Supernet":
+        """Make ``spec`` the active sub-network (validated against the base; no weights move)."""
+        spec.validate(self.arch)
+        self._plan = {
+            "hidden": _compact(torch.tensor(spec.hidden_index(), dtype=torch.long)),
+            "layers": [(ly, {k: _compact(v) for k, v in layer_index_sets(spec, ly).items()}) for ly in spec.layers],
+        }
+        self.spec = spec
+        return self
+
+    def _weight(self, w: torch.Tensor, rows, cols, fmt: str) -> torch.Tensor:
+        w = _take(_take(w, rows, 0), cols, 1)
+        if self.simulate_quantization and fmt != "f32":
+            from subnet.quant import fake_quantize
+
+            w = fake_quantize(w, fmt)
+        return w
+
+    # ---- forward ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states [batch, seq, hidden] of the active sub-network."""
+        m, spec, plan = self.model.model, self.spec, self._plan
+        hid = plan["hidden"]
+        hd = self.arch.head_dim
+        emb = self._weight(m.embed_tokens.weight, None, hid, spec.embed_format)
+        x = F.embedding(input_ids, emb)
+        bsz, seq = input_ids.shape
+        pos = torch.arange(seq).unsqueeze(0).expand(bsz, -1)
+        cos, sin = m.rotary_emb(x, pos)
+        for ly, idx in plan["layers"]:
+            layer = m.layers[ly.index]
+            att, mlp, f = layer.self_attn, layer.mlp, ly.formats
+            h = _rms_norm(x, _take(layer.input_layernorm.weight, hid, 0), self.eps)
+            q = F.linear(h, self._weight(att.q_proj.weight, idx["q"], hid, f["q_proj"]), _bias(att.q_proj, idx["q"]))
+            k = F.linear(h, self._weight(att.k_proj.weight, idx["kv"], hid, f["k_proj"]), _bias(att.k_proj, idx["kv"]))
+            v = F.linear(h, self._weight(att.v_proj.weight, idx["kv"], hid, f["v_proj"]), _bias(att.v_proj, idx["kv"]))
+            q = q.view(bsz, seq, ly.heads, hd).transpose(1, 2)
+            k = k.view(bsz, seq, ly.kv_heads, hd).transpose(1, 2)
+            v = v.view(bsz, seq, ly.kv_heads, hd).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=ly.heads != ly.kv_heads)
+            a = a.transpose(1, 2).reshape(bsz, seq, ly.heads * hd)
+            x = x + F.linear(a, self._weight(att.o_proj.weight, hid, idx["q"], f["o_proj"]), _bias(att.o_proj, hid))
+            h = _rms_norm(x, _take(layer.post_attention_layernorm.weight, hid, 0), self.eps)
+            g = F.linear(h, self._weight(mlp.gate_proj.weight, idx["mlp"], hid, f["gate_proj"]))
+            u = F.linear(h, self._weight(mlp.up_proj.weight, idx["mlp"], hid, f["up_proj"]))
+            x = x + F.linear(mlp.act_fn(g) * u, self._weight(mlp.down_proj.weight, hid, idx["mlp"], f["down_proj"]))
+        return _rms_norm(x, _take(m.norm.weight, hid, 0), self.eps)
+
+    def _lm_head(self) -> torch.Tensor:
+        hid = self._plan["hidden"]
+        if self.arch.tie_word_embeddings:
+            return self._weight(self.model.model.embed_tokens.weight, None, hid, self.spec.embed_format)
+        return self._weight(self.model.lm_head.weight, None, hid, self.spec.lm_head_format)
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, seq, vocab] of the active sub-network."""
+        return F.linear(self.hidden_states(input_ids), self._lm_head())
+
+    @torch.inference_mode()
+    def nll(self, blocks: torch.Tensor, chunk_tokens: int = 1024) -> tuple[float, int]:
+        """Summed next-token negative log-likelihood over ``blocks`` [n, seq] and the token count.
+
+        The LM head runs in chunks so the full [tokens, vocab] logits never exist at once.
+        """
+        h = self.hidden_states(blocks)[:, :-1].reshape(-1, self.spec.hidden_size)
+        target = blocks[:, 1:].reshape(-1)
+        head = self._lm_head()
+        total = 0.0
+        for s in range(0, target.numel(), chunk_tokens):
+            lg = F.linear(h[s : s + chunk_tokens], head)
+            total += float(F.cross_entropy(lg.float(), target[s : s + chunk_tokens], reduction="sum"))
+        return total, int(target.numel())
+
+    def perplexity(self, blocks: torch.Tensor, batch_blocks: int = 8) -> float:
+        """Perplexity of the active sub-network on ``blocks`` (quantization simulated)."""
+        total, count = 0.0, 0
+        for s in range(0, blocks.shape[0], batch_blocks):
+            t, c = self.nll(blocks[s : s + batch_blocks])
+            total, count = total + t, count + c
+        return float(torch.exp(torch.tensor(total / count)))
+
+
+def _bias(linear, rows):
+    return None if linear.bias is None else _take(linear.bias, rows, 0)
