@@ -6,13 +6,16 @@ GGUF formats are quantized by ggml itself (``ggml_quantize_chunk`` from llama-cp
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from subnet.arch import ATTN_LINEARS, LINEARS
 from subnet.formats import get_format
 
 
@@ -113,3 +116,205 @@ def ggml_dequantize(raw: np.ndarray, fmt: str, shape: tuple[int, int]) -> np.nda
     raw = np.asarray(raw, dtype=np.uint8).reshape(shape[0], -1)
     out = quants.dequantize(raw, ggml_qtype(fmt))
     return np.asarray(out, dtype=np.float32).reshape(shape)
+
+
+# ---- simulation: dequant(quant(W)) -----------------------------------------------------------
+def fake_quantize(weight: torch.Tensor, fmt: str) -> torch.Tensor:
+    """``weight`` (2-D, quantized along rows) after a round trip through ``fmt``; same shape and dtype.
+
+    Exact numerics of the runtime that stores ``fmt``: ggml's quantizer for GGUF formats (pure-torch
+    bit-identical fast paths for f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1; ggml itself for K-quants and
+    iq4_nl), ONNX Runtime's weight quantizers for int8 (``quantize_dynamic(per_channel=True)``) and
+    int8_b32 / int4_b32 / int4_b128 (``MatMulNBitsQuantizer``, asymmetric RTN). f32 is the identity.
+    """
+    f = get_format(fmt)
+    if weight.dim() != 2:
+        raise QuantError(f"expected a 2-D weight (out_features, in_features), got shape {tuple(weight.shape)}")
+    if fmt == "f32":
+        return weight
+    if weight.shape[1] % f.block:
+        _check_2d(np.empty((0, weight.shape[1]), np.float32), fmt)  # raises the one-line message
+    w = weight.detach().to(torch.float32)
+    fast = _FAST.get(fmt)
+    if fast is not None:
+        out = fast(w)
+    else:
+        raw = ggml_quantize(w.cpu().numpy(), fmt)
+        out = torch.from_numpy(ggml_dequantize(raw, fmt, tuple(w.shape)))
+    return out.to(device=weight.device, dtype=weight.dtype)
+
+
+def fake_quantize_ggml(weight: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The reference path for any GGUF format: ggml quantizes, gguf.quants dequantizes (no fast path)."""
+    w = weight.detach().to(torch.float32).cpu().numpy()
+    out = ggml_dequantize(ggml_quantize(w, fmt), fmt, tuple(w.shape))
+    return torch.from_numpy(out).to(device=weight.device, dtype=weight.dtype)
+
+
+def _blocks(w: torch.Tensor, block: int) -> torch.Tensor:
+    return w.reshape(w.shape[0], w.shape[1] // block, block)
+
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    """A float32 value as stored in an fp16 field (round to nearest even), read back as float32."""
+    return x.to(torch.float16).to(torch.float32)
+
+
+def _recip(d: torch.Tensor) -> torch.Tensor:
+    """1/d, 0 where d is 0 (ggml's ``id = d ? 1.0f/d : 0.0f``)."""
+    return torch.where(d == 0, torch.zeros_like(d), 1.0 / torch.where(d == 0, torch.ones_like(d), d))
+
+
+def _roundf_(x: torch.Tensor) -> torch.Tensor:
+    """C ``roundf`` in place: nearest integer, halfway cases away from zero (torch.round rounds half
+    to even). trunc(x) + trunc(2 * (x - trunc(x))), every step exact in float32."""
+    t = torch.trunc(x)
+    return x.sub_(t).mul_(2).trunc_().add_(t)
+
+
+def _signed_absmax(b: torch.Tensor) -> torch.Tensor:
+    """Per block, the value of largest magnitude, the first one on ties (ggml's strict '<' scan)."""
+    hi, lo = b.amax(dim=-1, keepdim=True), b.amin(dim=-1, keepdim=True)
+    out = torch.where(hi > -lo, hi, lo)
+    tie = (hi == -lo).squeeze(-1)
+    if tie.any():  # +m and -m both present (or an all-zero block): argmax keeps the first
+        tb = b[tie]
+        out[tie] = torch.gather(tb, -1, tb.abs().argmax(dim=-1, keepdim=True))
+    return out
+
+
+def _q8_0(w: torch.Tensor) -> torch.Tensor:
+    """ggml quantize_row_q8_0_ref: d = amax/127, q = roundf(x/d); dequant q * fp16(d)."""
+    b = _blocks(w, 32)
+    d = b.abs().amax(dim=-1, keepdim=True) / 127
+    q = _roundf_(b * _recip(d)).add_(0.0)  # add 0.0: an int8 has no -0
+    return q.mul_(_fp16(d)).reshape(w.shape)
+
+
+def _absmax_blocks(w: torch.Tensor, half: int) -> torch.Tensor:
+    """ggml q4_0 (half=8) / q5_0 (half=16): d = (signed value of largest |x|) / -half,
+    q = min(2*half-1, trunc(x/d + half + 0.5)); dequant (q - half) * fp16(d)."""
+    b = _blocks(w, 32)
+    d = _signed_absmax(b) / -half
+    q = (b * _recip(d)).add_(half + 0.5).trunc_().clamp_(max=2 * half - 1)
+    return q.sub_(half).mul_(_fp16(d)).reshape(w.shape)
+
+
+def _minmax_blocks(w: torch.Tensor, levels: int) -> torch.Tensor:
+    """ggml q4_1 (levels=15) / q5_1 (levels=31): d = (max-min)/levels, q = min(levels,
+    trunc((x-min)/d + 0.5)); dequant fp16(d) * q + fp16(min)."""
+    b = _blocks(w, 32)
+    lo, hi = b.amin(dim=-1, keepdim=True), b.amax(dim=-1, keepdim=True)
+    d = (hi - lo) / levels
+    q = (b - lo).mul_(_recip(d)).add_(0.5).trunc_().clamp_(max=levels)
+    return q.mul_(_fp16(d)).add_(_fp16(lo)).reshape(w.shape)
+
+
+def _ort_int8_per_channel(w: torch.Tensor) -> torch.Tensor:
+    """onnxruntime quantize_dynamic(per_channel=True, weight_type=QInt8) of a MatMul weight.
+
+    The ONNX weight is W.T (in, out) with channel axis -1, i.e. one scale per row of W here.
+    Symmetric (QInt8 weights default to WeightSymmetric), range [-127, 127], reduce_range off:
+    scale = float32(2*absmax / 254) computed in float64; q = clip(round_half_even(w / scale), -128, 127);
+    a channel whose scale is below float32 tiny gets scale 1 (ORT's compute_scale_zp).
+    """
+    absmax = w.abs().amax(dim=1, keepdim=True).to(torch.float64)
+    scale = (2 * absmax / 254).to(torch.float32)
+    scale = torch.where(scale < torch.finfo(torch.float32).tiny, torch.ones_like(scale), scale)
+    q = torch.clamp(torch.round(w / scale), -128, 127) + 0.0  # + 0.0: an int8 has no -0
+    return q * scale
+
+
+def _ort_blockwise(w: torch.Tensor, bits: int, block: int) -> torch.Tensor:
+    """onnxruntime MatMulNBits weight quantization (MLAS BlockwiseQuantizer, asymmetric, the default).
+
+    Blocks of ``block`` consecutive input features per output feature. min/max are widened to include
+    0, scale = (max-min)/(2^bits-1), zp = clamp(roundf(-min/scale)), q = clamp(roundf(x*(1/scale) + zp));
+    dequant (q - zp) * scale.
+    """
+    levels = float((1 << bits) - 1)
+    b = _blocks(w, block)
+    lo = b.amin(dim=-1, keepdim=True).clamp(max=0.0)
+    hi = b.amax(dim=-1, keepdim=True).clamp(min=0.0)
+    scale = (hi - lo) / levels
+    zp = torch.where(scale != 0, 0.0 - lo / torch.where(scale == 0, torch.ones_like(scale), scale), lo)
+    zp = _roundf_(zp.clamp(0.0, levels))
+    q = _roundf_((b * _recip(scale)).add_(zp)).clamp_(0.0, levels)
+    return q.sub_(zp).mul_(scale).reshape(w.shape)
+
+
+_FAST = {
+    "f16": lambda w: w.to(torch.float16).to(torch.float32),
+    "bf16": lambda w: w.to(torch.bfloat16).to(torch.float32),
+    "q8_0": _q8_0,
+    "q4_0": lambda w: _absmax_blocks(w, 8),
+    "q5_0": lambda w: _absmax_blocks(w, 16),
+    "q4_1": lambda w: _minmax_blocks(w, 15),
+    "q5_1": lambda w: _minmax_blocks(w, 31),
+    "int8": _ort_int8_per_channel,
+    "int8_b32": lambda w: _ort_blockwise(w, 8, 32),
+    "int4_b32": lambda w: _ort_blockwise(w, 4, 32),
+    "int4_b128": lambda w: _ort_blockwise(w, 4, 128),
+}
+
+
+def ort_dynamic_quantize_input(x: torch.Tensor) -> torch.Tensor:
+    """What ORT's ``DynamicQuantizeLinear`` does to a MatMul input under ``quantize_dynamic``: uint8,
+    asymmetric, one scale for the whole tensor (range widened to include 0, round half to even)."""
+    xf = x.to(torch.float32)
+    lo = xf.amin().clamp(max=0.0)
+    hi = xf.amax().clamp(min=0.0)
+    scale = (hi - lo) / 255
+    if scale == 0:
+        return x
+    zp = torch.clamp(torch.round(-lo / scale), 0, 255)
+    q = torch.clamp(torch.round(xf / scale) + zp, 0, 255)
+    return ((q - zp) * scale).to(x.dtype)
+
+
+# formats whose runtime also quantizes the layer input, and how
+_INPUT_QUANT = {"int8": ort_dynamic_quantize_input}
+
+
+def _linear(layer, name: str):
+    return getattr(layer.self_attn if name in ATTN_LINEARS else layer.mlp, name)
+
+
+def _apply(module, fmt: str, activations: bool) -> None:
+    if fmt == "f32":
+        return
+    with torch.no_grad():
+        module.weight.copy_(fake_quantize(module.weight, fmt))
+    if activations and fmt in _INPUT_QUANT:
+        quant = _INPUT_QUANT[fmt]
+        module.register_forward_pre_hook(lambda _m, args: (quant(args[0]), *args[1:]))
+
+
+def fake_quantize_model(model, spec, inplace: bool = False, activations: bool = True):
+    """``model`` (an extracted sub-network of ``spec``) with every weight rounded through its spec format.
+
+    ``spec.layers[i]`` gives the formats of ``model.model.layers[i]`` (one per name in ``LINEARS``);
+    ``spec.embed_format`` goes to the embedding and ``spec.lm_head_format`` to an untied lm_head (a tied
+    one shares the embedding's weight and format). Norms and biases stay as they are. With
+    ``activations``, linears in formats whose runtime also quantizes their input (ORT int8 dynamic)
+    get a forward pre-hook that simulates it. Returns the model (a deep copy unless ``inplace``).
+    """
+    layers = model.model.layers
+    if len(layers) != len(spec.layers):
+        raise QuantError(
+            f"spec has {len(spec.layers)} layers but the model has {len(layers)}: "
+            f"pass the model extracted from this spec (subnet.extract.extract(model, spec))"
+        )
+    if not inplace:
+        model = copy.deepcopy(model)
+        layers = model.model.layers
+    for layer, ly in zip(layers, spec.layers):
+        for name in LINEARS:
+            _apply(_linear(layer, name), ly.formats[name], activations)
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    _apply(embed, spec.embed_format, False)  # an embedding lookup has no input to quantize
+    if head is not None and not tied:
+        _apply(head, spec.lm_head_format, activations)
+    return model
