@@ -1,0 +1,106 @@
+"""The shipped real English text (search/data/) and token blocks cut from it.
+
+Two splits that share no document and no sentence: ``calibration`` (importance sorting, recovery,
+quantizer calibration) and ``evaluation`` (held-out perplexity, the offline lm-eval tasks). Each file holds
+documents separated by a blank line, paragraphs by a newline. How they were made:
+benchmarks/make_text_data.py; sources and licences: search/data/SOURCES.md.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+SPLITS = ("calibration", "evaluation")
+
+# a sentence ends at . ! ? (plus closing quotes/brackets) followed by space and an opening capital/quote,
+# unless the word before is a known abbreviation or a single initial ("J. R. Kennedy")
+_ABBREVS = ("Mr", "Mrs", "Ms", "Dr", "St", "Jr", "Sr", "vs", "No", "ca", "c", "i.e", "e.g", "Mt", "Gen", "Col")
+_NOT_AN_END = "".join(rf"(?<!\b{re.escape(a)}\.)" for a in _ABBREVS) + r"(?<!\b[A-Z]\.)"
+_SENTENCE_END = re.compile(r"(?<=[.!?])" + _NOT_AN_END + r"""(["'\u201d\u2019)\]]*)\s+(?=["'\u201c\u2018(\[]?[A-Z0-9])""")
+
+
+class TextError(ValueError):
+    """A request the shipped text cannot serve, with the reason and the fix in one line."""
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise TextError(f"unknown text split {split!r}: use one of {', '.join(SPLITS)}")
+
+
+@lru_cache(maxsize=None)
+def load_text(split: str) -> str:
+    """The whole cleaned text of one split ("calibration" or "evaluation")."""
+    _check_split(split)
+    path = DATA_DIR / f"{split}.txt"
+    if not path.is_file():
+        raise TextError(f"{path} is missing: reinstall packager (search/data/*.txt is package data)")
+    return path.read_text(encoding="utf-8")
+
+
+def split_documents(text: str) -> list[str]:
+    """The documents of a split's text (separated by blank lines)."""
+    return [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
+
+
+def document_sentences(doc: str) -> list[str]:
+    """The sentences of a document, paragraph by paragraph (rule-based; good enough for prose)."""
+    out = []
+    for para in doc.split("\n"):
+        parts = _SENTENCE_END.split(para.strip())
+        # re.split returns [sent, closer, sent, closer, ...]: glue each closer back onto its sentence
+        for i in range(0, len(parts), 2):
+            s = (parts[i] + (parts[i + 1] if i + 1 < len(parts) else "")).strip()
+            if s:
+                out.append(s)
+    return out
+
+
+def documents(split: str) -> list[str]:
+    """The documents of one split."""
+    return split_documents(load_text(split))
+
+
+_TOKEN_CACHE: dict[tuple[int, str], tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def split_token_ids(tokenizer, split: str) -> torch.Tensor:
+    """All token ids of a split (no special tokens), cached per tokenizer object."""
+    key = (id(tokenizer), split)
+    hit = _TOKEN_CACHE.get(key)
+    if hit is not None and hit[0]() is tokenizer:
+        return hit[1]
+    ids = tokenizer(load_text(split), add_special_tokens=False)["input_ids"]
+    ids = torch.tensor(ids, dtype=torch.long)
+    try:
+        ref = weakref.ref(tokenizer)
+    except TypeError:  # an object without weakref support: do not cache
+        return ids
+    _TOKEN_CACHE[key] = (ref, ids)
+    return ids
+
+
+def token_blocks(tokenizer, split: str, seq_len: int, n_blocks: int) -> torch.LongTensor:
+    """``n_blocks`` non-overlapping contiguous chunks of ``seq_len`` tokens, spread evenly over the split.
+
+    Deterministic: block i starts at token ``i * (N // n_blocks)`` of the split's N tokens, so a few blocks
+    still sample every source and genre of the split. Returns a LongTensor ``[n_blocks, seq_len]``.
+    """
+    _check_split(split)
+    if seq_len < 2 or n_blocks < 1:
+        raise TextError(f"token_blocks needs seq_len >= 2 and n_blocks >= 1 (got {seq_len}, {n_blocks})")
+    ids = split_token_ids(tokenizer, split)
+    need = seq_len * n_blocks
+    if need > len(ids):
+        raise TextError(
+            f"{split} text too short: {len(ids)} tokens, need {need} ({n_blocks} blocks of {seq_len}): "
+            "ask for fewer or shorter blocks"
+        )
+    stride = len(ids) // n_blocks
+    return torch.stack([ids[i * stride : i * stride + seq_len] for i in range(n_blocks)])
