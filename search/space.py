@@ -1,0 +1,202 @@
+"""The joint architecture x weight-format search space, derived from a base model and a runtime.
+
+A candidate is a vector of integer choices (one per variable), which every strategy shares:
+NSGA-II/LINAS/random sample and mutate it, the differentiable search puts a probability on each
+choice, and ``decode`` turns it into a SubnetSpec. Depth keeps the top-k blocks of the importance
+ranking; widths are prefixes of the importance-sorted units. Grids are aligned to what the formats
+need: every format offered can hold every row length the grid can produce.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from subnet.arch import ATTN_LINEARS, MLP_LINEARS, ArchInfo
+from subnet.formats import FORMATS, LLAMA_CPP, ONNXRUNTIME, TENSORRT, get_format
+from subnet.spec import LayerSpec, SubnetSpec
+
+# Formats offered per runtime by default (each later filtered by what the grid's rows can hold).
+DEFAULT_FORMATS = {
+    LLAMA_CPP: ["q8_0", "q5_0", "iq4_nl", "q4_0"],
+    ONNXRUNTIME: ["f32", "int8_b32", "int8", "int4_b32"],
+    TENSORRT: ["f16", "int8", "int4_b128"],
+}
+DEFAULT_EMBED_FORMATS = {LLAMA_CPP: ["q8_0", "q4_0"], ONNXRUNTIME: ["f32"], TENSORRT: ["f16"]}
+
+
+class SpaceError(ValueError):
+    pass
+
+
+@dataclass
+class SpaceConfig:
+    """Choice grids. Empty lists are filled from the base model and runtime by ``SearchSpace``."""
+
+    mode: str = "uniform"  # "uniform": one value for all layers; "hetero": per-layer values
+    depth: list[int] = field(default_factory=list)
+    kv_heads: list[int] = field(default_factory=list)
+    group_heads: list[int] = field(default_factory=list)
+    mlp: list[int] = field(default_factory=list)
+    hidden: list[int] = field(default_factory=list)
+    attn_formats: list[str] = field(default_factory=list)
+    mlp_formats: list[str] = field(default_factory=list)
+    embed_formats: list[str] = field(default_factory=list)
+    min_depth_fraction: float = 0.7
+    mlp_fractions: tuple[float, ...] = (1.0, 0.875, 0.75, 0.625, 0.5)
+
+
+@dataclass(frozen=True)
+class Var:
+    name: str
+    choices: tuple
+
+    @property
+    def size(self) -> int:
+        return len(self.choices)
+
+
+def _align(x: float, step: int, hi: int) -> int:
+    return max(step, min(hi, int(round(x / step)) * step))
+
+
+class SearchSpace:
+    """Integer-encoded joint space of (depth, heads, MLP width, hidden size, per-layer formats)."""
+
+    def __init__(self, arch: ArchInfo, runtime: str = LLAMA_CPP, config: SpaceConfig | None = None, layer_rank=None):
+        self.arch, self.runtime = arch, runtime
+        c = SpaceConfig(**asdict(config)) if config else SpaceConfig()
+        if c.mode not in ("uniform", "hetero"):
+            raise SpaceError(f"unknown space mode {c.mode!r}: use 'uniform' or 'hetero'")
+        self.layer_rank = list(layer_rank) if layer_rank is not None else None
+        L = arch.num_layers
+        if not c.depth:
+            lo = max(1, int(round(L * c.min_depth_fraction)))
+            c.depth = list(range(L, lo - 1, -1)) if self.layer_rank else [L]
+        if max(c.depth) < L and self.layer_rank is None:
+            raise SpaceError("depth choices below the base depth need an importance ranking of the blocks (sort first)")
+        c.kv_heads = c.kv_heads or list(range(arch.num_kv_heads, 0, -1))
+        c.group_heads = c.group_heads or [arch.group_size]
+        c.hidden = c.hidden or [arch.hidden_size]
+        c.attn_formats = c.attn_formats or list(DEFAULT_FORMATS.get(runtime, ["f32"]))
+        c.mlp_formats = c.mlp_formats or list(DEFAULT_FORMATS.get(runtime, ["f32"]))
+        c.embed_formats = c.embed_formats or list(DEFAULT_EMBED_FORMATS.get(runtime, ["f32"]))
+        for name in c.attn_formats + c.mlp_formats + c.embed_formats:
+            f = get_format(name)
+            if runtime not in f.runtimes:
+                raise SpaceError(f"format {name} is not held by {runtime}; it holds {', '.join(_held(runtime))}")
+        step = self._row_step(c.mlp_formats)
+        c.mlp = c.mlp or sorted({_align(arch.intermediate_size * f, step, arch.intermediate_size)
+                                 for f in c.mlp_fractions}, reverse=True)
+        self._check_rows(c)
+        self.config = c
+        self.vars = self._variables()
+        self._index = {v.name: i for i, v in enumerate(self.vars)}
+
+    # ---- grid construction ----------------------------------------------------------------
+    @staticmethod
+    def _row_step(formats) -> int:
+        step = 32
+        for name in formats:
+            step = max(step, get_format(name).block)
+        return step
+
+    def _check_rows(self, c: SpaceConfig) -> None:
+        hd = self.arch.head_dim
+        head_rows = {kv * g * hd for kv in c.kv_heads for g in c.group_heads}
+        rows = {"attention": set(c.hidden) | head_rows, "MLP": set(c.hidden) | set(c.mlp), "embedding": set(c.hidden)}
+        for what, fmts in (("attention", c.attn_formats), ("MLP", c.mlp_formats), ("embedding", c.embed_formats)):
+            for name in fmts:
+                bad = sorted(r for r in rows[what] if not get_format(name).fits(r))
+                if bad:
+                    raise SpaceError(
+                        f"{what} format {name} needs rows that are multiples of {get_format(name).block}, but the grid "
+                        f"has row lengths {bad}: drop the format or align the grid"
+                    )
+
+    def _variables(self) -> list[Var]:
+        c = self.config
+        attn = tuple((kv, g) for kv in c.kv_heads for g in c.group_heads)
+        glob = [Var("depth", tuple(c.depth)), Var("hidden", tuple(c.hidden)), Var("embed_format", tuple(c.embed_formats))]
+        per = [Var("attn", attn), Var("mlp", tuple(c.mlp)), Var("attn_format", tuple(c.attn_formats)),
+               Var("mlp_format", tuple(c.mlp_formats))]  # fmt: skip
+        if c.mode == "uniform":
+            return glob + per
+        return glob + [Var(f"{v.name}.{i}", v.choices) for i in range(self.arch.num_layers) for v in per]
+
+    # ---- encoding -------------------------------------------------------------------------
+    @property
+    def n_var(self) -> int:
+        return len(self.vars)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [v.size for v in self.vars]
+
+    def _layer_value(self, x, name: str, base_layer: int):
+        key = name if self.config.mode == "uniform" else f"{name}.{base_layer}"
+        i = self._index[key]
+        return self.vars[i].choices[x[i]]
+
+    def decode(self, x) -> SubnetSpec:
+        """The SubnetSpec of an integer choice vector."""
+        x = [int(v) for v in x]
+        for i, (v, xi) in enumerate(zip(self.vars, x)):
+            if not 0 <= xi < v.size:
+                raise SpaceError(f"choice {xi} of variable {v.name} is outside 0..{v.size - 1}")
+        g = {v.name: v.choices[x[i]] for i, v in enumerate(self.vars[:3])}
+        depth = g["depth"]
+        kept = sorted(self.layer_rank[:depth]) if depth < self.arch.num_layers else list(range(self.arch.num_layers))
+        layers = []
+        for b in kept:
+            kv, per = self._layer_value(x, "attn", b)
+            af, mf = self._layer_value(x, "attn_format", b), self._layer_value(x, "mlp_format", b)
+            fmts = {n: af for n in ATTN_LINEARS} | {n: mf for n in MLP_LINEARS}
+            layers.append(LayerSpec(b, kv * per, kv, self._layer_value(x, "mlp", b), fmts))
+        spec = SubnetSpec(self.arch, g["hidden"], layers, g["embed_format"], g["embed_format"])
+        return spec.validate()
+
+    def encode(self, spec: SubnetSpec) -> list[int]:
+        """The choice vector of a spec that lies in the space (nearest choice per variable otherwise)."""
+
+        def near(var: Var, value):
+            if value in var.choices:
+                return var.choices.index(value)
+            if isinstance(value, (int, float)):
+                return min(range(var.size), key=lambda i: abs(var.choices[i] - value))
+            if isinstance(value, tuple):
+                return min(range(var.size), key=lambda i: sum(abs(a - b) for a, b in zip(var.choices[i], value)))
+            return min(range(var.size), key=lambda i: abs(get_format(var.choices[i]).bits - get_format(value).bits))
+
+        by_base = {ly.index: ly for ly in spec.layers}
+        first = spec.layers[0]
+        x = []
+        for v in self.vars:
+            name, _, layer = v.name.partition(".")
+            ly = by_base.get(int(layer), first) if layer else first
+            value = {
+                "depth": len(spec.layers),
+                "hidden": spec.hidden_size,
+                "embed_format": spec.embed_format,
+                "attn": (ly.kv_heads, ly.heads // ly.kv_heads),
+                "mlp": ly.mlp,
+                "attn_format": ly.formats["q_proj"],
+                "mlp_format": ly.formats["gate_proj"],
+            }[name]
+            x.append(near(v, value))
+        return x
+
+    def largest(self, fmt_index: int = 0) -> list[int]:
+        """The base-sized candidate with each format variable at ``fmt_index`` (0 = the widest format)."""
+        return [fmt_index if "format" in v.name else 0 for v in self.vars]
+
+    def smallest(self) -> list[int]:
+        return [v.size - 1 for v in self.vars]
+
+    def describe(self) -> dict:
+        return {"mode": self.config.mode, "runtime": self.runtime, "n_var": self.n_var,
+                "variables": {v.name: list(v.choices) for v in self.vars[:7]}}  # fmt: skip
+
+
+def _held(runtime: str) -> list[str]:
+    return [f.name for f in FORMATS.values() if runtime in f.runtimes]
+

@@ -1,0 +1,89 @@
+"""Search: the space decodes valid specs, strategies respect the budget, runs resume exactly."""
+
+import json
+
+import pytest
+import torch
+
+from search.importance import sort_model
+from search.problem import Budgets, InfeasibleBudget, Problem
+from search.run import SearchError, plot_front, require_feasible, run_search
+from search.space import SearchSpace, SpaceConfig, SpaceError
+from subnet.arch import arch_of
+from subnet.supernet import Supernet
+from tests.conftest import tiny_model
+
+BLOCKS = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+def fake_cost(spec):
+    """Additive toy cost: weight bytes read per token at 1 GB/s plus 0.01 ms per layer."""
+    ms = spec.weight_bytes() / 1e6 + 0.01 * len(spec.layers)
+    return {"decode_ms": ms, "prefill_ms": 10 * ms, "memory_mb": spec.weight_bytes() / 2**20 + 5,
+            "size_mb": spec.weight_bytes() / 2**20}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model("llama")
+    imp = sort_model(model, BLOCKS)
+    return model, imp
+
+
+def make_problem(setup, mode="uniform", budgets=None):
+    model, imp = setup
+    cfg = SpaceConfig(mode=mode, mlp=[96, 64, 32], min_depth_fraction=0.5)
+    space = SearchSpace(arch_of(model.config), "llama.cpp", cfg, imp.layer_rank)
+    return Problem(space, Supernet(model), BLOCKS[:4], BLOCKS[4:], fake_cost, budgets)
+
+
+def test_space_grid_is_aligned_and_decodes(setup):
+    model, imp = setup
+    space = SearchSpace(arch_of(model.config), "llama.cpp", SpaceConfig(mode="hetero", min_depth_fraction=0.5), imp.layer_rank)
+    assert all(m % 32 == 0 for m in space.config.mlp)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        x = [int(torch.randint(n, (1,), generator=gen)) for n in space.sizes]
+        spec = space.decode(x)
+        assert sorted(ly.index for ly in spec.layers) == imp.keep_layers(len(spec.layers))
+    with pytest.raises(SpaceError, match="not held by llama.cpp"):
+        SearchSpace(arch_of(model.config), "llama.cpp", SpaceConfig(attn_formats=["int4_b32"]), imp.layer_rank)
+    with pytest.raises(SpaceError, match="needs rows that are multiples of 256"):
+        SearchSpace(arch_of(model.config), "llama.cpp", SpaceConfig(mlp_formats=["q4_k"]), imp.layer_rank)
+
+
+@pytest.mark.parametrize("strategy", ["random", "nsga2", "linas", "sequential"])
+def test_strategies_spend_exactly_the_budget(setup, strategy, tmp_path):
+    problem = make_problem(setup, mode="hetero" if strategy == "nsga2" else "uniform")
+    res = run_search(problem, strategy, 24, seed=1, out=tmp_path, progress=False)
+    assert len(res.evaluations) == 24
+    assert res.front and res.hypervolume >= 0
+    lat = [e.decode_ms for e in res.front]
+    assert lat == sorted(lat) and [e.ppl for e in res.front] == sorted((e.ppl for e in res.front), reverse=True)
+    saved = json.loads((tmp_path / "front.json").read_text())
+    assert saved["strategy"] == strategy and len(saved["front"]) == len(res.front)
+
+
+def test_same_seed_same_result_and_exact_resume(setup, tmp_path):
+    a = run_search(make_problem(setup), "nsga2", 20, seed=5, progress=False)
+    b = run_search(make_problem(setup), "nsga2", 20, seed=5, progress=False)
+    assert [e.x for e in a.evaluations] == [e.x for e in b.evaluations]
+    # interrupted after 12 evaluations, then resumed to 20
+    run_search(make_problem(setup), "nsga2", 12, seed=5, out=tmp_path, progress=False)
+    with pytest.raises(SearchError, match="pass --resume"):
+        run_search(make_problem(setup), "nsga2", 20, seed=5, out=tmp_path, progress=False)
+    c = run_search(make_problem(setup), "nsga2", 20, seed=5, out=tmp_path, resume=True, progress=False)
+    assert [e.x for e in c.evaluations] == [e.x for e in a.evaluations]
+
+
+def test_infeasible_budget_names_the_closest(setup):
+    problem = make_problem(setup, budgets=Budgets(latency_ms=1e-6))
+    res = run_search(problem, "random", 8, seed=0, progress=False)
+    with pytest.raises(InfeasibleBudget, match="no sub-network meets the budgets .*closest: perplexity"):
+        require_feasible(res, problem)
+
+
+def test_plot(setup, tmp_path):
+    res = run_search(make_problem(setup), "random", 10, seed=0, progress=False)
+    path = plot_front({"random": res}, tmp_path / "front.png")
+    assert path.stat().st_size > 5000
