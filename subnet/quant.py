@@ -239,7 +239,7 @@ def _ort_blockwise(w: torch.Tensor, bits: int, block: int) -> torch.Tensor:
     scale = (hi - lo) / levels
     zp = torch.where(scale != 0, 0.0 - lo / torch.where(scale == 0, torch.ones_like(scale), scale), lo)
     zp = _roundf_(zp.clamp(0.0, levels))
-    q = _roundf_((b * _recip(scale)).add_(zp)).clamp_(0.0, levels)
+    q = _roundf_((b * _recip(scale)).add_(zp)).clamp_(0.0, levels).add_(0.0)  # uint: no -0
     return q.sub_(zp).mul_(scale).reshape(w.shape)
 
 

@@ -1,0 +1,317 @@
+"""Quantization simulation: bit-exact against gguf.quants, ggml and ONNX Runtime; model-level application."""
+
+import ctypes
+
+import numpy as np
+import pytest
+import torch
+from gguf import quants
+
+import subnet  # noqa: F401  (registers heterogeneous classes)
+from subnet.arch import LINEARS, arch_of
+from subnet.extract import extract
+from subnet.formats import FORMATS
+from subnet.quant import (
+    _FAST,
+    _ggml,
+    QuantError,
+    fake_quantize,
+    fake_quantize_ggml,
+    fake_quantize_model,
+    ggml_dequantize,
+    ggml_qtype,
+    ggml_quantize,
+    ort_dynamic_quantize_input,
+)
+from subnet.spec import SubnetSpec
+from tests.conftest import tiny_model
+
+GGUF = [n for n, f in FORMATS.items() if f.ggml_type]
+ONNX = [n for n, f in FORMATS.items() if not f.ggml_type]
+SIMPLE = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]  # block formats gguf.quants also quantizes
+K_AND_IQ = ["q6_k", "q5_k", "q4_k", "iq4_nl", "q3_k", "q2_k"]
+# relative RMS round-trip error on Gaussian weights; measured (seed 0, 64x512): q6_k 0.018, q5_k 0.036,
+# q4_k 0.071, iq4_nl 0.076, q3_k 0.15, q2_k 0.30. Bounds leave ~30% headroom.
+RMS_TOL = {"q6_k": 0.025, "q5_k": 0.05, "q4_k": 0.1, "iq4_nl": 0.1, "q3_k": 0.2, "q2_k": 0.4}
+
+
+def weight(rows=24, cols=512, seed=0):
+    """Gaussian rows of varied scale plus the edge cases: a zero block, one-signed blocks, +-max ties,
+    exact .5 quotients, an outlier."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((rows, cols)) * rng.uniform(0.005, 0.5, (rows, 1))).astype(np.float32)
+    w[0, :32] = 0
+    w[1, :32] = np.abs(w[1, :32])
+    w[2, :32] = -np.abs(w[2, :32])
+    w[3, 0], w[3, 1] = -1.0, 1.0  # ties between +max and -max: the first one wins
+    w[3, 32], w[3, 33] = 1.0, -1.0
+    w[4, :32] = np.arange(32, dtype=np.float32) * 0.5 - 8  # values landing on .5 after scaling
+    w[5, 7] = 40.0
+    return w
+
+
+def bits_equal(a, b) -> bool:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+# ---- GGUF formats --------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", SIMPLE + ["bf16"])
+def test_simple_formats_equal_gguf_numpy(fmt):
+    w = weight()
+    qt = ggml_qtype(fmt)
+    ref_bytes = quants.quantize(w, qt)
+    assert np.array_equal(ggml_quantize(w, fmt), ref_bytes)  # ggml's bytes == gguf-py's
+    ref = quants.dequantize(ref_bytes, qt)
+    assert bits_equal(fake_quantize(torch.from_numpy(w), fmt).numpy(), ref)  # torch fast path
+    assert bits_equal(fake_quantize_ggml(torch.from_numpy(w), fmt).numpy(), ref)  # ggml path
+
+
+@pytest.mark.parametrize("fmt", [f for f in _FAST if f in GGUF])
+@pytest.mark.parametrize("seed", [1, 2])
+def test_fast_path_bit_identical_to_ggml(fmt, seed):
+    w = torch.from_numpy(weight(seed=seed))
+    assert bits_equal(fake_quantize(w, fmt).numpy(), fake_quantize_ggml(w, fmt).numpy())
+
+
+@pytest.mark.parametrize("fmt", GGUF)
+def test_bytes_match_bits_per_weight(fmt):
+    w = weight(rows=6, cols=768)
+    raw = ggml_quantize(w, fmt)
+    assert raw.dtype == np.uint8 and raw.shape[0] == 6
+    assert raw.shape[1] * 8 / w.shape[1] == FORMATS[fmt].bits
+
+
+_C_NAMES = {"q6_k": "q6_K", "q5_k": "q5_K", "q4_k": "q4_K", "q3_k": "q3_K", "q2_k": "q2_K"}
+
+
+@pytest.mark.parametrize("fmt", [f for f in GGUF if f not in ("f32", "f16", "bf16")])
+def test_dequantize_equals_ggml_own_dequantize(fmt):
+    w = weight(rows=8)
+    raw = ggml_quantize(w, fmt)
+    fn = getattr(_ggml(), "dequantize_row_" + _C_NAMES.get(fmt, fmt))
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
+    out = np.empty(w.shape, np.float32)
+    fn(raw.ctypes.data, out.ctypes.data, w.size)
+    assert bits_equal(ggml_dequantize(raw, fmt, w.shape), out)
+
+
+@pytest.mark.parametrize("fmt", K_AND_IQ)
+def test_k_and_iq_round_trip_error(fmt):
+    w = torch.from_numpy(weight(rows=64, cols=512, seed=3)[6:])  # Gaussian rows only
+    w = w / w.std(dim=1, keepdim=True) * 0.02
+    fq = fake_quantize(w, fmt)
+    assert fq.shape == w.shape and fq.dtype == w.dtype
+    rel = ((fq - w).pow(2).mean().sqrt() / w.pow(2).mean().sqrt()).item()
+    assert 0 < rel < RMS_TOL[fmt], f"{fmt}: relative RMS error {rel:.4f}"
+
+
+def test_f32_f16_identity_and_dtype():
+    w = torch.from_numpy(weight())
+    assert fake_quantize(w, "f32") is w
+    assert np.array_equal(ggml_quantize(w.numpy(), "f32").view(np.float32), w.numpy())
+    assert torch.equal(fake_quantize(w, "f16"), w.half().float())
+    wb = w.to(torch.bfloat16)
+    out = fake_quantize(wb, "q8_0")
+    assert out.dtype == torch.bfloat16 and out.shape == w.shape
+
+
+@pytest.mark.parametrize("fmt", ["q4_k", "q8_0", "int4_b128"])
+def test_bad_row_length_is_a_clear_value_error(fmt):
+    w = np.zeros((4, 96), np.float32)  # 96 is not a multiple of 256 / 128; 100 is not of 32
+    if FORMATS[fmt].block == 32:
+        w = np.zeros((4, 100), np.float32)
+    with pytest.raises(ValueError, match=f"multiple of {FORMATS[fmt].block}"):
+        fake_quantize(torch.from_numpy(w), fmt)
+    if FORMATS[fmt].ggml_type:
+        with pytest.raises(ValueError, match="multiple of"):
+            ggml_quantize(w, fmt)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="unknown weight format"):
+        fake_quantize(torch.zeros(2, 32), "q7_0")
+    with pytest.raises(ValueError, match="2-D"):
+        fake_quantize(torch.zeros(32), "q8_0")
+    with pytest.raises(ValueError, match="not a GGUF format"):
+        ggml_quantize(np.zeros((2, 32), np.float32), "int8")
+
+
+# ---- ONNX Runtime formats, checked against ORT itself ---------------------------------------
+def _matmul_model(w: np.ndarray, path):
+    """A one-MatMul ONNX graph y = x @ w.T, the way torch.onnx exports a Linear (weight stored as w.T)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    out_f, in_f = w.shape
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, in_f])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, out_f])],
+        [numpy_helper.from_array(np.ascontiguousarray(w.T), "W")],
+    )
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), path)
+    return path
+
+
+def _run(path, x):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_int8_matches_ort_quantize_dynamic(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    w = weight(rows=48, cols=256)
+    x = np.random.default_rng(1).standard_normal((5, 256)).astype(np.float32)
+    src = _matmul_model(w, tmp_path / "m.onnx")
+    quantize_dynamic(src, tmp_path / "q.onnx", per_channel=True, weight_type=QuantType.QInt8)
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "q.onnx").graph.initializer}
+    fq = fake_quantize(torch.from_numpy(w), "int8").numpy()
+    # the weight ORT stores, dequantized, is exactly ours
+    assert not inits["W_zero_point"].any()
+    assert bits_equal(inits["W_quantized"].T.astype(np.float32) * inits["W_scale"][:, None], fq)
+    # ORT's output = our weight times ORT's dynamically quantized input (tolerance: fp32 rounding)
+    y = _run(tmp_path / "q.onnx", x)
+    xq = ort_dynamic_quantize_input(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(y, xq @ fq.T, rtol=0, atol=1e-5 * np.abs(y).max())
+    # weight-only simulation is off by the input rounding alone (step (max-min)/255)
+    assert np.abs(y - x @ fq.T).max() > 1e-4 * np.abs(y).max()
+
+
+@pytest.mark.parametrize("fmt,bits,block", [("int8_b32", 8, 32), ("int4_b32", 4, 32), ("int4_b128", 4, 128)])
+def test_blockwise_matches_ort_matmulnbits(tmp_path, fmt, bits, block):
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    import onnx
+
+    w = weight(rows=40, cols=256)
+    x = np.random.default_rng(2).standard_normal((5, 256)).astype(np.float32)
+    q = MatMulNBitsQuantizer(onnx.load(_matmul_model(w, tmp_path / "m.onnx")), bits=bits, block_size=block)
+    q.process()
+    assert [n.op_type for n in q.model.model.graph.node] == ["MatMulNBits"]
+    q.model.save_model_to_file(str(tmp_path / "q.onnx"))
+    y = _run(tmp_path / "q.onnx", x)
+    fq = fake_quantize(torch.from_numpy(w), fmt).numpy()
+    # accuracy_level 0 computes in fp32 from the dequantized weight: only summation order differs
+    np.testing.assert_allclose(y, x @ fq.T, rtol=0, atol=1e-5 * np.abs(y).max())
+    assert np.abs(y - x @ w.T).max() > 1e-3 * np.abs(y).max()  # and quantization is visible
+
+
+@pytest.mark.parametrize("fmt,bits,block", [("int8_b32", 8, 32), ("int4_b32", 4, 32), ("int4_b128", 4, 128)])
+def test_blockwise_equals_ort_quantize_kernel(fmt, bits, block):
+    """Bit-exact against the kernel MatMulNBitsQuantizer calls (MLAS blockwise, asymmetric)."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    w = weight(rows=16, cols=256)
+    b = np.ascontiguousarray(w.T)  # (K, N) as the ONNX weight
+    k, n = b.shape
+    kb = k // block
+    scales = np.zeros((n, kb), np.float32)
+    if bits == 4:
+        packed = np.zeros((n, kb, block // 2), np.uint8)
+        zp = np.zeros((n, (kb + 1) // 2), np.uint8)
+        quantize_matmul_4bits(packed, b, scales, zp, block, n, k, False)
+        q = np.stack([packed & 15, packed >> 4], -1).reshape(n, kb, block)
+        zp = np.stack([zp & 15, zp >> 4], -1).reshape(n, -1)[:, :kb]
+    else:
+        q = np.zeros((n, kb, block), np.uint8)
+        zp = np.zeros((n, kb), np.uint8)
+        quantize_matmul_8bits(q, b, scales, zp, block, n, k, False)
+    ref = ((q.astype(np.float32) - zp[..., None]) * scales[..., None]).reshape(n, k)
+    assert bits_equal(fake_quantize(torch.from_numpy(w), fmt).numpy(), ref)
+
+
+# ---- whole models --------------------------------------------------------------------------
+def _mixed_spec(model):
+    spec = SubnetSpec.full(arch_of(model.config))
+    plan = [
+        {"q_proj": "q8_0", "down_proj": "q4_0"},
+        {"gate_proj": "int4_b32", "up_proj": "int8"},
+        {},
+        {"v_proj": "q5_1", "o_proj": "iq4_nl", "k_proj": "bf16"},
+    ]
+    for ly, fmts in zip(spec.layers, plan):
+        ly.formats.update(fmts)
+    return spec, plan
+
+
+def _linear(model, i, name):
+    layer = model.model.layers[i]
+    return getattr(layer.self_attn if name in LINEARS[:4] else layer.mlp, name)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fake_quantize_model_changes_exactly_the_spec_linears(tied):
+    family = "llama" if tied else "qwen2"
+    base = tiny_model(family)
+    spec, plan = _mixed_spec(base)
+    spec.embed_format = "q8_0"
+    spec.lm_head_format = "q8_0" if tied else "q4_1"
+    model = extract(base, spec.validate())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = fake_quantize_model(model, spec)
+    assert out is not model
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # input untouched
+    after = out.state_dict()
+    expected = {}
+    for i, fmts in enumerate(plan):
+        for name in LINEARS:
+            key = f"model.layers.{i}.{'self_attn' if name in LINEARS[:4] else 'mlp'}.{name}.weight"
+            expected[key] = fmts.get(name, "f32")
+    expected["model.embed_tokens.weight"] = "q8_0"
+    expected["lm_head.weight"] = "q8_0" if tied else "q4_1"
+    for key, value in before.items():
+        fmt = expected.get(key, "f32")
+        if fmt == "f32":
+            assert torch.equal(after[key], value), key  # norms, biases, f32 linears untouched
+        else:
+            assert not torch.equal(after[key], value), key
+            assert torch.equal(after[key], fake_quantize(value, fmt)), key
+    if tied:
+        assert out.lm_head.weight is out.model.embed_tokens.weight
+
+
+def test_fake_quantize_model_int8_quantizes_inputs_and_runs():
+    base = tiny_model("llama")
+    spec, _ = _mixed_spec(base)
+    model = extract(base, spec.validate())
+    sim = fake_quantize_model(model, spec)
+    lin = _linear(sim, 1, "up_proj")  # int8: ORT also quantizes its input
+    x = torch.randn(2, 3, lin.in_features)
+    with torch.no_grad():
+        y = lin(x)
+        expect = ort_dynamic_quantize_input(x) @ lin.weight.T
+        assert torch.allclose(y, expect, atol=1e-6)
+        assert not torch.allclose(y, x @ lin.weight.T, atol=1e-6)
+        weights_only = fake_quantize_model(model, spec, activations=False)
+        assert torch.allclose(_linear(weights_only, 1, "up_proj")(x), x @ lin.weight.T, atol=1e-6)
+        ids = torch.tensor([[5, 17, 42, 99, 3]])
+        assert torch.isfinite(sim(ids).logits).all()
+
+
+def test_fake_quantize_model_inplace_and_layer_mismatch():
+    base = tiny_model("llama")
+    spec = SubnetSpec.full(arch_of(base.config), "q8_0")
+    model = extract(base, spec)
+    assert fake_quantize_model(model, spec, inplace=True) is model
+    assert torch.equal(_linear(model, 0, "q_proj").weight, fake_quantize(_linear(base, 0, "q_proj").weight, "q8_0"))
+    short = SubnetSpec.uniform(spec.base, layers=[0, 1])
+    with pytest.raises(ValueError, match="spec has 2 layers but the model has 4"):
+        fake_quantize_model(model, short)
+
+
+@pytest.mark.integration
+def test_smollm2_all_q8_0_matches_ggml_path(smollm2):
+    spec = SubnetSpec.full(arch_of(smollm2.config), "q8_0")
+    sim = fake_quantize_model(smollm2, spec)
+    w = smollm2.model.layers[0].mlp.down_proj.weight
+    assert torch.equal(sim.model.layers[0].mlp.down_proj.weight, fake_quantize_ggml(w, "q8_0"))
+    ids = torch.tensor([[1, 504, 3458, 314, 260, 2521, 282]])
+    with torch.no_grad():
+        a, b = smollm2(ids).logits, sim(ids).logits
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
