@@ -14,15 +14,35 @@ from subnet.spec import SpecError
 USER_ERRORS = (ModelLoadError, UnsupportedArchitecture, SpecError, FileExistsError)
 
 
+def _user_errors() -> tuple:
+    """Every error type that means "bad input" (each carries a one-line reason and fix)."""
+    from packager.bundle import BundleError
+    from packager.pack import PackError
+    from profiles.costmodel import CostModelError
+    from profiles.profiler import ProfileError
+    from search.importance import ImportanceError
+    from search.problem import InfeasibleBudget
+    from search.run import SearchError
+    from search.space import SpaceError
+    from search.text import TextError
+    from targets.backend import ExportError
+    from targets.registry import TargetError
+
+    return USER_ERRORS + (BundleError, PackError, CostModelError, ProfileError, ImportanceError, InfeasibleBudget,
+                          SearchError, SpaceError, TextError, ExportError, TargetError)  # fmt: skip
+
+
 class _Group(click.Group):
     """Turns the errors a user can fix into one clear line and exit code 2."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except USER_ERRORS as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+        except Exception as e:  # noqa: BLE001 - user errors become one line; anything else keeps its traceback
+            if isinstance(e, _user_errors()):
+                click.echo(f"error: {e}", err=True)
+                sys.exit(2)
+            raise
 
 
 @click.group(cls=_Group)
@@ -53,6 +73,160 @@ def inspect(model, allow_pickle, as_json):
         click.echo(json.dumps(info, indent=1))
     else:
         print_summary(info)
+
+
+
+@main.command()
+def targets():
+    """List the known targets (built-in and $PACKAGER_HOME/targets/*.json)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from targets.registry import list_targets
+
+    table = Table("target", "runtimes (formats)", "memory", "bandwidth", "source")
+    for t in list_targets():
+        rts = "\n".join(f"{r}: {', '.join(f)}" for r, f in t.runtimes.items())
+        mem = f"{t.memory_gb:g} GB" if t.memory_gb else "measured"
+        bw = f"{t.bandwidth_gbps:g} GB/s" if t.bandwidth_gbps else "measured"
+        table.add_row(t.name, rts, mem, bw, t.source)
+    Console().print(table)
+
+
+@main.command()
+@click.option("--target", "target", default="laptop-cpu", show_default=True)
+@click.option("--runtime", "runtime", default=None, help="Runtime to profile (default: the target's default).")
+@click.option("--threads", type=int, default=None)
+@click.option("--repeats", type=int, default=5, show_default=True)
+@click.option("--out", type=click.Path(), default=None, help="Table path (default: $PACKAGER_HOME/profiles/).")
+@click.option("--no-resume", is_flag=True, help="Start over instead of continuing an interrupted profile.")
+def profile(target, runtime, threads, repeats, out, no_resume):
+    """Measure the runtime's building-block latencies on this machine into a profile table."""
+    from profiles.profiler import profile as run_profile
+
+    table = run_profile(target, runtime, out=out, resume=not no_resume, threads=threads, repeats=repeats)
+    click.echo(f"profiled {len(table['points'])} points → {table.get('path', out or 'the user table folder')}")
+
+
+def _search_problem(model, target, runtime, mode, budgets, allow_pickle, eval_blocks=8, calib_blocks=16):
+    """Load, importance-sort and wrap a model as a search problem on ``target``."""
+    from profiles.costmodel import predict
+    from search.importance import sort_model
+    from search.problem import Problem
+    from search.space import DEFAULT_FORMATS, SearchSpace, SpaceConfig
+    from search.text import token_blocks
+    from subnet.loading import load_model
+    from subnet.supernet import Supernet
+    from targets.registry import get_target
+
+    tgt = get_target(target)
+    rt = tgt.runtime(runtime)
+    loaded = load_model(model, allow_pickle=allow_pickle)
+    calib = token_blocks(loaded.tokenizer, "calibration", 256, calib_blocks)
+    imp = sort_model(loaded.model, calib)
+    fmts = [f for f in DEFAULT_FORMATS.get(rt, []) if f in tgt.formats(rt)]
+    space = SearchSpace(loaded.arch, rt, SpaceConfig(mode=mode, attn_formats=fmts, mlp_formats=fmts), imp.layer_rank)
+
+    def cost(spec):
+        c = predict(spec, tgt, rt)
+        return {"decode_ms": c.decode_ms_per_token, "prefill_ms": c.prefill_ms, "memory_mb": c.peak_memory_mb,
+                "size_mb": c.size_mb}  # fmt: skip
+
+    evals = token_blocks(loaded.tokenizer, "evaluation", 256, eval_blocks)
+    return Problem(space, Supernet(loaded.model), evals, calib, cost, budgets)
+
+
+@main.command()
+@model_option
+@click.option("--target", default="laptop-cpu", show_default=True)
+@click.option("--runtime", default=None, help="Runtime whose formats and latency are searched (default: the target's).")
+@click.option("--strategy", default="nsga2", show_default=True,
+              type=click.Choice(["nsga2", "linas", "random", "sequential", "differentiable"]))
+@click.option("--mode", default="uniform", show_default=True, type=click.Choice(["uniform", "hetero"]))
+@click.option("--budget", default=100, show_default=True, help="Real (accuracy) evaluations.")
+@click.option("--latency-ms", type=float, default=None, help="Decode latency budget (ms/token).")
+@click.option("--memory-mb", type=float, default=None, help="Peak memory budget (MiB).")
+@click.option("--size-mb", type=float, default=None, help="Size-on-disk budget (MiB).")
+@click.option("--accuracy-floor", type=float, default=None, help="Max perplexity increase over the base, e.g. 0.05.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", type=click.Path(), required=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted search in --out.")
+@pickle_option
+def search(model, target, runtime, strategy, mode, budget, latency_ms, memory_mb, size_mb, accuracy_floor, seed, out,
+           resume, allow_pickle):  # fmt: skip
+    """Search sub-networks x weight formats; writes front.json, state.json and front.png to --out."""
+    from pathlib import Path
+
+    from search.problem import Budgets
+    from search.run import plot_front, require_feasible, run_search
+
+    budgets = Budgets(latency_ms=latency_ms, memory_mb=memory_mb, size_mb=size_mb, max_ppl_increase=accuracy_floor)
+    problem = _search_problem(model, target, runtime, mode, budgets, allow_pickle)
+    res = run_search(problem, strategy, budget, seed, out=Path(out), resume=resume)
+    plot_front({strategy: res}, Path(out) / "front.png", f"{strategy} on {target}")
+    best = require_feasible(res, problem)
+    click.echo(f"{len(res.evaluations)} evaluations, {len(res.front)} on the front, hypervolume {res.hypervolume:.4f}; "
+               f"base perplexity {res.base.ppl:.2f} at {res.base.decode_ms:.2f} ms/token; most accurate feasible: "
+               f"{best.ppl:.2f} at {best.decode_ms:.2f} ms/token → {out}/front.json")  # fmt: skip
+
+
+@main.command()
+@click.option("--target", default="laptop-cpu", show_default=True)
+@model_option
+@click.option("--latency-ms", type=float, default=None, help="Decode latency budget (ms/token).")
+@click.option("--memory-mb", type=float, default=None, help="Peak memory budget (MiB).")
+@click.option("--size-mb", type=float, default=None, help="Size-on-disk budget (MiB).")
+@click.option("--accuracy-floor", type=float, default=0.05, show_default=True,
+              help="Max perplexity increase over the base at the widest searched formats.")
+@click.option("--formats", "runtimes", multiple=True, help="Runtime(s) to export to (default: all of the target's).")
+@click.option("--strategy", default="nsga2", show_default=True,
+              type=click.Choice(["nsga2", "linas", "random", "sequential", "differentiable"]))
+@click.option("--mode", default="uniform", show_default=True, type=click.Choice(["uniform", "hetero"]))
+@click.option("--budget", default=60, show_default=True, help="Search evaluations.")
+@click.option("--recover-steps", default=120, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--threads", default=2, show_default=True)
+@click.option("--out", type=click.Path(), default="out/pack", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished stage.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@pickle_option
+def pack(target, model, latency_ms, memory_mb, size_mb, accuracy_floor, runtimes, strategy, mode, budget,
+         recover_steps, seed, threads, out, resume, force, allow_pickle):  # fmt: skip
+    """One command from model to bundle: search, recover, export, measure, scorecard."""
+    from pathlib import Path
+
+    from packager.pack import Pack, PackConfig
+
+    cfg = PackConfig(target=target, model=model, latency_ms=latency_ms, memory_mb=memory_mb, size_mb=size_mb,
+                     accuracy_floor=accuracy_floor, runtimes=list(runtimes), strategy=strategy, mode=mode,
+                     budget=budget, seed=seed, recover_steps=recover_steps, threads=threads,
+                     allow_pickle=allow_pickle)  # fmt: skip
+    folder = Pack(cfg, Path(out), resume=resume, force=force).run()
+    click.echo((folder / "scorecard.md").read_text())
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--no-measure", is_flag=True, help="Only check integrity.")
+@click.option("--tolerance", default=0.25, show_default=True, help="Relative drift that is flagged.")
+@click.option("--threads", type=int, default=None)
+def verify(bundle, no_measure, tolerance, threads):
+    """Check a bundle's integrity and re-measure it against its scorecard."""
+    from packager.verify import verify as run_verify
+
+    rep = run_verify(bundle, remeasure=not no_measure, tolerance=tolerance, threads=threads)
+    click.echo(f"integrity: ok ({rep['files_checked']} files, sha256 verified)")
+    for rt, r in rep["runtimes"].items():
+        if "skipped" in r:
+            click.echo(f"{rt}: not re-measured: {r['skipped']}")
+            continue
+        for row in r["rows"]:
+            mark = "DRIFT" if row["flag"] else "ok"
+            click.echo(f"{rt} {row['metric']}: scorecard {row['scorecard']:.3g}, now {row['measured_now']:.3g} "
+                       f"({row['drift']:+.0%}) {mark}")  # fmt: skip
+    if rep["drift"]:
+        click.echo(f"drift beyond {tolerance:.0%}: " + "; ".join(rep["drift"]), err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -88,3 +88,15 @@ def effective_format(name: str, row_length: int) -> str:
     if not fmt.fits(row_length):
         raise ValueError(f"format {name!r} cannot hold rows of length {row_length} (needs a multiple of {fmt.block})")
     return fmt.name
+
+
+def closest_format(name: str, allowed: list[str], row_lengths=()) -> str:
+    """The format in ``allowed`` nearest in bits per weight to ``name`` (ties: the wider one) that
+    holds every row length given; used to carry a spec from one runtime's formats to another's."""
+    if name in allowed and all(get_format(name).fits(r) for r in row_lengths):
+        return name
+    bits = get_format(name).bits
+    ok = [a for a in allowed if all(get_format(a).fits(r) for r in row_lengths)]
+    if not ok:
+        raise ValueError(f"none of the formats {allowed} holds rows of length {sorted(set(row_lengths))}")
+    return min(ok, key=lambda a: (abs(get_format(a).bits - bits), -get_format(a).bits))

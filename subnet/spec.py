@@ -325,3 +325,17 @@ def _check_format(name, row_length, what):
         raise SpecError(
             f"{what}: format {name} needs rows that are a multiple of {fmt.block}, this row has {row_length}{hint}"
         )
+
+
+def retarget_formats(spec: SubnetSpec, allowed: list[str]) -> SubnetSpec:
+    """A copy of ``spec`` whose every weight format is the closest one in ``allowed`` that fits its rows."""
+    from subnet.formats import closest_format
+
+    out = SubnetSpec.from_dict(spec.to_dict())
+    for ly in out.layers:
+        shapes = out.linear_shapes(ly)
+        ly.formats = {n: closest_format(f, allowed, [shapes[n][1]]) for n, f in ly.formats.items()}
+    out.embed_format = closest_format(out.embed_format, allowed, [out.hidden_size])
+    out.lm_head_format = out.embed_format if out.base.tie_word_embeddings else closest_format(
+        out.lm_head_format, allowed, [out.hidden_size])
+    return out.validate()

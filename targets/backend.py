@@ -117,3 +117,34 @@ def atomic_output(final: str | os.PathLike, force: bool = False):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+BACKENDS = {"llama.cpp": ("targets.llamacpp", "llama-cpp-python"), "onnxruntime": ("targets.onnxrt", "onnxruntime"),
+            "tensorrt": ("targets.tensorrt", "tensorrt")}  # fmt: skip
+
+
+def backend(runtime: str):
+    """The backend module of a runtime (export/load/measure); a missing runtime says what to install."""
+    import importlib
+
+    if runtime not in BACKENDS:
+        raise ExportError(f"unknown runtime {runtime!r}; known runtimes: {', '.join(BACKENDS)}")
+    module, package = BACKENDS[runtime]
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ExportError(f"runtime {runtime} is not installed ({e.name} missing): pip install {package}") from None
+
+
+def runner_perplexity(runner, blocks) -> float:
+    """Perplexity of a loaded artifact (any runner with ``logits(ids) -> [n, vocab]``) on token blocks."""
+    import numpy as np
+
+    total, count = 0.0, 0
+    for row in np.asarray(blocks):
+        logits = runner.logits(row.tolist()).astype(np.float64)[:-1]
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        total -= float(logp[np.arange(len(row) - 1), row[1:]].sum())
+        count += len(row) - 1
+    return float(np.exp(total / count))

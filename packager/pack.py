@@ -1,0 +1,433 @@
+"""`packager pack`: model → importance sort → search → extract → recover → export → measure →
+scorecard → bundle, with every stage checkpointed so an interrupted run resumes where it stopped.
+
+Work files live in ``<out>.work/`` (sorted model, search state, recovered model, artifacts); the
+bundle is assembled there and renamed to ``<out>`` at the very end, beside ``<out>.tar.gz``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from packager.bundle import make_tarball, write_manifest
+from packager.scorecard import figure, write_all
+from profiles.costmodel import predict
+from search.importance import Importance, sort_model
+from search.problem import Budgets, Problem
+from search.run import SearchResult, plot_front, require_feasible, run_search
+from search.space import DEFAULT_FORMATS, SearchSpace, SpaceConfig
+from search.text import token_blocks
+from subnet.extract import extract
+from subnet.loading import LoadedModel, load_model
+from subnet.spec import SubnetSpec, retarget_formats
+from subnet.supernet import Supernet
+from targets.backend import backend, fingerprint, runner_perplexity
+from targets.registry import Target, get_target
+
+STAGES = ("prepare", "search", "recover", "export", "measure", "scorecard", "bundle")
+console = Console(stderr=True)
+
+
+class PackError(ValueError):
+    pass
+
+
+@dataclass
+class PackConfig:
+    """Everything `packager pack` was asked to do (recorded in the scorecard)."""
+
+    target: str = "laptop-cpu"
+    model: str | None = None
+    latency_ms: float | None = None
+    memory_mb: float | None = None
+    size_mb: float | None = None
+    accuracy_floor: float = 0.05  # max perplexity increase over the base at the widest searched formats
+    runtimes: list[str] = field(default_factory=list)  # default: every runtime of the target
+    strategy: str = "nsga2"
+    mode: str = "uniform"
+    budget: int = 60
+    seed: int = 0
+    calib_blocks: int = 32  # x 256 tokens
+    eval_blocks: int = 8  # x 256 tokens (search accuracy; held out)
+    recover_steps: int = 120
+    threads: int = 2
+    allow_pickle: bool = False
+
+
+class Pack:
+    """One pack run: its folders, its checkpointed stage results, and the stages themselves."""
+
+    def __init__(self, cfg: PackConfig, out: Path, resume: bool = False, force: bool = False):
+        self.cfg, self.out = cfg, Path(out)
+        self.work = self.out.with_name(self.out.name + ".work")
+        if self.out.exists() and not force:
+            raise PackError(f"{self.out} already exists: pass --force to replace it, or choose another --out")
+        if self.work.exists() and not resume and not force:
+            raise PackError(f"{self.work} holds an unfinished run: pass --resume to continue it or --force to start over")
+        if force and not resume:
+            shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.state_path = self.work / "stages.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        saved = self.state.get("config")
+        if saved and saved != asdict(cfg):
+            raise PackError(f"{self.work} was started with other options ({_diff(saved, asdict(cfg))}): use the same "
+                            "options to resume, or --force to start over")  # fmt: skip
+        self.state["config"] = asdict(cfg)
+        self.target: Target = get_target(cfg.target)
+        self.runtimes = cfg.runtimes or list(self.target.runtimes)
+        for rt in self.runtimes:
+            self.target.runtime(rt)
+        self.search_runtime = self.target.default_runtime if self.target.default_runtime in self.runtimes else self.runtimes[0]
+        self._loaded: LoadedModel | None = None
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+    def _save(self) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=1, default=str))
+        tmp.replace(self.state_path)
+
+    def run(self) -> Path:
+        """Run every stage not yet finished; return the bundle folder."""
+        t0 = time.time()
+        for i, stage in enumerate(STAGES, 1):
+            if stage in self.state.get("done", {}):
+                console.print(f"[dim][{i}/{len(STAGES)}] {stage}: done earlier, skipped[/dim]")
+                continue
+            console.print(f"[bold][{i}/{len(STAGES)}] {stage}[/bold]")
+            s0 = time.time()
+            result = getattr(self, f"stage_{stage}")()
+            self.state.setdefault("done", {})[stage] = {"result": result, "wall_s": round(time.time() - s0, 1)}
+            self._save()
+        console.print(f"packed in {time.time() - t0:.0f} s → {self.out} and {self.out}.tar.gz")
+        return self.out
+
+    def result(self, stage: str):
+        return self.state["done"][stage]["result"]
+
+    # ---- shared inputs -----------------------------------------------------------------------
+    def base(self) -> LoadedModel:
+        if self._loaded is None:
+            self._loaded = load_model(self.cfg.model, allow_pickle=self.cfg.allow_pickle)
+        return self._loaded
+
+    def sorted_model(self):
+        """The importance-sorted base (saved by the prepare stage)."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.work / "sorted", dtype=torch.float32).eval()
+
+    def blocks(self, split: str, n: int) -> torch.Tensor:
+        return token_blocks(self.base().tokenizer, split, 256, n)
+
+    def cost_fn(self, runtime: str):
+        def fn(spec: SubnetSpec) -> dict:
+            c = predict(spec, self.target, runtime)
+            return {"decode_ms": c.decode_ms_per_token, "prefill_ms": c.prefill_ms,
+                    "memory_mb": c.peak_memory_mb, "size_mb": c.size_mb}  # fmt: skip
+
+        return fn
+
+    def space(self, importance: Importance) -> SearchSpace:
+        rt = self.search_runtime
+        allowed = self.target.formats(rt)
+        cfg = SpaceConfig(mode=self.cfg.mode,
+                          attn_formats=[f for f in DEFAULT_FORMATS.get(rt, []) if f in allowed],
+                          mlp_formats=[f for f in DEFAULT_FORMATS.get(rt, []) if f in allowed])  # fmt: skip
+        return SearchSpace(self.base().arch, rt, cfg, importance.layer_rank)
+
+    # ---- stages ------------------------------------------------------------------------------
+    def stage_prepare(self) -> dict:
+        loaded = self.base()
+        model = loaded.model
+        imp = sort_model(model, self.blocks("calibration", self.cfg.calib_blocks))
+        tmp = self.work / "sorted.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(self.work / "sorted", ignore_errors=True)
+        tmp.rename(self.work / "sorted")
+        imp.save(self.work / "importance.json")
+        self._loaded = None  # the in-memory model is now permuted: reload the untouched one when needed
+        return {"layer_rank": imp.layer_rank, "calibration_tokens": imp.calibration_tokens,
+                "unit_method": imp.unit_method, "layer_method": imp.layer_method}  # fmt: skip
+
+    def stage_search(self) -> dict:
+        imp = Importance.load(self.work / "importance.json")
+        model = self.sorted_model()
+        space = self.space(imp)
+        budgets = Budgets(latency_ms=self.cfg.latency_ms, memory_mb=self.cfg.memory_mb, size_mb=self.cfg.size_mb,
+                          max_ppl_increase=self.cfg.accuracy_floor)  # fmt: skip
+        problem = Problem(space, Supernet(model), self.blocks("evaluation", self.cfg.eval_blocks),
+                          self.blocks("calibration", self.cfg.calib_blocks), self.cost_fn(self.search_runtime), budgets)  # fmt: skip
+        res = run_search(problem, self.cfg.strategy, self.cfg.budget, self.cfg.seed, out=self.work / "search", resume=True)
+        plot_front({self.cfg.strategy: res}, self.work / "front.png",
+                   f"{self.base().source} on {self.target.name}/{self.search_runtime}")  # fmt: skip
+        winner = require_feasible_fastest(res, problem)
+        spec = winner.spec_obj()
+        spec.meta = {"selected": "fastest feasible candidate", "ppl_simulated": winner.ppl}
+        spec.save(self.work / "spec.json")
+        return {"winner": asdict(winner), "base": asdict(res.base), "hypervolume": res.hypervolume,
+                "evaluations": len(res.evaluations), "wall_s": res.wall_s, "front_size": len(res.front)}  # fmt: skip
+
+    def stage_recover(self) -> dict:
+        spec = SubnetSpec.load(self.work / "spec.json")
+        model = self.sorted_model()
+        sub = extract(model, spec)
+        full = SubnetSpec.full(spec.base)
+        if spec.hidden_size == full.hidden_size and [(ly.index, ly.heads, ly.kv_heads, ly.mlp) for ly in spec.layers] == [
+            (ly.index, ly.heads, ly.kv_heads, ly.mlp) for ly in full.layers
+        ]:
+            # same architecture as the base: only the formats changed, nothing was pruned to recover
+            sub.save_pretrained(self.work / "recovered")
+            return {"skipped": "the winner keeps the whole base architecture (only weight formats changed)"}
+        from search.recovery import RecoveryConfig, recover
+
+        res = recover(model, sub, spec, self.blocks("calibration", self.cfg.calib_blocks),
+                      self.blocks("evaluation", 4), RecoveryConfig(max_steps=self.cfg.recover_steps, qat=True),
+                      out_dir=self.work / "recovery", resume=True)  # fmt: skip
+        res.model.save_pretrained(self.work / "recovered")
+        return {"ppl_before": res.ppl_before, "ppl_after": res.ppl_after, "steps_run": res.steps_run,
+                "best_step": res.best_step, "wall_s": res.wall_s, "stopped_reason": res.stopped_reason}  # fmt: skip
+
+    def _recovered(self):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.work / "recovered", dtype=torch.float32).eval()
+
+    def runtime_specs(self, runtime: str) -> tuple[SubnetSpec, SubnetSpec]:
+        """(packaged, base) specs in ``runtime``'s formats: the base at the search's widest formats."""
+        spec = SubnetSpec.load(self.work / "spec.json")
+        imp = Importance.load(self.work / "importance.json")
+        space = self.space(imp)
+        base = space.decode(space.largest())
+        allowed = self.target.formats(runtime)
+        return retarget_formats(spec, allowed), retarget_formats(base, allowed)
+
+    def stage_export(self) -> dict:
+        arts = {}
+        tok = self.base().tokenizer
+        sorted_model = None
+        for rt in self.runtimes:
+            mod = backend(rt)
+            spec, base_spec = self.runtime_specs(rt)
+            folder = self.work / "artifacts" / rt
+            folder.mkdir(parents=True, exist_ok=True)
+            packed = mod.export(self._recovered(), tok, spec, folder / _artifact_name(rt, "packaged"), force=True)
+            sorted_model = sorted_model or self.sorted_model()
+            base = mod.export(extract(sorted_model, base_spec), tok, base_spec, folder / _artifact_name(rt, "base"), force=True)
+            arts[rt] = {"packaged": packed.to_dict(), "base": base.to_dict(),
+                        "spec": spec.to_dict(), "base_spec": base_spec.to_dict()}  # fmt: skip
+        return arts
+
+    def stage_measure(self) -> dict:
+        out = {}
+        wl = self.target.workload
+        ppl_blocks = self.blocks("evaluation", 4)
+        for rt, arts in self.result("export").items():
+            mod = backend(rt)
+            entry = {}
+            for which in ("base", "packaged"):
+                art = _artifact(arts[which])
+                spec = SubnetSpec.from_dict(arts["spec" if which == "packaged" else "base_spec"])
+                cost = predict(spec, self.target, rt, wl)
+                rec = {"predicted": cost.to_dict(), "size_bytes": _size(art.files or [art.path])}
+                if self.target.host and hasattr(mod, "measure"):
+                    m = mod.measure(art, wl, threads=self.cfg.threads)
+                    rec["measured"] = m.to_dict()
+                    runner = mod.load(art, threads=self.cfg.threads)
+                    rec["perplexity_runtime"] = runner_perplexity(runner, ppl_blocks)
+                    rec["perplexity_tokens"] = int(ppl_blocks.shape[0] * (ppl_blocks.shape[1] - 1))
+                    getattr(runner, "close", lambda: None)()
+                entry[which] = rec
+            out[rt] = entry
+        return out
+
+    def stage_scorecard(self) -> dict:
+        card = build_card(self)
+        plots = [self.work / "front.png", plot_predicted_vs_measured(self.result("measure"), self.work / "latency.png")]
+        folder = self.work / "bundle"
+        folder.mkdir(exist_ok=True)
+        write_all(card, folder, [p for p in plots if p])
+        return {"files": ["scorecard.json", "scorecard.md", "scorecard.html"]}
+
+    def stage_bundle(self) -> dict:
+        folder = self.work / "bundle"
+        (folder / "spec.json").write_text((self.work / "spec.json").read_text())
+        for rt, arts in self.result("export").items():
+            dest = folder / "artifacts" / rt
+            dest.mkdir(parents=True, exist_ok=True)
+            art = _artifact(arts["packaged"])
+            src = Path(art.path)
+            if src.is_dir():
+                shutil.copytree(src, dest / src.name, dirs_exist_ok=True)
+            else:
+                for f in art.files or [art.path]:
+                    shutil.copy2(f, dest / Path(f).name)
+            (dest / "artifact.json").write_text(json.dumps(arts["packaged"], indent=1, default=str))
+        manifest = write_manifest(folder, _versions(), {"target": self.target.name})
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        folder.rename(self.out)
+        make_tarball(self.out, self.out.with_name(self.out.name + ".tar.gz"))
+        return {"files": len(manifest["files"])}
+
+
+def require_feasible_fastest(res: SearchResult, problem: Problem):
+    """The fastest candidate meeting every budget (accuracy floor included), or a clear error."""
+    require_feasible(res, problem)
+    return min((e for e in res.evaluations if e.feasible), key=lambda e: (e.decode_ms, e.ppl))
+
+
+def _artifact(d: dict):
+    from targets.backend import Artifact
+
+    return Artifact(**d)
+
+
+def _artifact_name(runtime: str, which: str) -> str:
+    return f"{which}.gguf" if runtime == "llama.cpp" else which
+
+
+def _size(files) -> int:
+    total = 0
+    for f in files:
+        p = Path(f)
+        total += sum(q.stat().st_size for q in p.rglob("*") if q.is_file()) if p.is_dir() else p.stat().st_size
+    return total
+
+
+def _diff(a: dict, b: dict) -> str:
+    return ", ".join(f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("packager", "torch", "transformers", "peft", "gguf", "llama-cpp-python", "onnx", "onnxruntime", "pymoo"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _spec_summary(spec: SubnetSpec) -> str:
+    fmts = sorted(spec.formats_used())
+    shapes = sorted({(ly.heads, ly.kv_heads, ly.mlp) for ly in spec.layers})
+    shape = (f"{shapes[0][0]}/{shapes[0][1]} heads, MLP {shapes[0][2]}" if len(shapes) == 1
+             else f"{len(shapes)} layer shapes (heterogeneous)")  # fmt: skip
+    return (f"{len(spec.layers)}/{spec.base.num_layers} layers, hidden {spec.hidden_size}, {shape}; "
+            f"formats {', '.join(fmts)}; {spec.num_params() / 1e6:.1f}M parameters")  # fmt: skip
+
+
+def build_card(p: Pack) -> dict:
+    """The scorecard data: every figure with its provenance."""
+    measure, export = p.result("measure"), p.result("export")
+    srch, rec = p.result("search"), p.result("recover")
+    fp = None
+    runtimes = {}
+    for rt, entry in measure.items():
+        sec = {"base": {}, "packaged": {}, "artifact": export[rt]["packaged"]["path"]}
+        mod = backend(rt)
+        sec["version"] = mod.version() if hasattr(mod, "version") else ""
+        for which in ("base", "packaged"):
+            rec_ = entry[which]
+            spec = SubnetSpec.from_dict(export[rt]["spec" if which == "packaged" else "base_spec"])
+            pr = rec_["predicted"]
+            est = f"estimated from the {p.target.name}/{rt} profile ({pr['provenance']})"
+            row = {
+                "parameters": figure(spec.num_params(), "", "computed", "counted from the spec"),
+                "size_mb": figure(rec_["size_bytes"] / 2**20, "MiB", "computed", "bytes of the artifact files"),
+                "predicted_decode_ms": figure(pr["decode_ms_per_token"], "ms/token", "estimated", est),
+                "predicted_prefill_ms": figure(pr["prefill_ms"], "ms", "estimated", est),
+                "predicted_peak_memory_mb": figure(pr["peak_memory_mb"], "MiB", "estimated", est),
+            }
+            m = rec_.get("measured")
+            if m:
+                fp = m["fingerprint"]
+                where = f"{fp['device']}, {fp['threads']} threads, {fp['runtime']} {fp['runtime_version']}, {fp['date']}"
+                row.update({
+                    "prefill_ms": figure(m["prefill_ms"], "ms", "measured", f"median of {m['repeats']}, {where}"),
+                    "decode_ms_per_token": figure(m["decode_ms_per_token"], "ms/token", "measured", f"median, {where}"),
+                    "tokens_per_s": figure(m["tokens_per_s"], "tokens/s", "measured", where),
+                    "peak_memory_mb": figure(m["peak_rss_mb"], "MiB", "measured", f"peak RSS of the process, {where}"),
+                    "perplexity_runtime": figure(rec_["perplexity_runtime"], "", "measured",
+                                                 f"{rec_['perplexity_tokens']:,} held-out tokens scored in {rt}"),
+                })  # fmt: skip
+            else:
+                row.update({
+                    "prefill_ms": figure(pr["prefill_ms"], "ms", "estimated", est),
+                    "decode_ms_per_token": figure(pr["decode_ms_per_token"], "ms/token", "estimated", est),
+                    "tokens_per_s": figure(pr["tokens_per_s"], "tokens/s", "estimated", est),
+                    "peak_memory_mb": figure(pr["peak_memory_mb"], "MiB", "estimated", est),
+                })  # fmt: skip
+            sim = srch["winner"]["ppl"] if which == "packaged" else srch["base"]["ppl"]
+            src = f"torch supernet, search's formats simulated, {p.cfg.eval_blocks * 255:,} held-out tokens"
+            if which == "packaged" and "ppl_after" in rec:
+                sim, src = rec["ppl_after"], "torch, after recovery, formats simulated (recovery's held-out split)"
+            row["perplexity_simulated"] = figure(sim, "", "measured", src)
+            sec[which] = row
+        par = export[rt]["packaged"].get("meta", {}).get("parity")
+        if par:
+            sec["parity"] = par
+        eng = export[rt]["packaged"].get("meta", {}).get("engine")
+        if eng:
+            sec["engine"] = eng
+        runtimes[rt] = sec
+    spec = SubnetSpec.load(p.work / "spec.json")
+    loaded = p.base()
+    return {
+        "model": {"source": loaded.source, "notes": loaded.notes, "architecture": loaded.arch.to_dict()},
+        "target": p.target.to_dict(),
+        "workload": asdict(p.target.workload) if not isinstance(p.target.workload, dict) else p.target.workload,
+        "machine": fp or fingerprint("none", "", None),
+        "config": asdict(p.cfg),
+        "spec": spec.to_dict(),
+        "spec_summary": _spec_summary(spec),
+        "search": {"strategy": p.cfg.strategy, "seed": p.cfg.seed, "evaluations": srch["evaluations"],
+                   "hypervolume": srch["hypervolume"], "wall_s": srch["wall_s"], "runtime": p.search_runtime},
+        "recovery": rec if "ppl_after" in rec else None,
+        "runtimes": runtimes,
+        "stage_wall_s": {k: v["wall_s"] for k, v in p.state.get("done", {}).items()},
+    }  # fmt: skip
+
+
+def plot_predicted_vs_measured(measure: dict, path: Path) -> Path | None:
+    """Bar chart of predicted vs measured decode latency per runtime and model (None if nothing measured)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, pred, meas = [], [], []
+    for rt, entry in measure.items():
+        for which in ("base", "packaged"):
+            m = entry[which].get("measured")
+            if m:
+                labels.append(f"{rt}\n{which}")
+                pred.append(entry[which]["predicted"]["decode_ms_per_token"])
+                meas.append(m["decode_ms_per_token"])
+    if not labels:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
+    xs = range(len(labels))
+    ax.bar([x - 0.2 for x in xs], pred, 0.4, label="predicted (profile)")
+    ax.bar([x + 0.2 for x in xs], meas, 0.4, label="measured")
+    ax.set_xticks(list(xs), labels, fontsize=8)
+    ax.set_ylabel("decode ms/token")
+    ax.set_title("Decode latency: cost model vs measurement")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+

@@ -1,0 +1,175 @@
+"""The deployment scorecard: scorecard.json (versioned), scorecard.md and a self-contained scorecard.html.
+
+Every figure is a dict ``{"value", "unit", "kind", "source"}`` where kind is ``measured`` (source says
+where and when), ``estimated`` (source names the profile) or ``computed`` (exact, from the spec or
+the file itself). Renderers never invent numbers: they print what the card holds.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+SCHEMA = "packager.scorecard/1"
+
+
+def figure(value, unit: str, kind: str, source: str) -> dict:
+    """One scorecard figure with its provenance."""
+    assert kind in ("measured", "estimated", "computed"), kind
+    return {"value": value, "unit": unit, "kind": kind, "source": source}
+
+
+def _fmt(fig: dict | None) -> str:
+    if not fig or fig.get("value") is None:
+        return "—"
+    v = fig["value"]
+    if isinstance(v, float):
+        v = f"{v:,.3g}" if abs(v) < 100 else f"{v:,.1f}"
+    elif isinstance(v, int):
+        v = f"{v:,}"
+    unit = f" {fig['unit']}" if fig.get("unit") else ""
+    return f"{v}{unit}"
+
+
+def _ratio(base: dict | None, packed: dict | None, lower_is_better: bool) -> str:
+    try:
+        b, p = float(base["value"]), float(packed["value"])
+    except (TypeError, KeyError, ValueError):
+        return ""
+    if b <= 0 or p <= 0:
+        return ""
+    r = b / p if lower_is_better else p / b
+    return f"{r:.2f}x"
+
+
+ROWS = [  # key, label, lower is better
+    ("parameters", "parameters", True),
+    ("size_mb", "size on disk", True),
+    ("peak_memory_mb", "peak memory", True),
+    ("prefill_ms", "prefill / time to first token", True),
+    ("decode_ms_per_token", "decode latency", True),
+    ("tokens_per_s", "decode throughput", False),
+    ("perplexity_runtime", "perplexity (in runtime)", True),
+    ("perplexity_simulated", "perplexity (torch, formats simulated)", True),
+    ("predicted_decode_ms", "decode latency (cost model)", True),
+    ("predicted_prefill_ms", "prefill (cost model)", True),
+    ("predicted_peak_memory_mb", "peak memory (cost model)", True),
+]
+
+
+def table_rows(section: dict) -> list[tuple[str, dict, dict, str, str]]:
+    """(label, base figure, packaged figure, ratio, provenance) for one runtime section."""
+    base, packed = section["base"], section["packaged"]
+    rows = []
+    keys = [k for k, _, _ in ROWS] + sorted(k for k in packed if k.startswith("task:"))
+    labels = {k: label for k, label, _ in ROWS}
+    lower = {k: lo for k, _, lo in ROWS}
+    for k in keys:
+        if k not in base and k not in packed:
+            continue
+        b, p = base.get(k), packed.get(k)
+        label = labels.get(k, k.replace("task:", "task accuracy: "))
+        ratio = _ratio(b, p, lower.get(k, False))
+        src = (p or b or {}).get("kind", "") + ": " + (p or b or {}).get("source", "")
+        rows.append((label, b, p, ratio, src))
+    return rows
+
+
+def write_json(card: dict, path: Path) -> Path:
+    card = {"schema": SCHEMA, **card}
+    path.write_text(json.dumps(card, indent=1, default=str))
+    return path
+
+
+def to_markdown(card: dict) -> str:
+    """The scorecard as Markdown."""
+    out = [f"# Deployment scorecard: {card['model']['source']} on {card['target']['name']}", ""]
+    out.append(f"- target: {card['target']['name']} — {card['target'].get('description', '')}")
+    out.append(f"- workload: {card['workload']}")
+    out.append(f"- measured on: {card['machine'].get('device')} ({card['machine'].get('cores')} cores), "
+               f"{card['machine'].get('date')}")  # fmt: skip
+    for note in card["model"].get("notes", []):
+        out.append(f"- note: {note}")
+    s = card["spec_summary"]
+    out.append(f"- packaged sub-network: {s}")
+    for name, sec in card["runtimes"].items():
+        out += ["", f"## {name} {sec.get('version', '')}", "", f"artifact: `{sec.get('artifact', '')}`", ""]
+        if sec.get("engine"):
+            out += [f"engine: {sec['engine']}", ""]
+        out.append("| metric | base | packaged | gain | provenance |")
+        out.append("|---|---|---|---|---|")
+        for label, b, p, ratio, src in table_rows(sec):
+            out.append(f"| {label} | {_fmt(b)} | {_fmt(p)} | {ratio} | {src} |")
+        par = sec.get("parity")
+        if par:
+            out += ["", f"parity vs torch (same simulated formats): max |Δlogit| {par.get('max_abs_diff', 0):.3g}, "
+                        f"top-1 agreement {100 * par.get('top1_agreement', 0):.1f}% on {par.get('n_tokens')} tokens"]  # fmt: skip
+    srch = card.get("search")
+    if srch:
+        out += ["", "## Search", "", f"strategy {srch['strategy']}, {srch['evaluations']} evaluations, seed {srch['seed']}, "
+                f"hypervolume {srch['hypervolume']:.4f}, {srch['wall_s']:.0f} s"]  # fmt: skip
+    rec = card.get("recovery")
+    if rec:
+        out += ["", "## Recovery", "", f"LoRA + distillation: perplexity {rec['ppl_before']:.2f} → {rec['ppl_after']:.2f} "
+                f"({rec['steps_run']} steps, {rec['wall_s']:.0f} s, {rec['stopped_reason']})"]  # fmt: skip
+    out += ["", "Figures marked *measured* were taken on the machine above; *estimated* ones come from the "
+            "named profile; *computed* ones are exact counts.", ""]  # fmt: skip
+    return "\n".join(out)
+
+
+def _img(path: Path | None) -> str:
+    if not path or not Path(path).is_file():
+        return ""
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img alt="{html.escape(Path(path).stem)}" src="data:image/png;base64,{data}">'
+
+
+def to_html(card: dict, plots: list[Path]) -> str:
+    """A self-contained HTML page (inline CSS, plots embedded as data URIs; no network needed)."""
+    e = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>Scorecard: {e(card['model']['source'])} on {e(card['target']['name'])}</title>",
+        "<style>body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1000px;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}.src{color:#666;font-size:12px;text-align:left}"
+        ".measured{color:#075}.estimated{color:#a60}.computed{color:#345}img{max-width:100%;margin:.5em 0}</style>",
+        "</head><body>",
+        f"<h1>Deployment scorecard</h1><p><b>{e(card['model']['source'])}</b> on <b>{e(card['target']['name'])}</b>"
+        f" — {e(card['target'].get('description', ''))}</p>",
+        f"<p>workload: {e(str(card['workload']))}<br>measured on: {e(str(card['machine'].get('device')))} "
+        f"({card['machine'].get('cores')} cores), {e(str(card['machine'].get('date')))}<br>"
+        f"packaged sub-network: {e(card['spec_summary'])}</p>",
+    ]
+    for note in card["model"].get("notes", []):
+        parts.append(f"<p class='src'>note: {e(note)}</p>")
+    for name, sec in card["runtimes"].items():
+        parts.append(f"<h2>{e(name)} {e(str(sec.get('version', '')))}</h2><p class='src'>artifact: {e(str(sec.get('artifact', '')))}</p>")
+        if sec.get("engine"):
+            parts.append(f"<p>engine: {e(sec['engine'])}</p>")
+        parts.append("<table><tr><th>metric</th><th>base</th><th>packaged</th><th>gain</th><th>provenance</th></tr>")
+        for label, b, p, ratio, src in table_rows(sec):
+            kind = (p or b or {}).get("kind", "")
+            parts.append(f"<tr><td>{e(label)}</td><td>{e(_fmt(b))}</td><td>{e(_fmt(p))}</td><td>{e(ratio)}</td>"
+                         f"<td class='src {kind}'>{e(src)}</td></tr>")  # fmt: skip
+        parts.append("</table>")
+        par = sec.get("parity")
+        if par:
+            parts.append(f"<p>parity vs torch: max |Δlogit| {par.get('max_abs_diff', 0):.3g}, top-1 agreement "
+                         f"{100 * par.get('top1_agreement', 0):.1f}% on {par.get('n_tokens')} tokens</p>")  # fmt: skip
+    parts.append("<h2>Plots</h2>")
+    parts += [_img(p) for p in plots]
+    parts.append("<h2>Sub-network spec</h2><pre>" + e(json.dumps(card["spec"], indent=1)[:20000]) + "</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_all(card: dict, folder: Path, plots: list[Path]) -> list[Path]:
+    """Write scorecard.json, scorecard.md and scorecard.html into ``folder``."""
+    folder = Path(folder)
+    paths = [write_json(card, folder / "scorecard.json")]
+    (folder / "scorecard.md").write_text(to_markdown(card))
+    (folder / "scorecard.html").write_text(to_html(card, plots))
+    return paths + [folder / "scorecard.md", folder / "scorecard.html"]

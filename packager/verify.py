@@ -1,0 +1,63 @@
+"""`packager verify BUNDLE`: integrity first, then (where this host can run the artifact) a re-measurement
+compared with the scorecard, flagging drift beyond a tolerance."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from packager.bundle import BundleError, safe_extract, verify_integrity
+from targets.backend import ExportError, Workload, backend
+
+METRICS = (("decode_ms_per_token", "decode_ms_per_token"), ("prefill_ms", "prefill_ms"), ("peak_memory_mb", "peak_rss_mb"))
+
+
+def _artifact_path(folder: Path, runtime: str) -> Path:
+    d = folder / "artifacts" / runtime
+    if runtime == "llama.cpp":
+        found = sorted(d.glob("*.gguf"))
+        if not found:
+            raise BundleError(f"bundle has no GGUF under artifacts/{runtime}")
+        return found[0]
+    subdirs = [p for p in d.iterdir() if p.is_dir()]
+    if not subdirs:
+        raise BundleError(f"bundle has no artifact folder under artifacts/{runtime}")
+    return subdirs[0]
+
+
+def verify(bundle: str | Path, remeasure: bool = True, tolerance: float = 0.25, threads: int | None = None) -> dict:
+    """Check a bundle folder or .tar.gz; returns a report with per-runtime drift rows."""
+    bundle = Path(bundle)
+    if not bundle.exists():
+        raise BundleError(f"{bundle} does not exist")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = safe_extract(bundle, Path(tmp)) if bundle.is_file() else bundle
+        manifest = verify_integrity(folder)
+        report = {"bundle": str(bundle), "files_checked": len(manifest["files"]), "runtimes": {}, "drift": []}
+        if not remeasure:
+            return report
+        card = json.loads((folder / "scorecard.json").read_text())
+        wl = Workload(**card["workload"])
+        for rt, sec in card["runtimes"].items():
+            packed = sec["packaged"]
+            if packed.get("decode_ms_per_token", {}).get("kind") != "measured":
+                report["runtimes"][rt] = {"skipped": "the scorecard holds no measured figures for this runtime"}
+                continue
+            try:
+                mod = backend(rt)
+            except ExportError as e:
+                report["runtimes"][rt] = {"skipped": str(e)}
+                continue
+            m = mod.measure(_artifact_path(folder, rt), wl, threads=threads or card["config"].get("threads", 2))
+            rows = []
+            for key, mkey in METRICS:
+                want = packed[key]["value"]
+                got = getattr(m, mkey)
+                rel = got / want - 1 if want else 0.0
+                rows.append({"metric": key, "scorecard": want, "measured_now": got, "drift": rel,
+                             "flag": abs(rel) > tolerance})  # fmt: skip
+                if abs(rel) > tolerance:
+                    report["drift"].append(f"{rt} {key}: scorecard {want:.3g}, now {got:.3g} ({rel:+.0%})")
+            report["runtimes"][rt] = {"rows": rows, "fingerprint": m.fingerprint}
+        return report
