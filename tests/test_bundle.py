@@ -1,0 +1,130 @@
+"""Bundles: manifest integrity, tamper detection, safe unpacking; the scorecard renders."""
+
+import io
+import json
+import shutil
+import subprocess
+import tarfile
+
+import pytest
+
+from packager.bundle import BundleError, make_tarball, safe_extract, verify_integrity, write_manifest
+from packager.scorecard import figure, to_html, to_markdown, write_all
+
+
+def make_bundle(tmp_path):
+    b = tmp_path / "bundle"
+    (b / "artifacts" / "llama.cpp").mkdir(parents=True)
+    (b / "artifacts" / "llama.cpp" / "packaged.gguf").write_bytes(b"GGUF" + bytes(range(200)))
+    (b / "spec.json").write_text("{}")
+    write_manifest(b, {"packager": "test"})
+    return b
+
+
+def test_manifest_detects_any_changed_byte(tmp_path):
+    b = make_bundle(tmp_path)
+    assert len(verify_integrity(b)["files"]) == 2
+    f = b / "artifacts" / "llama.cpp" / "packaged.gguf"
+    data = bytearray(f.read_bytes())
+    data[100] ^= 1
+    f.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="artifacts/llama.cpp/packaged.gguf has changed"):
+        verify_integrity(b)
+
+
+def test_missing_and_extra_files(tmp_path):
+    b = make_bundle(tmp_path)
+    (b / "extra.txt").write_text("x")
+    with pytest.raises(BundleError, match="does not list: extra.txt"):
+        verify_integrity(b)
+    (b / "extra.txt").unlink()
+    (b / "spec.json").unlink()
+    with pytest.raises(BundleError, match="spec.json is missing"):
+        verify_integrity(b)
+
+
+def test_tarball_round_trip(tmp_path):
+    b = make_bundle(tmp_path)
+    tgz = make_tarball(b, tmp_path / "bundle.tar.gz")
+    out = safe_extract(tgz, tmp_path / "unpacked")
+    assert verify_integrity(out)["files"] == verify_integrity(b)["files"]
+
+
+def _evil(tmp_path, name, kind=tarfile.REGTYPE, linkname=""):
+    tgz = tmp_path / "evil.tar.gz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname = kind, linkname
+        data = b"x"
+        info.size = len(data) if kind == tarfile.REGTYPE else 0
+        tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+    return tgz
+
+
+@pytest.mark.parametrize("name, kind, link, why", [
+    ("/etc/evil", tarfile.REGTYPE, "", "absolute path"),
+    ("bundle/../../evil", tarfile.REGTYPE, "", "'..' leads out"),
+    ("bundle/link", tarfile.SYMTYPE, "/etc/passwd", "links are not allowed"),
+    ("bundle/hard", tarfile.LNKTYPE, "bundle/x", "links are not allowed"),
+])
+def test_unsafe_members_are_refused(tmp_path, name, kind, link, why):
+    with pytest.raises(BundleError, match=why):
+        safe_extract(_evil(tmp_path, name, kind, link), tmp_path / "dest")
+    assert not (tmp_path / "dest").exists() or not any((tmp_path / "dest").iterdir())
+
+
+def test_corrupt_tarball(tmp_path):
+    bad = tmp_path / "x.tar.gz"
+    bad.write_bytes(b"not a tarball")
+    with pytest.raises(BundleError, match="not a readable .tar.gz bundle"):
+        safe_extract(bad, tmp_path / "d")
+
+
+def sample_card():
+    sec = {
+        "version": "0.3.36", "artifact": "packaged.gguf",
+        "base": {"decode_ms_per_token": figure(10.0, "ms/token", "measured", "here"),
+                 "parameters": figure(134_515_008, "", "computed", "spec")},
+        "packaged": {"decode_ms_per_token": figure(6.5, "ms/token", "measured", "here"),
+                     "parameters": figure(90_000_000, "", "computed", "spec")},
+        "parity": {"max_abs_diff": 0.01, "top1_agreement": 0.98, "n_tokens": 40},
+    }
+    return {"model": {"source": "embedded", "notes": ["Q4_1-dequantized base"]},
+            "target": {"name": "laptop-cpu", "description": "cpu"}, "workload": {"prompt_tokens": 128},
+            "machine": {"device": "cpu", "cores": 2, "date": "today"}, "spec": {"layers": []},
+            "spec_summary": "26/30 layers", "runtimes": {"llama.cpp": sec}}
+
+
+def test_scorecard_renders_ratios_and_provenance(tmp_path):
+    card = sample_card()
+    md = to_markdown(card)
+    assert "| decode latency | 10 ms/token | 6.5 ms/token | 1.54x | measured: here |" in md
+    assert "| parameters | 134,515,008 | 90,000,000 | 1.49x |" in md
+    page = to_html(card, [])
+    assert "<table>" in page and "http" not in page.replace("http-equiv", "")
+    paths = write_all(card, tmp_path, [])
+    assert json.loads(paths[0].read_text())["schema"] == "packager.scorecard/1"
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_scorecard_html_renders_in_headless_chromium(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    png = tmp_path / "plot.png"
+    plt.plot([1, 2, 3], [3, 1, 2])
+    plt.savefig(png)
+    page = tmp_path / "scorecard.html"
+    page.write_text(to_html(sample_card(), [png]))
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'u'}",
+                    "--window-size=1000,1400", f"--screenshot={shot}", page.as_uri()], check=True, timeout=120,
+                   capture_output=True)
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                          f"--user-data-dir={tmp_path / 'u2'}", "--dump-dom", page.as_uri()], check=True, timeout=120,
+                         capture_output=True, text=True).stdout
+    assert "decode latency" in dom and 'src="data:image/png;base64,' in dom
+    assert shot.stat().st_size > 10_000
