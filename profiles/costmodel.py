@@ -1,0 +1,508 @@
+"""Latency and memory of a SubnetSpec on a target + runtime, from a profile table.
+
+A table is JSON (shipped in ``profiles/tables/<target>__<runtime>.json``, or measured by the
+profiler into ``$PACKAGER_HOME/profiles/``, which takes precedence). It is one of two kinds:
+
+* ``fitted`` (provenance ``measured``): whole small models measured on the device; latency is a
+  non-negative least-squares fit, additive over decoder blocks, of per-format weight counts (decode
+  reads weights: cost ~ bytes per format), attention at the context, a per-layer and a fixed term.
+* ``roofline`` (provenance ``estimated``): spec-sheet bandwidth/compute (see ``profiles.roofline``).
+
+Latency is additive: ``total = fixed_cost + sum(layer_cost per kept block)``, which is what the
+differentiable search needs (E_p[latency] = sum over layers of expected per-choice costs). A
+calibration (scale + offset per phase, fitted on whole-model measurements) is stored in the table.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from profiles import roofline
+from subnet.formats import LLAMA_CPP, ONNXRUNTIME, TENSORRT, effective_format
+from subnet.spec import SubnetSpec
+from targets.backend import Measurement, Workload, cpu_model
+from targets.registry import Target, get_target
+
+TABLES_DIR = Path(__file__).with_name("tables")
+TABLE_VERSION = 1
+PHASES = ("decode", "prefill")
+MIB = 2**20
+_BACKENDS = {LLAMA_CPP: ("targets.llamacpp", "llama-cpp-python"), ONNXRUNTIME: ("targets.onnxrt", "onnxruntime"),
+             TENSORRT: ("targets.tensorrt", "tensorrt")}
+
+
+class CostModelError(ValueError):
+    """A spec, table or workload the cost model cannot price, with the fix in one line."""
+
+
+class TableMismatchWarning(UserWarning):
+    """The table was measured on another machine or with another runtime version."""
+
+
+class OutsideGridWarning(UserWarning):
+    """A spec or workload outside the profiled grid: the cost is extrapolated."""
+
+
+@dataclass
+class Cost:
+    """Predicted latency and memory of one sub-network under one workload."""
+
+    prefill_ms: float
+    ttft_ms: float  # time to first token: the prefill produces the first token's logits
+    decode_ms_per_token: float
+    tokens_per_s: float
+    total_ms: float  # ttft + (gen_tokens - 1) decode steps
+    peak_memory_mb: float  # weights + KV cache at the workload's context + runtime overhead (MiB)
+    size_mb: float  # on disk (MiB)
+    provenance: str
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- geometry ------------------------------------------------------------------------------
+
+def block_linears(heads: int, kv_heads: int, mlp: int, hidden: int, head_dim: int, formats) -> dict:
+    """name -> (out, in, format) of one decoder block's linears; ``formats`` is one name or a dict."""
+    shapes = {
+        "q_proj": (heads * head_dim, hidden),
+        "k_proj": (kv_heads * head_dim, hidden),
+        "v_proj": (kv_heads * head_dim, hidden),
+        "o_proj": (hidden, heads * head_dim),
+        "gate_proj": (mlp, hidden),
+        "up_proj": (mlp, hidden),
+        "down_proj": (hidden, mlp),
+    }
+    fmt = (lambda n: formats) if isinstance(formats, str) else formats.__getitem__
+    return {n: (o, i, fmt(n)) for n, (o, i) in shapes.items()}
+
+
+def runtime_format(runtime: str, fmt: str, row: int) -> str:
+    """The format a runtime really stores for a row of this length (llama.cpp K-quant fallbacks)."""
+    return effective_format(fmt, row) if runtime == LLAMA_CPP else fmt
+
+
+def decode_context(workload: Workload) -> float:
+    """Mean cached context over the generated tokens (what a decode ms/token averages over)."""
+    return workload.prompt_tokens + workload.gen_tokens / 2
+
+
+# ---- features of the fitted model -----------------------------------------------------------
+
+def layer_features(phase: str, heads, kv_heads, hidden, head_dim, linears: dict, workload: Workload) -> dict:
+    """Named features of one decoder block (the fitted model is linear in them)."""
+    f: dict[str, float] = {"layer": 1.0}
+    tokens = 1 if phase == "decode" else workload.prompt_tokens
+    for o, i, fmt in linears.values():
+        f["w:" + fmt] = f.get("w:" + fmt, 0.0) + o * i * tokens / 1e6
+    if phase == "decode":
+        c = decode_context(workload)
+        f["attn"] = heads * head_dim * c / 1e6
+        f["kv"] = kv_heads * head_dim * c / 1e6
+    else:
+        p = workload.prompt_tokens
+        f["act"] = hidden * p / 1e6
+        f["attn"] = heads * head_dim * p * p / 1e6
+    return f
+
+
+def fixed_features(phase: str, vocab: int, hidden: int, head_format: str, workload: Workload) -> dict:
+    """Named features outside the blocks: constant, embedding lookup and LM head."""
+    head = vocab * hidden / 1e6
+    if phase == "decode":  # the LM head is a matrix-vector product at its format's per-weight cost
+        return {"const": 1.0, "w:" + head_format: head, "head": head}
+    return {"const": 1.0, "head": head, "headP": head * workload.prompt_tokens}
+
+
+def _dot(coef: dict, feats: dict) -> float:
+    return sum(coef.get(k, 0.0) * v for k, v in feats.items())
+
+
+# ---- the additive cost API --------------------------------------------------------------------
+
+def _calib(table: dict, phase: str) -> tuple[float, float]:
+    c = table.get("calibration", {}).get(phase)
+    return (c["scale"], c["offset"]) if c else (1.0, 0.0)
+
+
+def layer_cost(
+    table: dict,
+    heads: int,
+    kv_heads: int,
+    mlp: int,
+    hidden: int,
+    formats,
+    phase: str = "decode",
+    workload: Workload | None = None,
+    head_dim: int | None = None,
+) -> float:
+    """ms one decoder block adds (decode: per token; prefill: for the whole prompt), calibrated."""
+    workload = workload or Workload(**table["workload"])
+    hd = head_dim or table["head_dim"]
+    rt = table["runtime"]
+    lin = block_linears(heads, kv_heads, mlp, hidden, hd, formats)
+    lin = {n: (o, i, runtime_format(rt, f, i)) for n, (o, i, f) in lin.items()}
+    scale, _ = _calib(table, phase)
+    if table["kind"] == "roofline":
+        r = roofline.Roofline.from_dict(table["roofline"])
+        tokens = 1 if phase == "decode" else workload.prompt_tokens
+        ctx = decode_context(workload) if phase == "decode" else workload.prompt_tokens
+        return scale * roofline.block_ms(r, lin, heads, kv_heads, hd, phase, tokens, ctx, workload.batch)
+    coef = table["model"][phase]["coef"]
+    missing = {f for _, _, f in lin.values()} - set(table["model"]["formats"])
+    if missing:
+        raise CostModelError(_format_msg(table, missing))
+    return scale * _dot(coef, layer_features(phase, heads, kv_heads, hidden, hd, lin, workload))
+
+
+def fixed_cost(
+    table: dict,
+    hidden: int,
+    head_format: str,
+    phase: str = "decode",
+    workload: Workload | None = None,
+    vocab: int | None = None,
+) -> float:
+    """ms outside the blocks (LM head, embedding, per-token overhead), calibrated (offset included)."""
+    workload = workload or Workload(**table["workload"])
+    vocab = vocab or table["vocab"]
+    head_format = runtime_format(table["runtime"], head_format, hidden)
+    scale, offset = _calib(table, phase)
+    if table["kind"] == "roofline":
+        r = roofline.Roofline.from_dict(table["roofline"])
+        return scale * roofline.fixed_ms(r, vocab, hidden, head_format, workload.batch) + offset
+    if head_format not in table["model"]["formats"]:
+        raise CostModelError(_format_msg(table, {head_format}))
+    return scale * _dot(table["model"][phase]["coef"], fixed_features(phase, vocab, hidden, head_format, workload)) + offset
+
+
+def _format_msg(table: dict, missing) -> str:
+    return (
+        f"format(s) {', '.join(sorted(missing))} were not profiled in the {table['target']}/{table['runtime']} "
+        f"table (it has {', '.join(table['model']['formats'])}): profile them or choose a profiled format"
+    )
+
+
+def spec_latency(table: dict, spec: SubnetSpec, phase: str, workload: Workload) -> float:
+    """Calibrated ms of a whole spec in one phase: fixed + sum of its blocks."""
+    b = spec.base
+    total = fixed_cost(table, spec.hidden_size, spec.lm_head_format, phase, workload, vocab=b.vocab_size)
+    for ly in spec.layers:
+        total += layer_cost(table, ly.heads, ly.kv_heads, ly.mlp, spec.hidden_size, ly.formats, phase, workload, b.head_dim)
+    return total
+
+
+# ---- memory and size --------------------------------------------------------------------------
+
+def kv_cache_mb(spec: SubnetSpec, workload: Workload, kv_bytes: float) -> float:
+    tokens = workload.context * workload.batch
+    return 2 * sum(ly.kv_heads for ly in spec.layers) * spec.base.head_dim * tokens * kv_bytes / MIB
+
+
+def memory_mb(table: dict, spec: SubnetSpec, workload: Workload) -> tuple[float, float]:
+    """(peak memory MiB, size on disk MiB) of a spec under a workload."""
+    weights = spec.weight_bytes() / MIB
+    kv = kv_cache_mb(spec, workload, table.get("kv_bytes", roofline.KV_BYTES))
+    if table["kind"] == "roofline":
+        return weights + kv + table["roofline"]["runtime_overhead_mb"], weights
+    m = table["model"]["memory"]
+    peak = m["const"] + m["weights"] * weights + m["kv"] * kv
+    return peak, weights + table["model"]["size"]["offset_mb"]
+
+
+# ---- whole-spec prediction ----------------------------------------------------------------------
+
+def provenance(table: dict) -> str:
+    if table["provenance"] == "measured":
+        fp = table.get("fingerprint", {})
+        return (
+            f"measured: {fp.get('device', '?')}, {fp.get('cores', '?')} cores, {table.get('threads')} threads, "
+            f"{table['runtime']} {table.get('runtime_version', '?')}, {str(fp.get('date', table.get('date', '?')))[:10]}"
+        )
+    return f"estimated: roofline from {table.get('source', 'the spec sheet')}"
+
+
+def check_spec(table: dict, spec: SubnetSpec, workload: Workload) -> list[str]:
+    """Where a spec or workload lies outside the table's profiled grid (one line per dimension)."""
+    rng = table.get("ranges")
+    if not rng:
+        return []
+    out = []
+    vals = {
+        "heads": [ly.heads for ly in spec.layers],
+        "kv_heads": [ly.kv_heads for ly in spec.layers],
+        "mlp": [ly.mlp for ly in spec.layers],
+        "hidden": [spec.hidden_size],
+        "prompt_tokens": [workload.prompt_tokens],
+        "context": [decode_context(workload)],
+        "batch": [workload.batch],
+    }
+    for dim, xs in vals.items():
+        if dim not in rng:
+            continue
+        lo, hi = rng[dim]
+        bad = [x for x in xs if not lo <= x <= hi]
+        if bad:
+            out.append(f"{dim} {sorted(set(bad))[0] if len(set(bad)) == 1 else sorted(set(bad))} is outside the "
+                       f"profiled range {lo}..{hi} of {table['target']}/{table['runtime']}: extrapolating linearly")
+    return out
+
+
+def predict(
+    spec: SubnetSpec,
+    target: str | Target,
+    runtime: str | None = None,
+    workload: Workload | None = None,
+    table: dict | str | os.PathLike | None = None,
+) -> Cost:
+    """Latency, memory and size of ``spec`` on ``target``/``runtime`` under ``workload``."""
+    tgt = get_target(target)
+    rt = tgt.runtime(runtime)
+    workload = workload or tgt.workload
+    if table is None or not isinstance(table, dict):
+        table = load_table(tgt, rt, path=table)
+    if table["runtime"] != rt:
+        raise CostModelError(f"table is for runtime {table['runtime']!r}, not {rt!r}: pass the {rt} table")
+    bad = sorted(f for f in spec.formats_used() if f not in tgt.formats(rt))
+    if bad:
+        raise CostModelError(
+            f"{tgt.name}/{rt} cannot run format(s) {', '.join(bad)}; it runs {', '.join(tgt.formats(rt))}"
+        )
+    notes = check_spec(table, spec, workload)
+    for n in notes:
+        warnings.warn(n, OutsideGridWarning, stacklevel=2)
+    prefill = spec_latency(table, spec, "prefill", workload)
+    decode = spec_latency(table, spec, "decode", workload)
+    peak, size = memory_mb(table, spec, workload)
+    return Cost(
+        prefill_ms=prefill,
+        ttft_ms=prefill,
+        decode_ms_per_token=decode,
+        tokens_per_s=1000.0 / decode,
+        total_ms=prefill + max(workload.gen_tokens - 1, 0) * decode,
+        peak_memory_mb=peak,
+        size_mb=size,
+        provenance=provenance(table),
+        warnings=notes,
+    )
+
+
+# ---- fitting and calibration -------------------------------------------------------------------
+
+def point_spec_features(table: dict, point: dict, phase: str) -> dict:
+    """Features of one profiled whole model (a grid point: N identical blocks)."""
+    wl = Workload(point["prompt_tokens"], point["gen_tokens"], point.get("batch", 1))
+    hd, rt = point.get("head_dim", table["head_dim"]), table["runtime"]
+    lin = block_linears(point["heads"], point["kv_heads"], point["mlp"], point["hidden"], hd, point["format"])
+    lin = {n: (o, i, runtime_format(rt, f, i)) for n, (o, i, f) in lin.items()}
+    feats = fixed_features(phase, point.get("vocab", table["vocab"]), point["hidden"],
+                           runtime_format(rt, point["embed_format"], point["hidden"]), wl)
+    for k, v in layer_features(phase, point["heads"], point["kv_heads"], point["hidden"], hd, lin, wl).items():
+        feats[k] = feats.get(k, 0.0) + point["layers"] * v
+    return feats
+
+
+def _nnls_relative(rows: list[dict], y: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Non-negative least squares on relative error; returns coef by feature name and predictions."""
+    from scipy.optimize import nnls
+
+    names = sorted({k for r in rows for k in r})
+    a = np.array([[r.get(k, 0.0) for k in names] for r in rows])
+    w = 1.0 / y
+    norm = np.maximum(np.abs(a * w[:, None]).max(axis=0), 1e-12)  # column scaling for conditioning
+    x, _ = nnls(a * w[:, None] / norm, y * w, maxiter=50 * len(names))
+    x = x / norm
+    return dict(zip(names, x.tolist())), a @ x
+
+
+def fit_table(table: dict) -> dict:
+    """Fit the latency, memory and size models of a measured table from its raw points (in place)."""
+    measured = [p for p in table["points"] if "decode_ms_per_token" in p]
+    pts = [p for p in measured if p.get("role", "fit") == "fit"]
+    held = [p for p in measured if p.get("role") == "holdout"]
+    if len(pts) < 3:
+        raise CostModelError(f"a table needs at least 3 measured points to fit, it has {len(pts)}: profile more")
+    model: dict = {"formats": sorted({p["format"] for p in pts} | {p["embed_format"] for p in pts})}
+    for phase, key in (("decode", "decode_ms_per_token"), ("prefill", "prefill_ms")):
+        rows = [point_spec_features(table, p, phase) for p in pts]
+        y = np.array([p[key] for p in pts])
+        coef, pred = _nnls_relative(rows, y)
+        model[phase] = {"coef": coef, "mape": _mape(pred, y)}
+        if held:
+            yh = np.array([p[key] for p in held])
+            ph = np.array([_dot(coef, point_spec_features(table, p, phase)) for p in held])
+            model[phase]["holdout_mape"] = _mape(ph, yh)
+            model[phase]["holdout_n"] = len(held)
+    weights = np.array([p["weights_mb"] for p in pts])
+    mem_pts = [p for p in measured if p.get("peak_rss_mb", 0) > 0]  # a 0 means the backend could not see it
+    if len(mem_pts) >= 3:
+        rows = [{"const": 1.0, "weights": p["weights_mb"], "kv": p["kv_mb"]} for p in mem_pts]
+        mem, pred = _nnls_relative(rows, np.array([p["peak_rss_mb"] for p in mem_pts]))
+        mem["mape"] = _mape(pred, [p["peak_rss_mb"] for p in mem_pts])
+    else:
+        mem = {"const": 0.0, "weights": 1.0, "kv": 1.0, "note": "no usable peak RSS measured: weights + KV only"}
+    model["memory"] = mem
+    model["size"] = {"offset_mb": float(np.median(np.array([p["size_mb"] for p in pts]) - weights))}
+    table["model"] = model
+    table["kind"] = "fitted"
+    table["ranges"] = _ranges(pts)
+    return table
+
+
+def _mape(pred, y) -> float:
+    return float(np.mean(np.abs(np.asarray(pred) - np.asarray(y)) / np.asarray(y)) * 100)
+
+
+def _ranges(pts: list[dict]) -> dict:
+    def r(xs):
+        return [min(xs), max(xs)]
+
+    return {
+        "heads": r([p["heads"] for p in pts]),
+        "kv_heads": r([p["kv_heads"] for p in pts]),
+        "mlp": r([p["mlp"] for p in pts]),
+        "hidden": r([p["hidden"] for p in pts]),
+        "prompt_tokens": r([p["prompt_tokens"] for p in pts]),
+        "context": r([p["prompt_tokens"] + p["gen_tokens"] / 2 for p in pts]),
+        "batch": r([p.get("batch", 1) for p in pts]),
+    }
+
+
+def calibrate(table: dict, measurements: list[tuple[SubnetSpec, Measurement]]) -> dict:
+    """Fit measured ≈ scale·predicted + offset per phase on whole-model runs; store it in the table.
+
+    One measurement fits a scale only; two or more fit scale and offset (least squares).
+    """
+    if not measurements:
+        raise CostModelError("calibration needs at least one (spec, measurement) pair")
+    table.pop("calibration", None)
+    cal = {"n": len(measurements)}
+    for phase, key in (("decode", "decode_ms_per_token"), ("prefill", "prefill_ms")):
+        pred, meas = [], []
+        for spec, m in measurements:
+            wl = Workload(**{k: m.workload[k] for k in ("prompt_tokens", "gen_tokens", "batch") if k in m.workload})
+            pred.append(spec_latency(table, spec, phase, wl))
+            meas.append(getattr(m, key))
+        p, y = np.array(pred), np.array(meas)
+        if len(p) >= 2 and np.ptp(p) > 1e-9:
+            scale, offset = np.polyfit(p, y, 1)
+        else:
+            scale, offset = float(np.sum(p * y) / np.sum(p * p)), 0.0
+        cal[phase] = {"scale": float(scale), "offset": float(offset),
+                      "mape_before": float(np.mean(np.abs(p - y) / y) * 100),
+                      "mape_after": float(np.mean(np.abs(scale * p + offset - y) / y) * 100)}
+    table["calibration"] = cal
+    return table
+
+
+# ---- tables on disk ---------------------------------------------------------------------------
+
+def table_name(target: str, runtime: str) -> str:
+    return f"{target}__{runtime}.json"
+
+
+def user_tables_dir() -> Path:
+    from subnet.loading import packager_home
+
+    return packager_home() / "profiles"
+
+
+def table_path(target: str, runtime: str) -> Path:
+    """The table used for target+runtime: a profiled one in $PACKAGER_HOME/profiles wins over the shipped one."""
+    user = user_tables_dir() / table_name(target, runtime)
+    return user if user.is_file() else TABLES_DIR / table_name(target, runtime)
+
+
+def read_table(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        table = json.loads(path.read_text())
+    except OSError as e:
+        raise CostModelError(f"cannot read profile table {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise CostModelError(f"profile table {path} is not valid JSON: {e}") from None
+    if not isinstance(table, dict) or table.get("format") != "packager-profile":
+        raise CostModelError(f"{path} is not a packager profile table (no \"format\": \"packager-profile\")")
+    return table
+
+
+def write_table(table: dict, path: str | os.PathLike) -> Path:
+    """Write a table atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(table, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def runtime_version(runtime: str) -> str | None:
+    """Installed version of a runtime (the backend's own ``version()`` when it has one)."""
+    module, dist = _BACKENDS[runtime]
+    try:
+        return str(importlib.import_module(module).version())
+    except Exception:  # backend missing or its runtime not importable: fall back to the package version
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+
+def table_mismatches(table: dict, target: Target) -> list[str]:
+    """Why a measured table may not describe this machine (host targets only): machine, runtime version."""
+    if table.get("provenance") != "measured" or not target.host:
+        return []
+    out = []
+    fp = table.get("fingerprint", {})
+    where = f"profile table {target.name}/{table['runtime']}"
+    here = (cpu_model(), os.cpu_count())
+    if (fp.get("device"), fp.get("cores")) != here:
+        out.append(
+            f"{where} was measured on {fp.get('device')!r} ({fp.get('cores')} cores) but this machine is "
+            f"{here[0]!r} ({here[1]} cores): re-run `packager profile --target {target.name} --runtime {table['runtime']}`"
+        )
+    have = runtime_version(table["runtime"])
+    if table.get("runtime_version") != have:
+        out.append(
+            f"{where} was measured with {table['runtime']} {table.get('runtime_version')} but {have} is installed: "
+            f"re-run `packager profile --target {target.name} --runtime {table['runtime']}`"
+        )
+    return out
+
+
+@lru_cache(maxsize=32)
+def _load_cached(path: str, mtime: float, target_name: str, runtime: str) -> str:
+    return json.dumps(read_table(path))
+
+
+def load_table(target: str | Target, runtime: str | None = None, path=None, check: bool = True) -> dict:
+    """The profile table of target+runtime (or the file at ``path``); warns loudly on a mismatch."""
+    tgt = get_target(target)
+    rt = tgt.runtime(runtime)
+    p = Path(path) if path else table_path(tgt.name, rt)
+    if not p.is_file():
+        hint = (f"run `packager profile --target {tgt.name} --runtime {rt}`" if tgt.host
+                else f"build the estimate with profiles.profiler.estimate_table('{tgt.name}', '{rt}')")
+        raise CostModelError(f"no profile table for {tgt.name}/{rt} (looked for {p}): {hint}")
+    table = json.loads(_load_cached(str(p), p.stat().st_mtime, tgt.name, rt))
+    if table.get("runtime") != rt or table.get("target") != tgt.name:
+        raise CostModelError(
+            f"{p} is the table of {table.get('target')}/{table.get('runtime')}, not {tgt.name}/{rt}"
+        )
+    if table.get("kind") == "fitted" and "model" not in table:
+        raise CostModelError(f"{p} has raw points but no fitted model (an interrupted profile): re-run the profile")
+    if check:
+        for msg in table_mismatches(table, tgt):
+            warnings.warn("WARNING: " + msg, TableMismatchWarning, stacklevel=2)
+    table["path"] = str(p)
+    return table

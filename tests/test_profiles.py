@@ -1,0 +1,240 @@
+"""Targets, the roofline estimate, the fitted cost model and the profiler's resume (fast: fake measurements)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+from profiles import costmodel, profiler, roofline
+from profiles.costmodel import CostModelError, OutsideGridWarning, TableMismatchWarning
+from subnet.arch import ArchInfo
+from subnet.spec import SubnetSpec
+from targets.backend import Measurement, Workload
+from targets.registry import TargetError, get_target, list_targets
+
+TINY = ArchInfo("llama", 6, 64, 4, 2, 16, 128, 256, True)
+TRUTH = {  # ground-truth coefficients of the fake device (ms per feature unit)
+    "decode": {"const": 0.7, "layer": 0.05, "w:q8_0": 2.0, "w:q4_0": 1.2, "w:f16": 3.5, "attn": 0.4, "kv": 0.1, "head": 0.3},
+    "prefill": {"const": 2.0, "layer": 0.3, "w:q8_0": 0.05, "w:q4_0": 0.06, "w:f16": 0.04, "act": 1.0, "attn": 0.01,
+                "head": 0.5, "headP": 0.001},
+}
+
+
+def _stub_table():
+    return {"runtime": "llama.cpp", "head_dim": TINY.head_dim, "vocab": TINY.vocab_size}
+
+
+def fake_measure(point: dict) -> dict:
+    """An exactly-linear fake device: latency = TRUTH · features of the point."""
+    out = {}
+    for phase, key in (("decode", "decode_ms_per_token"), ("prefill", "prefill_ms")):
+        feats = costmodel.point_spec_features(_stub_table(), point, phase)
+        out[key] = sum(TRUTH[phase].get(k, 0.0) * v for k, v in feats.items())
+    spec = profiler.point_spec(point, TINY)
+    out["peak_rss_mb"] = 30.0 + 1.1 * spec.weight_bytes() / costmodel.MIB
+    out["size_mb"] = spec.weight_bytes() / costmodel.MIB + 0.5
+    return out
+
+
+def tiny_grid(fmts=("f16", "q8_0", "q4_0")):
+    return profiler.default_grid("llama.cpp", TINY, list(fmts), Workload(16, 8))
+
+
+@pytest.fixture
+def fitted(tmp_path):
+    out = tmp_path / "laptop-cpu__llama.cpp.json"
+    table = profiler.profile("laptop-cpu", "llama.cpp", grid=tiny_grid(), out=out, base=TINY, threads=1,
+                             measure_point=fake_measure, progress=False)  # fmt: skip
+    return table, out
+
+
+# ---- targets --------------------------------------------------------------------------------------
+def test_targets_listed_and_loaded():
+    names = {t.name for t in list_targets()}
+    assert {"a100", "laptop-cpu", "jetson-orin"} <= names
+    a100 = get_target("a100")
+    assert a100.formats("tensorrt") == ["f16", "int8", "int4_b128"]
+    assert set(a100.runtimes) == {"tensorrt", "onnxruntime", "llama.cpp"}
+    assert a100.bandwidth_gbps == 2039 and a100.compute_tflops["fp16"] == 312
+    assert "q4_0" in a100.formats("llama.cpp")
+    orin = get_target("jetson-orin")
+    assert set(orin.runtimes) == {"tensorrt", "llama.cpp"} and orin.memory_gb == 64
+    cpu = get_target("laptop-cpu")
+    assert cpu.host and cpu.bandwidth_gbps is None and cpu.default_runtime == "llama.cpp"
+    assert cpu.memory_capacity_mb() > 0 and cpu.workload.prompt_tokens > 0
+
+
+def test_unknown_target_and_runtime_name_the_known_ones():
+    with pytest.raises(TargetError, match="known targets: .*a100.*laptop-cpu"):
+        get_target("tpu-v9")
+    with pytest.raises(TargetError, match="its runtimes: tensorrt, llama.cpp"):
+        get_target("jetson-orin").runtime("onnxruntime")
+
+
+def test_user_target_file_by_path_and_home(tmp_path, monkeypatch):
+    d = {"name": "my-box", "runtimes": {"llama.cpp": {"formats": ["q8_0", "q4_0"]}}, "memory_gb": 8,
+         "bandwidth_gbps": 50, "compute_tflops": {"fp32": 1, "fp16": 2}, "workload": {"prompt_tokens": 32}}  # fmt: skip
+    path = tmp_path / "my-box.json"
+    path.write_text(json.dumps(d))
+    assert get_target(str(path)).formats() == ["q8_0", "q4_0"]
+    monkeypatch.setenv("PACKAGER_HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "targets").mkdir(parents=True)
+    (tmp_path / "home" / "targets" / "my-box.json").write_text(json.dumps(d))
+    assert "my-box" in {t.name for t in list_targets()}
+    assert get_target("my-box").workload.prompt_tokens == 32
+    d["runtimes"] = {"llama.cpp": {"formats": ["int4_b128"]}}
+    path.write_text(json.dumps(d))
+    with pytest.raises(TargetError, match="cannot hold"):
+        get_target(str(path))
+
+
+# ---- roofline ---------------------------------------------------------------------------------------
+def test_roofline_monotonic_in_bytes():
+    r = roofline.Roofline.of(get_target("jetson-orin"))
+    hd = TINY.head_dim
+
+    def decode(fmt, mlp=1536, ctx=128):
+        lin = costmodel.block_linears(9, 3, mlp, 576, 64, fmt)
+        return roofline.block_ms(r, lin, 9, 3, hd, "decode", 1, ctx)
+
+    by_bits = [decode(f) for f in ("q4_0", "q5_0", "q8_0", "f16", "f32")]
+    assert by_bits == sorted(by_bits) and by_bits[0] < by_bits[-1]
+    assert decode("q8_0", mlp=512) < decode("q8_0", mlp=1024) < decode("q8_0", mlp=1536)
+    assert decode("f16", ctx=64) < decode("f16", ctx=4096)
+    lin = costmodel.block_linears(9, 3, 1536, 576, 64, "f16")
+    assert roofline.block_ms(r, lin, 9, 3, 64, "prefill", 64, 64) < roofline.block_ms(r, lin, 9, 3, 64, "prefill", 2048, 2048)
+
+
+def test_estimated_tables_shipped_and_reproduce_their_points():
+    for name, rt in (("a100", "tensorrt"), ("jetson-orin", "llama.cpp")):
+        table = costmodel.load_table(name, rt)
+        assert table["provenance"] == "estimated" and "datasheet" in table["source"]
+        wl = Workload(**table["workload"])
+        for p in table["points"]:
+            b = p["block"]
+            got = costmodel.layer_cost(table, b["heads"], b["kv_heads"], b["mlp"], b["hidden"], b["format"], "decode", wl)
+            assert got == pytest.approx(p["decode_ms"], rel=1e-9)
+    cost = costmodel.predict(SubnetSpec.full(profiler.SMOLLM2, "f16"), "a100", "tensorrt")
+    assert cost.provenance.startswith("estimated: roofline from NVIDIA A100")
+    assert cost.peak_memory_mb > cost.size_mb > 0
+
+
+# ---- fitted cost model ------------------------------------------------------------------------------
+def test_fit_reproduces_grid_points_and_is_additive(fitted):
+    table, _ = fitted
+    for p in table["points"]:
+        spec = profiler.point_spec(p, TINY)
+        wl = Workload(p["prompt_tokens"], p["gen_tokens"])
+        for phase, key in (("decode", "decode_ms_per_token"), ("prefill", "prefill_ms")):
+            assert costmodel.spec_latency(table, spec, phase, wl) == pytest.approx(p[key], rel=1e-4)
+    assert table["model"]["decode"]["holdout_mape"] < 0.01
+    # mixed formats and heterogeneous layers: the whole = fixed + the sum of its blocks
+    spec = SubnetSpec.uniform(TINY, layers=[0, 2, 3], fmt="q8_0")
+    spec.layers[1].mlp = 64
+    spec.layers[1].formats.update(gate_proj="q4_0", up_proj="q4_0")
+    wl = Workload(16, 8)
+    cost = costmodel.predict(spec, "laptop-cpu", "llama.cpp", wl, table)
+    parts = costmodel.fixed_cost(table, 64, "q8_0", "decode", wl) + sum(
+        costmodel.layer_cost(table, ly.heads, ly.kv_heads, ly.mlp, 64, ly.formats, "decode", wl) for ly in spec.layers
+    )
+    assert cost.decode_ms_per_token == pytest.approx(parts)
+    assert cost.tokens_per_s == pytest.approx(1000 / parts)
+    assert cost.provenance.startswith("measured:")
+    assert cost.peak_memory_mb == pytest.approx(30 + 1.1 * spec.weight_bytes() / costmodel.MIB, rel=1e-3)
+
+
+def test_outside_grid_warns_naming_the_dimension(fitted):
+    table, _ = fitted
+    spec = SubnetSpec.uniform(TINY, mlp=32, fmt="q8_0")
+    with pytest.warns(OutsideGridWarning, match="mlp 32 is outside the profiled range"):
+        cost = costmodel.predict(spec, "laptop-cpu", "llama.cpp", Workload(16, 8), table)
+    assert any("mlp" in w for w in cost.warnings)
+    with pytest.warns(OutsideGridWarning, match="prompt_tokens 4096"):
+        costmodel.predict(SubnetSpec.uniform(TINY, fmt="q8_0"), "laptop-cpu", "llama.cpp", Workload(4096, 8), table)
+    with pytest.raises(CostModelError, match="q5_0 were not profiled"):
+        costmodel.predict(SubnetSpec.uniform(TINY, fmt="q5_0"), "laptop-cpu", "llama.cpp", Workload(16, 8), table)
+    with pytest.raises(CostModelError, match="cannot run format"):
+        costmodel.predict(SubnetSpec.uniform(TINY, fmt="int4_b128"), "laptop-cpu", "llama.cpp", Workload(16, 8), table)
+
+
+def test_table_from_another_machine_or_version_warns(fitted):
+    table, out = fitted
+    table["fingerprint"]["device"] = "Some Other CPU 9000"
+    table["runtime_version"] = "0.0.1"
+    costmodel.write_table(table, out)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        costmodel.load_table("laptop-cpu", "llama.cpp", path=out)
+    msgs = [str(w.message) for w in rec if issubclass(w.category, TableMismatchWarning)]
+    assert any("Some Other CPU 9000" in m for m in msgs)
+    assert any("llama.cpp 0.0.1" in m for m in msgs)
+    with pytest.raises(CostModelError, match="not laptop-cpu/onnxruntime"):
+        costmodel.load_table("laptop-cpu", "onnxruntime", path=out)
+
+
+def test_calibration_fits_scale_and_offset(fitted):
+    table, _ = fitted
+    wl = Workload(16, 8)
+    pairs = []
+    for n in (2, 4, 6):
+        spec = SubnetSpec.uniform(TINY, layers=list(range(n)), fmt="q8_0")
+        dec = costmodel.spec_latency(table, spec, "decode", wl)
+        pre = costmodel.spec_latency(table, spec, "prefill", wl)
+        pairs.append((spec, Measurement("llama.cpp", 1.5 * pre + 2, 1.2 * dec + 0.5, 10, 3, vars(wl), {})))
+    costmodel.calibrate(table, pairs)
+    assert table["calibration"]["decode"]["scale"] == pytest.approx(1.2)
+    assert table["calibration"]["decode"]["offset"] == pytest.approx(0.5)
+    spec, m = pairs[1]
+    cost = costmodel.predict(spec, "laptop-cpu", "llama.cpp", wl, table)
+    assert cost.decode_ms_per_token == pytest.approx(m.decode_ms_per_token)
+    assert cost.prefill_ms == pytest.approx(m.prefill_ms)
+
+
+# ---- profiler ----------------------------------------------------------------------------------------
+def test_profiler_resume_skips_done_points(tmp_path):
+    grid = tiny_grid(("q8_0", "q4_0"))
+    out = tmp_path / "t.json"
+    calls = []
+
+    def dies_after_3(p):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(profiler.point_key(p))
+        return fake_measure(p)
+
+    with pytest.raises(KeyboardInterrupt):
+        profiler.profile("laptop-cpu", "llama.cpp", grid=grid, out=out, base=TINY, threads=1,
+                         measure_point=dies_after_3, progress=False)  # fmt: skip
+    saved = json.loads(out.read_text())
+    assert [profiler.point_key(p) for p in saved["points"]] == calls
+    assert saved["fingerprint"]["threads"] == 1 and saved["runtime_version"]
+    with pytest.raises(CostModelError, match="interrupted profile"):
+        costmodel.load_table("laptop-cpu", "llama.cpp", path=out)
+    again = []
+    table = profiler.profile("laptop-cpu", "llama.cpp", grid=grid, out=out, base=TINY, threads=1,
+                             measure_point=lambda p: again.append(profiler.point_key(p)) or fake_measure(p),
+                             progress=False)  # fmt: skip
+    assert set(again).isdisjoint(calls) and len(again) + len(calls) == len(grid)
+    assert len(table["points"]) == len(grid) and "model" in table
+    with pytest.raises(profiler.ProfileError, match="cannot resume"):
+        profiler.profile("laptop-cpu", "llama.cpp", grid=grid, out=out, base=TINY, threads=2,
+                         measure_point=fake_measure, progress=False)  # fmt: skip
+
+
+def test_profiler_refuses_remote_targets_and_foreign_formats(tmp_path):
+    with pytest.raises(profiler.ProfileError, match="remote device"):
+        profiler.profile("a100", "tensorrt", out=tmp_path / "x.json")
+    with pytest.raises(profiler.ProfileError, match="does not run format"):
+        profiler.profile("laptop-cpu", "onnxruntime", grid=tiny_grid(("q8_0",)), out=tmp_path / "x.json",
+                         base=TINY, measure_point=fake_measure, progress=False)  # fmt: skip
+
+
+@pytest.mark.integration
+def test_real_profile_point_llamacpp():
+    """The production path on one tiny point: random model → GGUF → llama.cpp measure."""
+    base = ArchInfo("llama", 2, 64, 4, 2, 16, 128, 49152, True)
+    p = profiler._point(2, 4, 2, 128, 64, "q8_0", "q8_0", Workload(8, 4))
+    res = profiler.RealMeasure("llama.cpp", base, 2, threads=1, repeats=1)(p)
+    assert res["decode_ms_per_token"] > 0 and res["prefill_ms"] > 0 and res["size_mb"] > 0
