@@ -272,49 +272,73 @@ def ort_dynamic_quantize_input(x: torch.Tensor) -> torch.Tensor:
     return ((q - zp) * scale).to(x.dtype)
 
 
-# formats whose runtime also quantizes the layer input, and how
-_INPUT_QUANT = {"int8": ort_dynamic_quantize_input}
+def ort_block_quantize_input(x: torch.Tensor, block: int) -> torch.Tensor:
+    """What ORT's MatMulNBits with ``accuracy_level=4`` (int8 compute) does to its input: per token,
+    blocks of ``block`` input features, symmetric int8 with scale absmax/127 (round half to even)."""
+    xf = x.to(torch.float32)
+    b = xf.reshape(*xf.shape[:-1], xf.shape[-1] // block, block)
+    scale = b.abs().amax(dim=-1, keepdim=True) / 127
+    q = torch.round(b * _recip(scale))
+    return (q * scale).reshape(x.shape).to(x.dtype)
+
+
+def _input_quant(fmt: str, accuracy_level: int | None):
+    """How the runtime of ``fmt`` quantizes a linear's input (None: it does not)."""
+    if fmt == "int8":
+        return ort_dynamic_quantize_input
+    if fmt in ("int8_b32", "int4_b32", "int4_b128") and accuracy_level == 4:
+        block = get_format(fmt).block
+        return lambda x: ort_block_quantize_input(x, block)
+    return None
 
 
 def _linear(layer, name: str):
     return getattr(layer.self_attn if name in ATTN_LINEARS else layer.mlp, name)
 
 
-def _apply(module, fmt: str, activations: bool) -> None:
-    if fmt == "f32":
-        return
-    with torch.no_grad():
-        module.weight.copy_(fake_quantize(module.weight, fmt))
-    if activations and fmt in _INPUT_QUANT:
-        quant = _INPUT_QUANT[fmt]
-        module.register_forward_pre_hook(lambda _m, args: (quant(args[0]), *args[1:]))
-
-
-def fake_quantize_model(model, spec, inplace: bool = False, activations: bool = True):
-    """``model`` (an extracted sub-network of ``spec``) with every weight rounded through its spec format.
-
-    ``spec.layers[i]`` gives the formats of ``model.model.layers[i]`` (one per name in ``LINEARS``);
-    ``spec.embed_format`` goes to the embedding and ``spec.lm_head_format`` to an untied lm_head (a tied
-    one shares the embedding's weight and format). Norms and biases stay as they are. With
-    ``activations``, linears in formats whose runtime also quantizes their input (ORT int8 dynamic)
-    get a forward pre-hook that simulates it. Returns the model (a deep copy unless ``inplace``).
-    """
+def _plan(model, spec) -> list[tuple[str, object, str]]:
+    """(module name, module, format) of every weight the spec rounds (f32 ones left out)."""
     layers = model.model.layers
     if len(layers) != len(spec.layers):
         raise QuantError(
             f"spec has {len(spec.layers)} layers but the model has {len(layers)}: "
             f"pass the model extracted from this spec (subnet.extract.extract(model, spec))"
         )
-    if not inplace:
-        model = copy.deepcopy(model)
-        layers = model.model.layers
-    for layer, ly in zip(layers, spec.layers):
-        for name in LINEARS:
-            _apply(_linear(layer, name), ly.formats[name], activations)
-    embed = model.get_input_embeddings()
-    head = model.get_output_embeddings()
-    tied = head is not None and head.weight is embed.weight
-    _apply(embed, spec.embed_format, False)  # an embedding lookup has no input to quantize
-    if head is not None and not tied:
-        _apply(head, spec.lm_head_format, activations)
+    names = {id(m): n for n, m in model.named_modules()}
+    todo = [(_linear(layer, name), ly.formats[name]) for layer, ly in zip(layers, spec.layers) for name in LINEARS]
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    todo.append((embed, spec.embed_format))
+    if head is not None and head.weight is not embed.weight:  # a tied lm_head shares embed_format
+        todo.append((head, spec.lm_head_format))
+    return [(names[id(m)], m, fmt) for m, fmt in todo if fmt != "f32"]
+
+
+def fake_quantize_model(
+    model, spec, inplace: bool = False, activations: bool = True, ort_accuracy_level: int | None = 4
+):
+    """``model`` (an extracted sub-network of ``spec``) with every weight rounded through its spec format.
+
+    ``spec.layers[i]`` gives the formats of ``model.model.layers[i]`` (one per name in ``LINEARS``);
+    ``spec.embed_format`` goes to the embedding and ``spec.lm_head_format`` to an untied lm_head (a tied
+    one shares the embedding's weight and format). Norms and biases stay as they are. With
+    ``activations``, linears in formats whose runtime also quantizes their input get a forward
+    pre-hook that simulates it: ORT int8 (``quantize_dynamic``: uint8 per tensor) and, when
+    ``ort_accuracy_level`` is 4 (int8 compute, the fast setting), the MatMulNBits formats (int8 per
+    token and block). Returns the model (a copy unless ``inplace``).
+    """
+    plan = _plan(model, spec)
+    with torch.no_grad():
+        if inplace:
+            for _, m, fmt in plan:
+                m.weight.copy_(fake_quantize(m.weight, fmt))
+        else:  # copy everything else once; the rounded weights go straight into the copy
+            memo = {}
+            for _, m, fmt in plan:
+                w = m.weight
+                memo[id(w)] = torch.nn.Parameter(fake_quantize(w, fmt), requires_grad=w.requires_grad)
+            model = copy.deepcopy(model, memo)
+    for name, m, fmt in plan:
+        quant = _input_quant(fmt, ort_accuracy_level)
+        if activations and quant is not None and not isinstance(m, torch.nn.Embedding):
+            model.get_submodule(name).register_forward_pre_hook(lambda _m, args, q=quant: (q(args[0]), *args[1:]))
     return model

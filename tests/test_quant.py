@@ -21,6 +21,7 @@ from subnet.quant import (
     ggml_dequantize,
     ggml_qtype,
     ggml_quantize,
+    ort_block_quantize_input,
     ort_dynamic_quantize_input,
 )
 from subnet.spec import SubnetSpec
@@ -184,6 +185,26 @@ def test_int8_matches_ort_quantize_dynamic(tmp_path):
 
 
 @pytest.mark.parametrize("fmt,bits,block", [("int8_b32", 8, 32), ("int4_b32", 4, 32), ("int4_b128", 4, 128)])
+def test_blockwise_accuracy_level_4_matches_ort(tmp_path, fmt, bits, block):
+    """accuracy_level=4 also quantizes the input (int8 per token and block): simulated, ORT agrees."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    import onnx
+
+    w = weight(rows=40, cols=256)
+    x = np.random.default_rng(3).standard_normal((5, 256)).astype(np.float32)
+    src = onnx.load(_matmul_model(w, tmp_path / "m.onnx"))
+    q = MatMulNBitsQuantizer(src, bits=bits, block_size=block, accuracy_level=4)
+    q.process()
+    q.model.save_model_to_file(str(tmp_path / "q.onnx"))
+    y = _run(tmp_path / "q.onnx", x)
+    fq = fake_quantize(torch.from_numpy(w), fmt).numpy()
+    xq = ort_block_quantize_input(torch.from_numpy(x), block).numpy()
+    np.testing.assert_allclose(y, xq @ fq.T, rtol=0, atol=1e-5 * np.abs(y).max())
+    assert np.abs(y - x @ fq.T).max() > 1e-4 * np.abs(y).max()  # the input rounding is visible
+
+
+@pytest.mark.parametrize("fmt,bits,block", [("int8_b32", 8, 32), ("int4_b32", 4, 32), ("int4_b128", 4, 128)])
 def test_blockwise_matches_ort_matmulnbits(tmp_path, fmt, bits, block):
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -290,6 +311,10 @@ def test_fake_quantize_model_int8_quantizes_inputs_and_runs():
         assert not torch.allclose(y, x @ lin.weight.T, atol=1e-6)
         weights_only = fake_quantize_model(model, spec, activations=False)
         assert torch.allclose(_linear(weights_only, 1, "up_proj")(x), x @ lin.weight.T, atol=1e-6)
+        gate = _linear(sim, 1, "gate_proj")  # int4_b32 at accuracy_level 4: int8 input blocks of 32
+        assert torch.allclose(gate(x), ort_block_quantize_input(x, 32) @ gate.weight.T, atol=1e-6)
+        fp32_compute = fake_quantize_model(model, spec, ort_accuracy_level=0)
+        assert torch.allclose(_linear(fp32_compute, 1, "gate_proj")(x), x @ gate.weight.T, atol=1e-6)
         ids = torch.tensor([[5, 17, 42, 99, 3]])
         assert torch.isfinite(sim(ids).logits).all()
 
@@ -307,11 +332,14 @@ def test_fake_quantize_model_inplace_and_layer_mismatch():
 
 @pytest.mark.integration
 def test_smollm2_all_q8_0_matches_ggml_path(smollm2):
-    spec = SubnetSpec.full(arch_of(smollm2.config), "q8_0")
-    sim = fake_quantize_model(smollm2, spec)
-    w = smollm2.model.layers[0].mlp.down_proj.weight
+    model = smollm2.model
+    spec = SubnetSpec.full(smollm2.arch, "q8_0")
+    sim = fake_quantize_model(model, spec)
+    w = model.model.layers[0].mlp.down_proj.weight
     assert torch.equal(sim.model.layers[0].mlp.down_proj.weight, fake_quantize_ggml(w, "q8_0"))
-    ids = torch.tensor([[1, 504, 3458, 314, 260, 2521, 282]])
+    assert torch.equal(sim.model.embed_tokens.weight, fake_quantize_ggml(model.model.embed_tokens.weight, "q8_0"))
+    text = "The capital of France is Paris, and the capital of Italy is"
+    ids = smollm2.tokenizer(text, return_tensors="pt").input_ids
     with torch.no_grad():
-        a, b = smollm2(ids).logits, sim(ids).logits
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
+        a, b = model(ids).logits, sim(ids).logits
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8  # q8_0 barely moves SmolLM2
