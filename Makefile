@@ -19,6 +19,7 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/packager inspect
+	$(BIN)/packager pack --target laptop-cpu --out out/smollm2-laptop-cpu --resume --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra

@@ -1,0 +1,76 @@
+"""`packager pack` end to end on a small random model that carries SmolLM2's tokenizer."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from packager.cli import main
+from packager.pack import Pack, PackConfig, PackError
+from tests.conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def small_model_dir(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from subnet.loading import embedded_model_dir
+
+    folder = tmp_path_factory.mktemp("small")
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir())
+    model = tiny_model("llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=None)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def small_config(model_dir, **over):
+    kw = dict(target="laptop-cpu", model=str(model_dir), runtimes=["llama.cpp"], budget=6, calib_blocks=4,
+              eval_blocks=2, recover_steps=4, accuracy_floor=10.0, seed=0)
+    kw.update(over)
+    return PackConfig(**kw)
+
+
+def test_pack_end_to_end_and_verify(small_model_dir, tmp_path):
+    out = tmp_path / "bundle"
+    folder = Pack(small_config(small_model_dir), out).run()
+    assert (tmp_path / "bundle.tar.gz").is_file()
+    card = json.loads((folder / "scorecard.json").read_text())
+    sec = card["runtimes"]["llama.cpp"]
+    assert sec["packaged"]["decode_ms_per_token"]["kind"] == "measured"
+    assert sec["packaged"]["predicted_decode_ms"]["kind"] == "estimated"
+    assert card["spec"]["base"]["num_layers"] == 4
+    assert (folder / "scorecard.html").read_text().count("data:image/png;base64,") >= 1
+    # a finished run is refused without --force; verify passes, then catches a changed byte
+    with pytest.raises(PackError, match="already exists"):
+        Pack(small_config(small_model_dir), out)
+    res = CliRunner().invoke(main, ["verify", str(tmp_path / "bundle.tar.gz"), "--no-measure"])
+    assert res.exit_code == 0 and "integrity: ok" in res.output
+    gguf = next((folder / "artifacts" / "llama.cpp").glob("*.gguf"))
+    data = bytearray(gguf.read_bytes())
+    data[-1] ^= 0xFF
+    gguf.write_bytes(bytes(data))
+    res = CliRunner().invoke(main, ["verify", str(folder), "--no-measure"])
+    assert res.exit_code == 2 and "packaged.gguf has changed" in res.output
+
+
+def test_pack_resumes_from_the_last_finished_stage(small_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "b"
+    cfg = small_config(small_model_dir)
+
+    def boom(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Pack, "stage_export", boom)
+    with pytest.raises(KeyboardInterrupt):
+        Pack(cfg, out).run()
+    monkeypatch.undo()
+    with pytest.raises(PackError, match="pass --resume"):
+        Pack(cfg, out)
+    with pytest.raises(PackError, match="other options"):
+        Pack(small_config(small_model_dir, budget=7), out, resume=True)
+    p = Pack(cfg, out, resume=True)
+    assert set(p.state["done"]) == {"prepare", "search", "recover"}
+    p.run()
+    assert (out / "manifest.json").is_file()
