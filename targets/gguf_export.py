@@ -269,6 +269,9 @@ def atomic_file(final: str | os.PathLike, force: bool = False):
     tmp = Path(tmp)
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)

@@ -26,10 +26,12 @@ GGML_TYPE_F32 = 0  # llama.cpp KV-cache type for parity runs (the default is F16
 
 # Parity bounds vs the torch model with the same simulated weight quantization. llama.cpp converts
 # activations to f16 for f16 matmuls and to q8_0/q8_K for quantized ones, so only f32 is exact.
-PARITY_BOUNDS = {  # format class -> (max |logit diff|, min top-1 agreement)
-    "f32": (1e-3, 1.0),
-    "f16": (5e-2, 0.97),
-    "quantized": (1.0, 0.90),
+# Measured on SmolLM2-135M, 64 tokens (benchmarks/bench_export_gguf.py): f32 max 8.8e-5; f16 max 3.4e-2,
+# mean 5.6e-3, top-1 100%; q8_0 max 1.05, mean 0.15, top-1 98%; q4_0 max 1.8, mean 0.20, top-1 95%.
+PARITY_BOUNDS = {  # format class -> (max |logit diff|, mean |logit diff|, min top-1 agreement)
+    "f32": (1e-3, 1e-4, 1.0),
+    "f16": (0.1, 0.02, 0.97),
+    "quantized": (3.0, 0.5, 0.90),
 }
 
 
@@ -172,8 +174,12 @@ def format_class(spec) -> str:
 
 def parity_ok(result: dict) -> bool:
     """Whether a parity result is within PARITY_BOUNDS for its format class."""
-    max_diff, top1 = PARITY_BOUNDS[result["format_class"]]
-    return result["max_abs_diff"] <= max_diff and result["top1_agreement"] >= top1
+    max_diff, mean_diff, top1 = PARITY_BOUNDS[result["format_class"]]
+    return (
+        result["max_abs_diff"] <= max_diff
+        and result["mean_abs_diff"] <= mean_diff
+        and result["top1_agreement"] >= top1
+    )
 
 
 def export(model, tokenizer, spec, out, force: bool = False, parity_tokens=None) -> Artifact:
