@@ -168,6 +168,7 @@ def botchan_chapters(path: Path) -> list[tuple[str, str]]:
     start = next(i for i, s in enumerate(lines) if s.startswith("*** START OF THIS PROJECT GUTENBERG"))
     end = next(i for i, s in enumerate(lines) if s.startswith("*** END OF THIS PROJECT GUTENBERG"))
     text = "\n".join(lines[start + 1:end])
+    text = text.split("--(THE END)--")[0]  # what follows is the transcriber's list of errata
     text = re.sub(r"\[Footnote [^\]]*\]", "", text)  # translator's footnotes
     text = re.sub(r" ?\[[A-Z0-9]{1,2}\]", "", text)  # their markers: [1], [A]
     body = text.split("\n")

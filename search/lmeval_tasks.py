@@ -75,34 +75,42 @@ def evaluate_tasks(
     tmp = Path(tempfile.mkdtemp(prefix="packager-lmeval-"))
     try:
         _materialize_shipped(tmp)
-        manager = TaskManager(include_path=str(tmp))
-        unknown = [t for t in tasks if t not in manager.all_tasks]
+        offline = shipped_tasks()
+        remote = [t for t in tasks if t not in offline]
+        # indexing lm-eval's thousands of built-in task files takes seconds: only when a standard task is asked for
+        manager = TaskManager(include_path=str(tmp), include_defaults=bool(remote))
+        unknown = [t for t in remote if t not in manager.all_tasks]
         if unknown:
             raise LmEvalError(
                 f"unknown lm-eval task(s) {', '.join(unknown)}: use a standard lm-eval task name or one of "
-                f"the shipped offline tasks ({', '.join(shipped_tasks())})"
+                f"the shipped offline tasks ({', '.join(offline)})"
             )
-        remote = [t for t in tasks if t not in shipped_tasks()]
         if remote and not _hub_reachable():
             raise LmEvalError(
                 f"lm-eval task(s) {', '.join(remote)} need their data set from the Hugging Face hub, which is "
-                f"not reachable here: use the offline tasks ({', '.join(shipped_tasks())}) or run where the hub is"
+                f"not reachable here: use the offline tasks ({', '.join(offline)}) or run where the hub is"
             )
         device = str(next(model.parameters()).device)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-        out = simple_evaluate(
-            model=lm,
-            tasks=list(tasks),
-            limit=limit,
-            num_fewshot=num_fewshot,
-            task_manager=manager,
-            log_samples=False,
-            bootstrap_iters=1000,  # "mean" metrics use the closed-form stderr; 0 would drop stderrs
-            random_seed=0,
-            numpy_random_seed=0,
-            torch_random_seed=0,
-            fewshot_random_seed=0,
-        )
+        try:
+            out = simple_evaluate(
+                model=lm,
+                tasks=list(tasks),
+                limit=limit,
+                num_fewshot=num_fewshot,
+                task_manager=manager,
+                log_samples=False,
+                bootstrap_iters=1000,  # "mean" metrics use the closed-form stderr; 0 would drop stderrs
+                random_seed=0,
+                numpy_random_seed=0,
+                torch_random_seed=0,
+                fewshot_random_seed=0,
+            )
+        except (ConnectionError, OSError) as e:
+            if not remote:
+                raise
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise LmEvalError(f"lm-eval could not fetch the data set of {', '.join(remote)}: {first}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {task: _clean_metrics(out["results"][task]) for task in tasks}

@@ -1,0 +1,122 @@
+"""Shipped text splits, exact perplexity, and the offline lm-eval tasks."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_model
+from search.evaluate import EvaluateError, nll_per_block, perplexity
+from search.text import SPLITS, TextError, document_sentences, documents, load_text, token_blocks
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from subnet.loading import embedded_model_dir
+
+    return AutoTokenizer.from_pretrained(embedded_model_dir())
+
+
+def _norm(s: str) -> str:
+    return re.sub(r"\W+", " ", s.lower()).strip()
+
+
+def test_splits_share_no_sentence_and_look_like_prose():
+    sents = {s: {_norm(x) for d in documents(s) for x in document_sentences(d)} for s in SPLITS}
+    shared = {x for x in sents["calibration"] & sents["evaluation"] if len(x) >= 20}
+    assert not shared, sorted(shared)[:3]
+    for split in SPLITS:
+        text = load_text(split)
+        assert len(documents(split)) >= 50
+        assert not re.search(r"\{\{|\}\}|\[\[|<ref|&quot;|https?://|Project Gutenberg", text)
+
+
+def test_unknown_split_and_too_short_text_give_clear_errors(tokenizer):
+    with pytest.raises(TextError, match="unknown text split 'train'"):
+        load_text("train")
+    with pytest.raises(TextError, match=r"calibration text too short: \d+ tokens, need 100000000"):
+        token_blocks(tokenizer, "calibration", 100_000, 1_000)
+
+
+def test_token_blocks_are_deterministic_disjoint_and_real(tokenizer):
+    a = token_blocks(tokenizer, "evaluation", 64, 5)
+    b = token_blocks(tokenizer, "evaluation", 64, 5)
+    assert a.shape == (5, 64) and a.dtype == torch.long and torch.equal(a, b)
+    text = tokenizer.decode(a[0])
+    assert text in tokenizer.decode(tokenizer(load_text("evaluation"), add_special_tokens=False)["input_ids"][:64])
+    # blocks come from different places of the split and never from the calibration split
+    assert len({tuple(r.tolist()) for r in a}) == 5
+    assert not torch.equal(a, token_blocks(tokenizer, "calibration", 64, 5))
+
+
+def test_perplexity_is_exp_of_mean_token_nll():
+    model = tiny_model(vocab_size=128)
+    torch.manual_seed(1)
+    blocks = torch.randint(0, 128, (5, 17))
+    by_hand = []
+    with torch.no_grad():
+        for row in blocks:  # one block at a time, log-softmax by hand
+            logp = torch.log_softmax(model(row[None]).logits[0, :-1].double(), -1)
+            by_hand += [-logp[i, row[i + 1]].item() for i in range(len(row) - 1)]
+    expected = math.exp(sum(by_hand) / len(by_hand))
+    for bs in (1, 2, 5):  # batching (with a ragged last batch) must not change the result
+        assert perplexity(model, blocks, batch_size=bs) == pytest.approx(expected, rel=1e-5)
+    sums = nll_per_block(model, blocks, batch_size=3)
+    assert sums.shape == (5,)
+    assert sums[0].item() == pytest.approx(sum(by_hand[:16]), rel=1e-5)
+    # a model returning a plain tuple (a patched forward) is scored the same
+    plain = lambda input_ids, use_cache: (model(input_ids=input_ids).logits,)  # noqa: E731
+    plain.parameters = model.parameters
+    assert perplexity(plain, blocks) == pytest.approx(expected, rel=1e-5)
+
+
+def test_perplexity_rejects_bad_blocks():
+    model = tiny_model(vocab_size=128)
+    with pytest.raises(EvaluateError, match="LongTensor"):
+        perplexity(model, torch.zeros(2, 8))
+    with pytest.raises(EvaluateError, match="predict no token"):
+        perplexity(model, torch.zeros(2, 1, dtype=torch.long))
+
+
+def test_perplexity_on_real_text_falls_below_uniform(tokenizer):
+    """A tiny random model scores near uniform; cross-check against F.cross_entropy on real blocks."""
+    model = tiny_model(vocab_size=len(tokenizer))
+    blocks = token_blocks(tokenizer, "evaluation", 32, 3)
+    logits = model(blocks).logits[:, :-1]
+    ref = math.exp(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1)).item())
+    assert perplexity(model, blocks) == pytest.approx(ref, rel=1e-5)
+
+
+def test_offline_lmeval_task_on_tiny_model(tokenizer):
+    from search.lmeval_tasks import evaluate_tasks, shipped_tasks
+
+    assert {"packager_realtext_mc", "packager_realtext_cloze"} <= set(shipped_tasks())
+    model = tiny_model(vocab_size=len(tokenizer))
+    res = evaluate_tasks(model, tokenizer, ["packager_realtext_mc"], limit=4, batch_size=4)
+    m = res["packager_realtext_mc"]
+    assert m["n"] == 4
+    assert 0.0 <= m["acc"] <= 1.0 and 0.0 <= m["acc_norm"] <= 1.0
+
+
+def test_lmeval_unknown_task_gives_clear_error(tokenizer):
+    from search.lmeval_tasks import LmEvalError, evaluate_tasks
+
+    with pytest.raises(LmEvalError, match="unknown lm-eval task"):
+        evaluate_tasks(tiny_model(vocab_size=len(tokenizer)), tokenizer, ["no_such_task_xyz"])
+
+
+@pytest.mark.integration
+def test_smollm2_perplexity_and_mc_accuracy(smollm2):
+    from search.lmeval_tasks import evaluate_tasks
+
+    blocks = token_blocks(smollm2.tokenizer, "evaluation", 256, 8)
+    ppl = perplexity(smollm2.model, blocks)
+    assert 10 < ppl < 100
+    res = evaluate_tasks(smollm2.model, smollm2.tokenizer, ["packager_realtext_mc"], limit=100, batch_size=8)
+    assert res["packager_realtext_mc"]["acc"] > 0.45  # chance is 0.25
