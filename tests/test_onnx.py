@@ -1,0 +1,236 @@
+"""ONNX export with KV cache, ONNX Runtime runner, per-layer weight formats, TensorRT recipe."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper
+
+from subnet.arch import arch_of
+from subnet.extract import extract
+from subnet.formats import get_format
+from subnet.spec import SubnetSpec
+from targets import onnxrt, tensorrt
+from targets.backend import ExportError, Workload
+from targets.onnx_export import FormatNotSupported, export_onnx
+from tests.conftest import tiny_model
+
+IDS = [5, 17, 42, 99, 3, 64, 7, 120, 33, 8, 71, 12]
+
+
+def make_spec(arch, kind):
+    if kind == "uniform":
+        return SubnetSpec.uniform(arch, layers=[0, 1, 3], mlp=64)
+    spec = SubnetSpec.uniform(arch, layers=[0, 2, 3])
+    spec.layers[0].heads, spec.layers[0].kv_heads = 2, 1  # per-layer KV heads: 1, 2, 1
+    spec.layers[1].mlp = 64
+    spec.layers[2].kv_groups, spec.layers[2].kv_heads, spec.layers[2].heads = [1], 1, 2
+    return spec.validate()
+
+
+@pytest.fixture(scope="module", params=[("llama", "uniform"), ("llama", "hetero"), ("qwen2", "uniform"), ("qwen2", "hetero")])
+def f32_export(request, tmp_path_factory):
+    family, kind = request.param
+    base = tiny_model(family)
+    spec = make_spec(arch_of(base.config), kind)
+    model = extract(base, spec)
+    art = onnxrt.export(model, None, spec, tmp_path_factory.mktemp("onnx") / "out")
+    return model, spec, art
+
+
+def test_f32_logits_match_torch(f32_export):
+    model, spec, art = f32_export
+    with torch.no_grad():
+        ref = model(torch.tensor([IDS])).logits[0].numpy()
+    got = onnxrt.load(art, threads=2).logits(IDS)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= 1e-3
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    assert art.meta["parity"]["top1_agreement"] == 1.0 and art.meta["parity"]["max_abs_diff"] <= 1e-3
+
+
+def test_f32_graph_io_names_and_per_layer_kv(f32_export):
+    _, spec, art = f32_export
+    g = onnx.load(art.path, load_external_data=False).graph
+    n = len(spec.layers)
+    assert [i.name for i in g.input][:3] == ["input_ids", "attention_mask", "position_ids"]
+    past = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in g.input[3:]}
+    assert list(past) == [f"past_key_values.{i}.{t}" for i in range(n) for t in ("key", "value")]
+    for i, ly in enumerate(spec.layers):
+        assert past[f"past_key_values.{i}.key"][1] == ly.kv_heads
+        assert past[f"past_key_values.{i}.value"][1] == ly.kv_heads
+    assert [o.name for o in g.output] == ["logits"] + [f"present.{i}.{t}" for i in range(n) for t in ("key", "value")]
+
+
+def test_kv_cache_decode_matches_torch(f32_export):
+    """Token-by-token decoding with the KV cache: every step's logits match torch on the full sequence."""
+    model, _, art = f32_export
+    runner = onnxrt.load(art, threads=2)
+    logits, past = runner.step(np.array([IDS[:4]]), runner.empty_past())
+    for t in range(4, len(IDS)):
+        logits, past = runner.step(np.array([[IDS[t]]]), past)
+        with torch.no_grad():
+            ref = model(torch.tensor([IDS[: t + 1]])).logits[0, -1].numpy()
+        assert np.abs(logits[0, -1] - ref).max() <= 1e-3
+    got = runner.generate(IDS[:5], 8)
+    ref = model.generate(torch.tensor([IDS[:5]]), max_new_tokens=8, do_sample=False, pad_token_id=0)[0, 5:].tolist()
+    assert got == ref
+
+
+MIXED = {  # per kept layer: linear -> format (rest f32); tiny rows are 64 wide, o_proj of 2 heads 32
+    0: {"q_proj": "int8", "k_proj": "int4_b32", "down_proj": "int8_b32"},
+    1: {"gate_proj": "int4_b32", "up_proj": "int4_b32", "down_proj": "int8", "o_proj": "f16"},
+    2: {"v_proj": "int8_b32", "o_proj": "int8"},
+}
+
+
+@pytest.mark.parametrize("family,kind", [("llama", "uniform"), ("qwen2", "hetero"), ("llama", "hetero")])
+def test_mixed_formats_land_on_the_right_matmuls(family, kind, tmp_path):
+    base = tiny_model(family)
+    spec = make_spec(arch_of(base.config), kind)
+    for i, fmts in MIXED.items():
+        spec.layers[i].formats.update(fmts)
+    if not spec.base.tie_word_embeddings:
+        spec.lm_head_format = "int4_b32"
+    spec.validate()
+    model = extract(base, spec)
+    art = onnxrt.export(model, None, spec, tmp_path / "out")
+    applied = art.meta["applied"]
+    for i, ly in enumerate(spec.layers):
+        for name, fmt in ly.formats.items():
+            assert applied[f"layers.{i}.{name}"] == fmt, (i, name)
+    assert applied["lm_head"] == spec.lm_head_format
+
+    # the graph itself: one quantized node per quantized linear, named after that linear's MatMul
+    g = onnx.load(art.path, load_external_data=False).graph
+    nbits = [n for n in g.node if n.op_type == "MatMulNBits"]
+    got = sorted(
+        (helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits")),
+         helper.get_attribute_value(next(a for a in n.attribute if a.name == "block_size")))
+        for n in nbits
+    )
+    want_fmts = [f for ly in spec.layers for f in ly.formats.values()]
+    if not spec.base.tie_word_embeddings:
+        want_fmts.append(spec.lm_head_format)
+    want = sorted({"int4_b32": (4, 32), "int8_b32": (8, 32)}[f] for f in want_fmts if f in ("int4_b32", "int8_b32"))
+    assert got == want
+    assert sum(n.op_type == "MatMulInteger" for n in g.node) == want_fmts.count("int8")
+    assert sum(i.data_type == onnx.TensorProto.FLOAT16 for i in g.initializer) == want_fmts.count("f16")
+
+    p = art.meta["parity"]  # vs torch with the same simulated formats (subnet.quant)
+    assert p["max_abs_diff"] <= 2e-2
+    assert p["top1_agreement"] >= 0.95
+
+
+def test_gguf_only_format_is_refused(tmp_path):
+    base = tiny_model("llama")
+    spec = SubnetSpec.uniform(arch_of(base.config), layers=[0, 1])
+    spec.layers[1].formats["up_proj"] = "q8_0"
+    with pytest.raises(FormatNotSupported, match=r"layer 1 up_proj: weight format 'q8_0'.*llama\.cpp"):
+        export_onnx(extract(base, spec), spec, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantized_embedding_is_refused(tmp_path):
+    base = tiny_model("llama")
+    spec = SubnetSpec.uniform(arch_of(base.config), layers=[0], fmt="int8")
+    with pytest.raises(FormatNotSupported, match="embedding: format 'int8'"):
+        export_onnx(extract(base, spec), spec, tmp_path / "out")
+
+
+def test_existing_output_needs_force(tmp_path):
+    base = tiny_model("llama")
+    spec = SubnetSpec.uniform(arch_of(base.config), layers=[0, 1])
+    model = extract(base, spec)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(ExportError, match="already exists"):
+        export_onnx(model, spec, out)
+    assert (out / "keep.txt").exists()
+    art = export_onnx(model, spec, out, force=True)
+    assert not (out / "keep.txt").exists() and (out / "model.onnx").exists()
+    assert art.meta["applied"]["layers.0.q_proj"] == "f32"
+
+
+def test_measure_runs_in_a_subprocess(f32_export):
+    _, _, art = f32_export
+    m = onnxrt.measure(art, Workload(prompt_tokens=6, gen_tokens=3), threads=1, repeats=1)
+    assert m.prefill_ms > 0 and m.decode_ms_per_token > 0 and m.peak_rss_mb > 0
+    assert m.fingerprint["runtime"] == "onnxruntime" and m.fingerprint["threads"] == 1
+
+
+@pytest.mark.integration
+def test_smollm2_pruned_greedy_matches_torch(smollm2, tmp_path):
+    arch = smollm2.arch
+    spec = SubnetSpec.uniform(arch, layers=[i for i in range(arch.num_layers) if i not in (22, 24, 26)])
+    spec.layers[3].mlp = 1024
+    spec.layers[5].kv_heads, spec.layers[5].heads = 2, 6
+    spec.validate()
+    model = extract(smollm2.model, spec)
+    art = onnxrt.export(model, smollm2.tokenizer, spec, tmp_path / "smol")
+    ids = smollm2.tokenizer("The capital of France is")["input_ids"]
+    got = onnxrt.load(art, threads=2).generate(ids, 8)
+    ref = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+    assert got == ref
+
+
+@pytest.fixture(scope="module")
+def trt_export(tmp_path_factory):
+    base = tiny_model("qwen2", hidden_size=128, intermediate_size=128)  # untied lm_head; 128-wide rows for int4_b128
+    spec = make_spec(arch_of(base.config), "hetero")
+    spec.layers[0].formats.update(q_proj="int8", up_proj="int8")
+    spec.layers[2].formats.update(gate_proj="int4_b128")
+    spec.layers[1].formats.update(down_proj="f16")
+    spec.lm_head_format = "int8"
+    spec.validate()
+    art = tensorrt.export(extract(base, spec), None, spec, tmp_path_factory.mktemp("trt") / "out",
+                          workload=Workload(prompt_tokens=16, gen_tokens=8))
+    return spec, art
+
+
+def test_tensorrt_recipe_covers_every_dynamic_input(trt_export):
+    spec, art = trt_export
+    script = (__import__("pathlib").Path(art.path).parent / "build_engine.sh").read_text()
+    assert "trtexec --onnx=model.onnx --saveEngine=model.engine" in script and "--stronglyTyped" in script
+    g = onnx.load(art.path, load_external_data=False).graph
+    dims = {i.name: [d.dim_value or None for d in i.type.tensor_type.shape.dim] for i in g.input}
+    for flag, k in (("--minShapes=", 0), ("--optShapes=", 1), ("--maxShapes=", 2)):
+        arg = next(a for a in script.split() if a.startswith(flag))[len(flag):]
+        shapes = {n: [int(d) for d in s.split("x")] for n, s in (x.rsplit(":", 1) for x in arg.split(","))}
+        assert set(shapes) == set(dims)  # every input, each past key/value included
+        for name, shape in shapes.items():
+            assert all(s == d for s, d in zip(shape, dims[name]) if d)  # static dims agree (per-layer KV heads)
+    assert shapes["attention_mask"] == [1, 24] and shapes["past_key_values.2.key"] == [1, 1, 23, 16]
+    assert [int(d) for d in script.split("--minShapes=")[1].split("past_key_values.0.key:")[1].split(",")[0].split("x")] == [
+        1, spec.layers[0].kv_heads, 0, 16]
+
+
+def test_tensorrt_qdq_graph_runs_and_matches(trt_export):
+    spec, art = trt_export
+    g = onnx.load(art.path, load_external_data=False).graph
+    dq = [n for n in g.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 4  # q_proj, up_proj, gate_proj, lm_head
+    assert sorted(dict((a.name, helper.get_attribute_value(a)) for a in n.attribute).get("block_size", 0) for n in dq) == [0, 0, 0, 128]
+    assert art.meta["opset"]["ai.onnx"] == 21  # INT4 blocked DequantizeLinear
+    assert art.meta["applied"]["layers.0.q_proj"] == "int8 (Q/DQ)"
+    assert art.meta["applied"]["layers.2.gate_proj"] == "int4_b128 (Q/DQ)"
+    assert art.meta["applied"]["layers.1.down_proj"] == "f16"
+    assert art.meta["parity"]["max_abs_diff"] <= 1e-3 and art.meta["parity"]["top1_agreement"] == 1.0
+
+
+def test_tensorrt_engine_build_is_skipped_without_tensorrt(trt_export):
+    ok, reason = tensorrt.available()
+    _, art = trt_export
+    if not ok:
+        assert reason.startswith("TensorRT unavailable")
+        assert art.meta["engine"] == f"not built: {reason}"
+        pytest.skip(reason)
+    assert (__import__("pathlib").Path(art.path).parent / "model.engine").exists()
+
+
+def test_tensorrt_refuses_formats_it_cannot_hold(tmp_path):
+    base = tiny_model("llama")
+    spec = SubnetSpec.uniform(arch_of(base.config), layers=[0], fmt="int4_b32", embed_format="f32")
+    with pytest.raises(FormatNotSupported, match="'int4_b32' cannot be stored for tensorrt"):
+        tensorrt.export(extract(base, spec), None, spec, tmp_path / "out")
