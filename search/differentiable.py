@@ -269,15 +269,7 @@ class RelaxedSupernet:
         """Final-norm hidden states [batch, seq, hidden] of the relaxed supernet."""
         m, arch, space = self.model.model, self.arch, self.space
         hd, G = arch.head_dim, arch.group_size
-        hvar = space.vars[self.iv["hidden"]]
-        if self.iv["hidden"] in frozen or hvar.size == 1:
-            hid, hmask, res_mask = hvar.choices[frozen.get(self.iv["hidden"], 0)], None, None
-        else:
-            hid = None
-            p = probs[self.iv["hidden"]]
-            hmask = (hvar.choices, p)
-            res_mask = sum(ph * (torch.arange(arch.hidden_size) < h).float() for h, ph in zip(hvar.choices, p))
-        hid = _compact(torch.arange(hid)) if hid is not None else None
+        hid, hmask, res_mask = self._hidden_plan(probs, frozen)
         emb = self._embedding(probs, frozen, hid)
         x = F.embedding(ids, emb)
         if res_mask is not None:
@@ -301,11 +293,16 @@ class RelaxedSupernet:
                 kv_rows, nq, nkv, qmask = kv * hd, kv * g, kv, None
             else:
                 q_rows, kv_rows, nq, nkv = None, None, arch.num_heads, arch.num_kv_heads
-                qmask = sum(pa * self._head_mask(kv, g) for (kv, g), pa in zip(space.vars[self.lv[("attn", i)]].choices, a))
+                choices = space.vars[self.lv[("attn", i)]].choices
+                qmask = sum(pa * self._head_mask(kv, g) for (kv, g), pa in zip(choices, a))
+
+            def lin(inp, mod, name, rows, cols, choices, fmt):
+                return F.linear(inp, self._mixed((i, name), mod.weight, rows, cols, choices, fmt), _bias(mod, rows))
+
             h = self._norm(x, layer.input_layernorm.weight, hid, hmask)
-            q = F.linear(h, self._mixed((i, "q_proj"), att.q_proj.weight, q_rows, hid, af_choices, af), _bias(att.q_proj, q_rows))
-            k = F.linear(h, self._mixed((i, "k_proj"), att.k_proj.weight, kv_rows, hid, af_choices, af), _bias(att.k_proj, kv_rows))
-            v = F.linear(h, self._mixed((i, "v_proj"), att.v_proj.weight, kv_rows, hid, af_choices, af), _bias(att.v_proj, kv_rows))
+            q = lin(h, att.q_proj, "q_proj", q_rows, hid, af_choices, af)
+            k = lin(h, att.k_proj, "k_proj", kv_rows, hid, af_choices, af)
+            v = lin(h, att.v_proj, "v_proj", kv_rows, hid, af_choices, af)
             q = q.view(bsz, seq, nq, hd).transpose(1, 2)
             k = k.view(bsz, seq, nkv, hd).transpose(1, 2)
             v = v.view(bsz, seq, nkv, hd).transpose(1, 2)
@@ -314,7 +311,7 @@ class RelaxedSupernet:
             if qmask is not None:
                 o = o * qmask.view(1, nq, 1, 1)
             o = o.transpose(1, 2).reshape(bsz, seq, nq * hd)
-            attn_out = F.linear(o, self._mixed((i, "o_proj"), att.o_proj.weight, hid, q_rows, af_choices, af), _bias(att.o_proj, hid))
+            attn_out = lin(o, att.o_proj, "o_proj", hid, q_rows, af_choices, af)
             if res_mask is not None:
                 attn_out = attn_out * res_mask
             y = x + attn_out
@@ -322,17 +319,25 @@ class RelaxedSupernet:
             w = self._choice(self.lv[("mlp", i)], probs, frozen)
             rows = w if isinstance(w, int) else None
             h = self._norm(y, layer.post_attention_layernorm.weight, hid, hmask)
-            gt = F.linear(h, self._mixed((i, "gate_proj"), mlp.gate_proj.weight, rows, hid, mf_choices, mf))
-            up = F.linear(h, self._mixed((i, "up_proj"), mlp.up_proj.weight, rows, hid, mf_choices, mf))
-            z = mlp.act_fn(gt) * up
+            z = mlp.act_fn(lin(h, mlp.gate_proj, "gate_proj", rows, hid, mf_choices, mf))
+            z = z * lin(h, mlp.up_proj, "up_proj", rows, hid, mf_choices, mf)
             if rows is None:
-                I = arch.intermediate_size
-                z = z * sum(pw * (torch.arange(I) < c).float() for c, pw in zip(space.vars[self.lv[("mlp", i)]].choices, w))
-            mlp_out = F.linear(z, self._mixed((i, "down_proj"), mlp.down_proj.weight, hid, rows, mf_choices, mf))
+                width = torch.arange(arch.intermediate_size)
+                z = z * sum(pw * (width < c).float() for c, pw in zip(space.vars[self.lv[("mlp", i)]].choices, w))
+            mlp_out = lin(z, mlp.down_proj, "down_proj", hid, rows, mf_choices, mf)
             if res_mask is not None:
                 mlp_out = mlp_out * res_mask
             x = y + mlp_out if isinstance(keep[i], float) else x + keep[i] * (attn_out + mlp_out)
         return self._norm(x, m.norm.weight, hid, hmask)
+
+    def _hidden_plan(self, probs, frozen):
+        """(prefix length, None, None) for a decided hidden size, else (None, (sizes, p), residual mask)."""
+        hv = self.space.vars[self.iv["hidden"]]
+        if self.iv["hidden"] in frozen or hv.size == 1:
+            return _compact(torch.arange(hv.choices[frozen.get(self.iv["hidden"], 0)])), None, None
+        p = probs[self.iv["hidden"]]
+        mask = sum(ph * (torch.arange(self.arch.hidden_size) < h).float() for h, ph in zip(hv.choices, p))
+        return None, (hv.choices, p), mask
 
     def _head_mask(self, kv: int, g: int) -> torch.Tensor:
         G = self.arch.group_size
@@ -367,9 +372,7 @@ class RelaxedSupernet:
     def logits(self, ids: torch.Tensor, probs, frozen: dict[int, int] | None = None) -> torch.Tensor:
         """Logits [batch, seq, vocab] of the relaxed supernet."""
         frozen = frozen or {}
-        hv = self.space.vars[self.iv["hidden"]]
-        hid = None if (hv.size > 1 and self.iv["hidden"] not in frozen) else _compact(
-            torch.arange(hv.choices[frozen.get(self.iv["hidden"], 0)]))
+        hid = self._hidden_plan(probs, frozen)[0]
         return F.linear(self.hidden_states(ids, probs, frozen), self._lm_head(probs, frozen, hid))
 
 

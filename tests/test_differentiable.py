@@ -148,3 +148,14 @@ def test_model_weights_untouched(sorted_model):
     problem = FakeProblem(make_space(sorted_model, "uniform"), Supernet(model), BLOCKS)
     run_differentiable(problem, seed=0, config=replace(FAST, steps=3, lambdas=(1.0,)))
     assert all(torch.equal(p, before[n]) and p.grad is None for n, p in model.named_parameters())
+
+
+def test_one_hot_relaxation_with_qkv_bias():
+    model = tiny_model("qwen2")
+    cfg = SpaceConfig(mode="hetero", mlp=[96, 64], kv_heads=[2, 1], group_heads=[2, 1], min_depth_fraction=0.5,
+                      attn_formats=["f32"], mlp_formats=["f32", "q8_0"], embed_formats=["f32"])  # fmt: skip
+    space = SearchSpace(arch_of(model.config), "llama.cpp", cfg, layer_rank=[2, 0, 3, 1])
+    net, relaxed = Supernet(model), RelaxedSupernet(model, space)
+    for x in random_xs(space, 4, seed=5):
+        want = net.activate(space.decode(x)).logits(IDS)
+        assert (relaxed.logits(IDS, [p.float() for p in one_hot(space, x)]) - want).abs().max() <= 1e-4
