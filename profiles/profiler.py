@@ -312,11 +312,21 @@ def _run(table: dict, todo: list[dict], measure_point, out: Path, base: ArchInfo
             spec = point_spec(p, base)
             wl = Workload(p["prompt_tokens"], p["gen_tokens"], p["batch"])
             rec = {**p, **res, "weights_mb": spec.weight_bytes() / MIB,
-                   "kv_mb": kv_cache_mb(spec, wl, table["kv_bytes"])}  # fmt: skip
+                   "kv_mb": kv_cache_mb(spec, wl, table["kv_bytes"]), "load_avg_1m": _load()}  # fmt: skip
             table["points"].append(rec)
             write_table(table, out)  # resumable: every finished point is on disk
             bar.update(task, advance=1, last=f"{p['layers']}x({p['heads']}q/{p['kv_heads']}kv/{p['mlp']}/{p['hidden']}) "
                        f"{p['format']}: {res['decode_ms_per_token']:.2f} ms/tok")  # fmt: skip
+
+
+def _load() -> float | None:
+    """1-minute load average while the point ran (other jobs on the CPU inflate and scatter timings)."""
+    import os
+
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 # ---- estimated tables (roofline) ----------------------------------------------------------------

@@ -1,0 +1,166 @@
+"""Proof of the cost model: predicted vs measured latency and memory of random SmolLM2 sub-networks.
+
+Draws N random sub-networks of the embedded SmolLM2 (half uniform, half heterogeneous; mixed
+per-layer formats the runtime holds and its profile table covers), exports each for real (GGUF for
+llama.cpp, ONNX for ONNX Runtime), measures prefill and decode on this machine with the runtime's
+backend, and prints per runtime: MAPE and Spearman rank correlation of decode ms/token and prefill ms,
+and predicted vs measured peak memory. Optionally calibrates on the first K runs (scored on the rest).
+
+    .venv/bin/python benchmarks/bench_costmodel.py --runtime llama.cpp --n 30 --threads 1
+
+Slow (an export + a measurement per sub-network) and sensitive to other load on the CPU: report the
+load with the numbers. Results are appended to --out as they complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from profiles import costmodel, profiler  # noqa: E402
+from subnet.spec import LayerSpec, SubnetSpec  # noqa: E402
+from targets.backend import Workload  # noqa: E402
+from targets.registry import get_target  # noqa: E402
+
+
+def draw_spec(rng: random.Random, base, formats: list[str], embed_formats: list[str], hetero: bool) -> SubnetSpec:
+    """A random sub-network: depth, heads, KV heads, MLP width, model width and per-layer formats."""
+    depth = rng.randint(base.num_layers // 3, base.num_layers)
+    kept = sorted(rng.sample(range(base.num_layers), depth))
+    hidden = rng.choice([h for h in range(base.hidden_size // 2, base.hidden_size + 1, 64)])
+
+    def shape():
+        kv = rng.randint(1, base.num_kv_heads)
+        return kv * rng.randint(1, base.group_size), kv, rng.randrange(256, base.intermediate_size + 1, 64)
+
+    def fmts():
+        a, m = rng.choice(formats), rng.choice(formats)
+        return {"q_proj": a, "k_proj": a, "v_proj": a, "o_proj": a, "gate_proj": m, "up_proj": m, "down_proj": m}
+
+    common, cf = shape(), fmts()
+    layers = []
+    for i in kept:
+        heads, kv, mlp = shape() if hetero else common
+        layers.append(LayerSpec(i, heads, kv, mlp, fmts() if hetero else dict(cf)))
+    emb = rng.choice(embed_formats)
+    return SubnetSpec(base, hidden, layers, emb, emb).validate()
+
+
+def export(runtime: str, model, tokenizer, spec: SubnetSpec, out: Path):
+    from subnet.extract import extract
+
+    return profiler.export_for(runtime, extract(model, spec), tokenizer, spec, out)
+
+
+def spearman(a, b) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def mape(pred, meas) -> float:
+    return 100 * statistics.fmean(abs(p - m) / m for p, m in zip(pred, meas))
+
+
+def summarize(rows: list[dict], runtime: str, calib_k: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    scored = rows[calib_k:]
+    t = Table(title=f"{runtime}: predicted vs measured on {len(scored)} random SmolLM2 sub-networks"
+              + (f" (calibrated on {calib_k} others)" if calib_k else ""))  # fmt: skip
+    for c in ("quantity", "MAPE %", "Spearman", "pred range", "meas range"):
+        t.add_column(c)
+    for key, label in (("decode_ms_per_token", "decode ms/token"), ("prefill_ms", "prefill ms"),
+                       ("peak_memory_mb", "peak memory MiB")):  # fmt: skip
+        pkey = "pred_" + key
+        mkey = "meas_" + key
+        p = [r[pkey] for r in scored]
+        m = [r[mkey] for r in scored]
+        if not scored or min(m) <= 0:
+            continue
+        t.add_row(label, f"{mape(p, m):.1f}", f"{spearman(p, m):.3f}",
+                  f"{min(p):.1f}..{max(p):.1f}", f"{min(m):.1f}..{max(m):.1f}")  # fmt: skip
+    Console().print(t)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runtime", default="llama.cpp", choices=["llama.cpp", "onnxruntime"])
+    ap.add_argument("--target", default="laptop-cpu")
+    ap.add_argument("--n", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=None, help="default: the table's threads")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--gen", type=int, default=16)
+    ap.add_argument("--calibrate", type=int, default=0, help="calibrate on the first K runs, score the rest")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--table", default=None, help="profile table (default: the target's)")
+    ap.add_argument("--out", default="bench_costmodel.jsonl")
+    a = ap.parse_args(argv)
+
+    from subnet.loading import load_model
+
+    tgt = get_target(a.target)
+    table = costmodel.load_table(tgt, a.runtime, path=a.table)
+    threads = a.threads or table.get("threads") or 1
+    lm = load_model(None)
+    formats = [f for f in table["model"]["formats"] if f in tgt.formats(a.runtime)]
+    embeds = profiler.EMBED_FORMATS[a.runtime] or formats
+    measure = profiler.measure_for(a.runtime)
+    wl = Workload(a.prompt, a.gen)
+    rng = random.Random(a.seed)
+    out = Path(a.out)
+    rows = []
+    print(f"{a.runtime}: {a.n} sub-networks, formats {formats}, embed {embeds}, threads {threads}, workload {wl}")
+    for k in range(a.n):
+        spec = draw_spec(rng, lm.arch, formats, [e for e in embeds if e in formats or a.runtime != "llama.cpp"],
+                         hetero=bool(k % 2))  # fmt: skip
+        work = Path(tempfile.mkdtemp(prefix="bench-costmodel-"))
+        try:
+            t0 = time.perf_counter()
+            art = export(a.runtime, lm.model, lm.tokenizer, spec, work)
+            m = measure(art, wl, threads, a.repeats)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            cost = costmodel.predict(spec, tgt, a.runtime, wl, table)
+        row = {"k": k, "hetero": bool(k % 2), "layers": len(spec.layers), "hidden": spec.hidden_size,
+               "formats": sorted(spec.formats_used()), "spec": spec.to_dict(),
+               "pred_decode_ms_per_token": cost.decode_ms_per_token, "meas_decode_ms_per_token": m.decode_ms_per_token,
+               "pred_prefill_ms": cost.prefill_ms, "meas_prefill_ms": m.prefill_ms,
+               "pred_peak_memory_mb": cost.peak_memory_mb, "meas_peak_memory_mb": m.peak_rss_mb,
+               "warnings": [str(x.message) for x in w], "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+        rows.append(row)
+        with out.open("a") as f:
+            f.write(json.dumps({"runtime": a.runtime, **row}) + "\n")
+        print(f"[{k + 1}/{a.n}] {len(spec.layers)} layers hidden {spec.hidden_size} {'hetero' if k % 2 else 'uniform'} "
+              f"{row['formats']}: decode {cost.decode_ms_per_token:.2f} pred / {m.decode_ms_per_token:.2f} meas ms/tok, "
+              f"prefill {cost.prefill_ms:.0f} / {m.prefill_ms:.0f} ms, mem {cost.peak_memory_mb:.0f} / "
+              f"{m.peak_rss_mb:.0f} MiB ({row['seconds']} s)", flush=True)  # fmt: skip
+    if a.calibrate:
+        from targets.backend import Measurement
+
+        pairs = [(SubnetSpec.from_dict(r["spec"]), Measurement(a.runtime, r["meas_prefill_ms"], r["meas_decode_ms_per_token"],
+                  r["meas_peak_memory_mb"], a.repeats, vars(wl), {})) for r in rows[: a.calibrate]]  # fmt: skip
+        costmodel.calibrate(table, pairs)
+        for r in rows:
+            c = costmodel.predict(SubnetSpec.from_dict(r["spec"]), tgt, a.runtime, wl, table)
+            r["pred_decode_ms_per_token"], r["pred_prefill_ms"] = c.decode_ms_per_token, c.prefill_ms
+    summarize(rows, a.runtime, a.calibrate)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
