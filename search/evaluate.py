@@ -44,14 +44,21 @@ def nll_per_block(model, blocks: torch.LongTensor, batch_size: int = 4, progress
         from rich.progress import track
 
         starts = track(starts, description="perplexity", total=len(starts))
-    with torch.inference_mode():
-        for start in starts:
-            batch = blocks[start : start + batch_size].to(device)
-            out = model(input_ids=batch, use_cache=False)
-            logits = out.logits if hasattr(out, "logits") else out[0]
-            logits = logits[:, :-1].float()
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
-            sums[start : start + batch.shape[0]] = nll.view(batch.shape[0], -1).double().sum(1).cpu()
+    was_training = getattr(model, "training", False)
+    if was_training:
+        model.eval()  # dropout off while scoring; the caller's mode is restored below
+    try:
+        with torch.inference_mode():
+            for start in starts:
+                batch = blocks[start : start + batch_size].to(device)
+                out = model(input_ids=batch, use_cache=False)
+                logits = out.logits if hasattr(out, "logits") else out[0]
+                logits = logits[:, :-1].float()
+                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
+                sums[start : start + batch.shape[0]] = nll.view(batch.shape[0], -1).double().sum(1).cpu()
+    finally:
+        if was_training:
+            model.train()
     return sums
 
 

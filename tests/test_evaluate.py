@@ -67,6 +67,9 @@ def test_perplexity_is_exp_of_mean_token_nll():
     expected = math.exp(sum(by_hand) / len(by_hand))
     for bs in (1, 2, 5):  # batching (with a ragged last batch) must not change the result
         assert perplexity(model, blocks, batch_size=bs) == pytest.approx(expected, rel=1e-5)
+    model.train()  # scored in eval mode, and the caller's mode comes back
+    assert perplexity(model, blocks) == pytest.approx(expected, rel=1e-5) and model.training
+    model.eval()
     sums = nll_per_block(model, blocks, batch_size=3)
     assert sums.shape == (5,)
     assert sums[0].item() == pytest.approx(sum(by_hand[:16]), rel=1e-5)
