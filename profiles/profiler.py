@@ -385,3 +385,21 @@ def write_estimated_tables(folder: str | Path = costmodel.TABLES_DIR) -> list[Pa
         for rt in t.runtimes:
             out.append(write_table(estimate_table(t, rt), Path(folder) / costmodel.table_name(t.name, rt)))
     return out
+
+
+def summary(table: dict) -> list[str]:
+    """Human-readable lines about a table (for `packager profile` / `packager targets`)."""
+    lines = [f"{table['target']}/{table['runtime']}: {costmodel.provenance(table)}"]
+    if table.get("kind") == "fitted" and "model" in table:
+        m = table["model"]
+        lines.append(f"  {len(table['points'])} grid points, formats {', '.join(m['formats'])}")
+        for ph in costmodel.PHASES:
+            held = m[ph].get("holdout_mape")
+            lines.append(f"  {ph}: fit MAPE {m[ph]['mape']:.1f}%" + (f", held-out MAPE {held:.1f}%" if held is not None else ""))
+    elif table.get("kind") == "roofline":
+        r = table["roofline"]
+        lines.append(f"  roofline: {r['bandwidth_gbps']} GB/s, {r['compute_tflops']} TFLOP/s, "
+                     f"launch {r['per_layer_us']} us/layer + {r['per_forward_us']} us/forward (assumed)")  # fmt: skip
+    if table.get("notes"):
+        lines.append(f"  note: {table['notes']}")
+    return lines
