@@ -108,8 +108,8 @@ def main():
     tokens = evals.numel()
     print(f"\nSupernet benchmark — embedded SmolLM2-135M, {args.threads} threads, {tokens} eval tokens per candidate")
     print(f"importance sort (magnitude units + cosine blocks, {calib.numel()} calibration tokens): {sort_s:.1f} s")
-    print(f"\n| candidates | wall s | evaluations / min | s / evaluation |")
-    print(f"|---|---|---|---|")
+    print("\n| candidates | wall s | evaluations / min | s / evaluation |")
+    print("|---|---|---|---|")
     print(f"| {args.candidates} (hetero, mixed formats simulated) | {sweep_s:.1f} | {60 * args.candidates / sweep_s:.1f} "
           f"| {sweep_s / args.candidates:.2f} |")  # fmt: skip
     print("\n| memory | MiB |")
@@ -119,7 +119,7 @@ def main():
     print(f"| RSS before the sweep | {rss_before:.0f} |")
     print(f"| peak RSS during the sweep (sampled every 20 ms) | {peak:.0f} |")
     print(f"| (peak during sweep - RSS before loading) / fp32 size | {(peak - rss0) / fp32_mb:.2f}x |")
-    print(f"\n| sub-network | params (M) | ppl sorted | ppl unsorted | unsorted / sorted |")
+    print("\n| sub-network | params (M) | ppl sorted | ppl unsorted | unsorted / sorted |")
     print("|---|---|---|---|---|")
     print(f"| base | {arch_params(arch):.1f} | {base_ppl:.2f} | {base_ppl:.2f} | 1.00 |")
     for name, p, s, u in rows:

@@ -52,7 +52,7 @@ ROWS = [  # key, label, lower is better
     ("decode_ms_per_token", "decode latency", True),
     ("tokens_per_s", "decode throughput", False),
     ("perplexity_runtime", "perplexity (in runtime)", True),
-    ("perplexity_simulated", "perplexity (torch, formats simulated)", True),
+    ("perplexity_simulated", "perplexity (search, before recovery)", True),
     ("predicted_decode_ms", "decode latency (cost model)", True),
     ("predicted_prefill_ms", "prefill (cost model)", True),
     ("predicted_peak_memory_mb", "peak memory (cost model)", True),
@@ -113,7 +113,8 @@ def to_markdown(card: dict) -> str:
     rec = card.get("recovery")
     if rec:
         out += ["", "## Recovery", "", f"LoRA + distillation: perplexity {rec['ppl_before']:.2f} → {rec['ppl_after']:.2f} "
-                f"({rec['steps_run']} steps, {rec['wall_s']:.0f} s, {rec['stopped_reason']})"]  # fmt: skip
+                f"on held-out calibration blocks ({rec['steps_run']} steps, {rec['wall_s']:.0f} s, "
+                f"{rec['stopped_reason']})"]  # fmt: skip
     out += ["", "Figures marked *measured* were taken on the machine above; *estimated* ones come from the "
             "named profile; *computed* ones are exact counts.", ""]  # fmt: skip
     return "\n".join(out)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from rich.progress import Progress
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from subnet.arch import ATTN_LINEARS, LINEARS, MLP_LINEARS
+from subnet.arch import ATTN_LINEARS, MLP_LINEARS
 from subnet.extract import head_rows
 from subnet.quant import fake_quantize
 from subnet.supernet import _bias, _compact, _rms_norm, _take
@@ -142,7 +142,7 @@ def one_hot(space, x) -> list[torch.Tensor]:
 
 def build_cost_tables(space, cost_fn, metrics: list[str]) -> CostTables:
     """Tables from ``cost_fn(spec) -> list[float]`` (one value per metric), one block part at a time."""
-    arch, L = space.arch, space.arch.num_layers
+    L = space.arch.num_layers
     lv = layer_vars(space)
     iv = {n: _global_var(space, n) for n in ("depth", "hidden", "embed_format")}
     depth_choices = space.vars[iv["depth"]].choices

@@ -14,7 +14,6 @@ from subnet.formats import FORMATS
 from subnet.quant import (
     _FAST,
     _ggml,
-    QuantError,
     fake_quantize,
     fake_quantize_ggml,
     fake_quantize_model,

@@ -1,0 +1,154 @@
+"""Headline benchmark (issue 8): packed SmolLM2 vs what a user would do instead, side by side, one run.
+
+Measured on this machine in one process tree, interleaved: for llama.cpp, the packed GGUF, the
+sequential prune-then-quantize bundle's GGUF (if given), the base in the search's widest format
+(our exporter), and llama.cpp's own Q8_0 and Q4_K_M of the base (llama_model_quantize from an F32
+GGUF); for ONNX Runtime, the packed model vs the base in the same formats. Columns: size, decode
+tokens/s, prefill ms, peak RSS, held-out perplexity (scored in the runtime), and decode speed as a
+fraction of this machine's memory-bandwidth roofline (bytes read per token / measured bandwidth).
+
+    .venv/bin/python benchmarks/bench_headline.py --packed out/smollm2-laptop-cpu [--sequential out/seq] \\
+        [--rounds 3] [--eval-blocks 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from search.text import token_blocks
+from subnet.extract import extract
+from subnet.loading import load_model
+from subnet.spec import SubnetSpec
+from targets import llamacpp, onnxrt
+from targets.backend import Workload, runner_perplexity
+
+
+def memory_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
+    """Measured copy bandwidth (read + write bytes / s) of a large numpy array, median of repeats."""
+    a = np.ones(mb * 2**20 // 8)
+    b = np.empty_like(a)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        times.append(time.perf_counter() - t)
+    return 2 * a.nbytes / statistics.median(times) / 1e9
+
+
+def llama_quantize(src: Path, dst: Path, ftype_name: str) -> Path:
+    """llama.cpp's own quantizer (what `llama-quantize` does) on a GGUF."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype_name}")
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize {ftype_name} failed ({rc})")
+    return dst
+
+
+def bundle_artifact(bundle: Path, runtime: str) -> Path | None:
+    d = bundle / "artifacts" / runtime
+    if not d.is_dir():
+        return None
+    if runtime == "llama.cpp":
+        return next(d.glob("*.gguf"), None)
+    return next((p for p in d.iterdir() if p.is_dir()), None)
+
+
+def gguf_weight_bytes(path: Path) -> int:
+    """Bytes of tensor data in a GGUF (what decode reads per token, KV cache aside)."""
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--packed", required=True, type=Path, help="bundle folder written by `packager pack`")
+    ap.add_argument("--sequential", type=Path, default=None, help="bundle packed with --strategy sequential")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds (medians reported)")
+    ap.add_argument("--eval-blocks", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    card = json.loads((args.packed / "scorecard.json").read_text())
+    wl = Workload(**card["workload"])
+    loaded = load_model(card["config"]["model"])
+    tok = loaded.tokenizer
+    evals = token_blocks(tok, "evaluation", 256, args.eval_blocks)
+    work = Path(tempfile.mkdtemp(prefix="headline-"))
+
+    # the base in the packed model's reference formats was exported by pack next to the bundle
+    pack_work = args.packed.with_name(args.packed.name + ".work") / "artifacts"
+    base_spec = SubnetSpec.full(SubnetSpec.from_dict(card["spec"]).base, fmt="f32")
+    f32 = llamacpp.export(extract(loaded.model, base_spec), tok, base_spec, work / "base-f32.gguf").path
+    variants = {
+        "packed (joint search)": bundle_artifact(args.packed, "llama.cpp"),
+        "base, same precision (our exporter)": pack_work / "llama.cpp" / "base.gguf",
+        "base, llama.cpp Q8_0": llama_quantize(Path(f32), work / "base-Q8_0.gguf", "Q8_0"),
+        "base, llama.cpp Q4_K_M": llama_quantize(Path(f32), work / "base-Q4_K_M.gguf", "Q4_K_M"),
+    }
+    if args.sequential:
+        variants["sequential prune→quantize"] = bundle_artifact(args.sequential, "llama.cpp")
+    variants = {k: v for k, v in variants.items() if v is not None and Path(v).exists()}
+
+    bw = memory_bandwidth_gbs()
+    rows = {k: {"decode": [], "prefill": [], "rss": []} for k in variants}
+    for _ in range(args.rounds):  # interleaved, so drift in machine load hits every variant alike
+        for name, path in variants.items():
+            m = llamacpp.measure(path, wl, threads=args.threads, repeats=3)
+            rows[name]["decode"].append(m.decode_ms_per_token)
+            rows[name]["prefill"].append(m.prefill_ms)
+            rows[name]["rss"].append(m.peak_rss_mb)
+    print(f"\nHeadline benchmark — {loaded.source} on this machine ({card['machine'].get('device')}), "
+          f"{args.threads} threads, workload {wl}, {args.rounds} interleaved rounds, medians; "
+          f"measured copy bandwidth {bw:.1f} GB/s")
+    print("\n### llama.cpp\n")
+    print("| model | size MiB | decode tok/s | prefill ms | peak RSS MiB | ppl (held-out, in llama.cpp) | % of bandwidth roofline |")
+    print("|---|---|---|---|---|---|---|")
+    for name, path in variants.items():
+        r = rows[name]
+        dec = statistics.median(r["decode"])
+        runner = llamacpp.load(path, threads=args.threads)
+        ppl = runner_perplexity(runner, evals)
+        runner.close()
+        nbytes = gguf_weight_bytes(Path(path))
+        roofline_tps = bw * 1e9 / nbytes
+        print(f"| {name} | {Path(path).stat().st_size / 2**20:.1f} | {1000 / dec:.1f} | "
+              f"{statistics.median(r['prefill']):.1f} | {statistics.median(r['rss']):.0f} | {ppl:.2f} | "
+              f"{100 * (1000 / dec) / roofline_tps:.0f}% |")  # fmt: skip
+
+    onnx_packed = bundle_artifact(args.packed, "onnxruntime")
+    if onnx_packed is not None:
+        ov = {"packed": onnx_packed, "base, same precision": pack_work / "onnxruntime" / "base"}
+        orows = {k: {"decode": [], "prefill": [], "rss": []} for k in ov}
+        for _ in range(args.rounds):
+            for name, path in ov.items():
+                m = onnxrt.measure(path, wl, threads=args.threads, repeats=3)
+                orows[name]["decode"].append(m.decode_ms_per_token)
+                orows[name]["prefill"].append(m.prefill_ms)
+                orows[name]["rss"].append(m.peak_rss_mb)
+        print("\n### ONNX Runtime\n")
+        print("| model | size MiB | decode tok/s | prefill ms | peak RSS MiB | ppl (held-out, in ORT) |")
+        print("|---|---|---|---|---|---|")
+        for name, path in ov.items():
+            r = orows[name]
+            runner = onnxrt.load(path, threads=args.threads)
+            size = sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+            print(f"| {name} | {size / 2**20:.1f} | {1000 / statistics.median(r['decode']):.1f} | "
+                  f"{statistics.median(r['prefill']):.1f} | {statistics.median(r['rss']):.0f} | "
+                  f"{runner_perplexity(runner, evals):.2f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
