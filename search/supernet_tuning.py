@@ -25,7 +25,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -201,7 +207,7 @@ def _save_adapter(out_dir: Path, state: dict, c: SupernetTuningConfig, fingerpri
 
 
 @torch.no_grad()
-def load_supernet_adapter(model, path) -> "torch.nn.Module":
+def load_supernet_adapter(model, path) -> torch.nn.Module:
     """Merge a tune_supernet adapter into ``model`` in place (W += scale * B @ A) and return it.
 
     ``model`` must be the same importance-sorted base the adapter was trained on (checked by fingerprint).
@@ -213,7 +219,7 @@ def load_supernet_adapter(model, path) -> "torch.nn.Module":
         raise SupernetTuningError(f"{file} not found: pass the folder tune_supernet wrote")
     with safe_open(str(file), framework="pt") as f:
         meta = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     if meta.get("packager") != "supernet_tuning":
         raise SupernetTuningError(f"{file} is not a packager supernet adapter (no tuning metadata)")
     if meta["base_fingerprint"] != base_fingerprint(model):
