@@ -173,8 +173,19 @@ def _timings(path: str, prompt: int, gen: int, batch: int, threads: int, repeats
     return {
         "prefill_ms": statistics.median(r[0] for r in runs),
         "decode_ms_per_token": statistics.median(r[1] for r in runs),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": _peak_rss_mb(),
     }
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM (reset by exec; ru_maxrss keeps the forking parent's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(artifact, workload: Workload, threads: int, repeats: int = 5) -> Measurement:
