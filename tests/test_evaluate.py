@@ -122,4 +122,5 @@ def test_smollm2_perplexity_and_mc_accuracy(smollm2):
     ppl = perplexity(smollm2.model, blocks)
     assert 10 < ppl < 100
     res = evaluate_tasks(smollm2.model, smollm2.tokenizer, ["packager_realtext_mc"], limit=100, batch_size=8)
-    assert res["packager_realtext_mc"]["acc"] > 0.45  # chance is 0.25
+    # chance is 0.25; SmolLM2 measured acc 0.51, acc_norm 0.61 on these 100 items (stderr ~0.05)
+    assert res["packager_realtext_mc"]["acc"] > 0.35 and res["packager_realtext_mc"]["acc_norm"] > 0.4
