@@ -58,7 +58,7 @@ FORMATS: dict[str, WeightFormat] = {
         _f("q2_k", 2.625, 256, (LLAMA_CPP,), "Q2_K", fallback="q4_0"),
         # ONNX Runtime / TensorRT weight formats
         _f("int8", 8.0, 1, (ONNXRUNTIME, TENSORRT), note="symmetric int8 per output channel"),
-        _f("int8_b32", 9.0, 32, (ONNXRUNTIME,), note="MatMulNBits 8-bit, block 32, fp32 scale"),
+        _f("int8_b32", 9.25, 32, (ONNXRUNTIME,), note="MatMulNBits 8-bit, block 32, fp32 scale + 8-bit zero point"),
         _f("int4_b32", 5.125, 32, (ONNXRUNTIME,), note="MatMulNBits 4-bit, block 32, fp32 scale + 4-bit zero point"),
         _f("int4_b128", 4.28125, 128, (ONNXRUNTIME, TENSORRT), note="4-bit, block 128, scale + zero point"),
     ]
