@@ -22,6 +22,7 @@ def _user_errors() -> tuple:
     from profiles.profiler import ProfileError
     from search.importance import ImportanceError
     from search.problem import InfeasibleBudget
+    from search.recovery import RecoveryError
     from search.run import SearchError
     from search.space import SpaceError
     from search.text import TextError
@@ -29,7 +30,7 @@ def _user_errors() -> tuple:
     from targets.registry import TargetError
 
     return USER_ERRORS + (BundleError, PackError, CostModelError, ProfileError, ImportanceError, InfeasibleBudget,
-                          SearchError, SpaceError, TextError, ExportError, TargetError)  # fmt: skip
+                          SearchError, SpaceError, TextError, ExportError, TargetError, RecoveryError)  # fmt: skip
 
 
 class _Group(click.Group):
@@ -203,6 +204,43 @@ def pack(target, model, latency_ms, memory_mb, size_mb, accuracy_floor, runtimes
                      allow_pickle=allow_pickle)  # fmt: skip
     folder = Pack(cfg, Path(out), resume=resume, force=force).run()
     click.echo((folder / "scorecard.md").read_text())
+
+
+@main.command()
+@model_option
+@click.option("--spec", "spec_path", type=click.Path(exists=True), required=True, help="SubnetSpec JSON.")
+@click.option("--out", type=click.Path(), required=True, help="Folder for the recovered model (safetensors).")
+@click.option("--steps", default=200, show_default=True)
+@click.option("--qat", is_flag=True, help="Train against the spec's simulated weight formats.")
+@click.option("--calib-blocks", default=32, show_default=True, help="Calibration blocks of 256 tokens.")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.work.")
+@pickle_option
+def recover(model, spec_path, out, steps, qat, calib_blocks, resume, allow_pickle):
+    """LoRA + distillation recovery of a spec's sub-network, merged into its weights.
+
+    MODEL must be the base the spec was cut from (for a pack run: its DIR.work/sorted folder).
+    """
+    from pathlib import Path
+
+    from search.recovery import RecoveryConfig
+    from search.recovery import recover as run_recovery
+    from search.text import token_blocks
+    from subnet.extract import extract
+    from subnet.loading import load_model
+    from subnet.spec import SubnetSpec
+    from targets.backend import atomic_output
+
+    loaded = load_model(model, allow_pickle=allow_pickle)
+    spec = SubnetSpec.load(spec_path).validate(loaded.arch)
+    calib = token_blocks(loaded.tokenizer, "calibration", 256, calib_blocks + 4)
+    work = Path(out).with_name(Path(out).name + ".work")
+    res = run_recovery(loaded.model, extract(loaded.model, spec), spec, calib[:-4], calib[-4:],
+                       RecoveryConfig(max_steps=steps, qat=qat), out_dir=work, resume=resume)  # fmt: skip
+    with atomic_output(out, force=resume) as tmp:
+        res.model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+    click.echo(f"perplexity {res.ppl_before:.2f} → {res.ppl_after:.2f} on held-out calibration blocks "
+               f"({res.steps_run} steps, {res.wall_s:.0f} s, {res.stopped_reason}) → {out}")  # fmt: skip
 
 
 @main.command()

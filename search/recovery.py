@@ -36,7 +36,7 @@ from rich.progress import (
 
 from search.evaluate import perplexity
 from subnet.arch import ATTN_LINEARS, LINEARS
-from subnet.quant import _input_quant, fake_quantize, fake_quantize_model
+from subnet.quant import input_quantizer, fake_quantize, fake_quantize_model
 from subnet.spec import SubnetSpec
 from targets.backend import atomic_output
 
@@ -205,7 +205,7 @@ def _enable_qat(peft_model, spec: SubnetSpec) -> dict:
                 saved[mod] = mod.weight.data.clone()
                 mod.weight.data.copy_(fake_quantize(mod.weight.data, fmt))
                 continue
-            mod._packager_fmt, mod._packager_act = fmt, _input_quant(fmt, 4)
+            mod._packager_fmt, mod._packager_act = fmt, input_quantizer(fmt, 4)
             mod.forward = types.MethodType(_qat_forward, mod)
     embed, head = inner.get_input_embeddings(), inner.get_output_embeddings()
     pairs = [(embed, spec.embed_format)]

@@ -118,7 +118,7 @@ def _spec_source(specs, smallest: SubnetSpec | None):
 
 def _logits(net: Supernet, ids: torch.Tensor) -> torch.Tensor:
     """Supernet logits with autograd (Supernet.logits runs under inference_mode)."""
-    return F.linear(Supernet.hidden_states.__wrapped__(net, ids), net._lm_head())
+    return F.linear(net.forward_hidden(ids), net.lm_head())
 
 
 def tune_supernet(

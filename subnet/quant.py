@@ -282,7 +282,7 @@ def ort_block_quantize_input(x: torch.Tensor, block: int) -> torch.Tensor:
     return (q * scale).reshape(x.shape).to(x.dtype)
 
 
-def _input_quant(fmt: str, accuracy_level: int | None):
+def input_quantizer(fmt: str, accuracy_level: int | None):
     """How the runtime of ``fmt`` quantizes a linear's input (None: it does not)."""
     if fmt == "int8":
         return ort_dynamic_quantize_input
@@ -338,7 +338,7 @@ def fake_quantize_model(
                 memo[id(w)] = torch.nn.Parameter(fake_quantize(w, fmt), requires_grad=w.requires_grad)
             model = copy.deepcopy(model, memo)
     for name, m, fmt in plan:
-        quant = _input_quant(fmt, ort_accuracy_level)
+        quant = input_quantizer(fmt, ort_accuracy_level)
         if activations and quant is not None and not isinstance(m, torch.nn.Embedding):
             model.get_submodule(name).register_forward_pre_hook(lambda _m, args, q=quant: (q(args[0]), *args[1:]))
     return model

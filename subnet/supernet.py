@@ -75,7 +75,11 @@ class Supernet:
     # ---- forward ------------------------------------------------------------------------
     @torch.inference_mode()
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states [batch, seq, hidden] of the active sub-network."""
+        """Final-norm hidden states [batch, seq, hidden] of the active sub-network (no autograd)."""
+        return self.forward_hidden(input_ids)
+
+    def forward_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``hidden_states`` with autograd left to the caller (for training on the shared weights)."""
         m, spec, plan = self.model.model, self.spec, self._plan
         hid = plan["hidden"]
         hd = self.arch.head_dim
@@ -104,7 +108,8 @@ class Supernet:
             x = x + F.linear(mlp.act_fn(g) * u, self._weight(mlp.down_proj.weight, hid, idx["mlp"], f["down_proj"]))
         return _rms_norm(x, _take(m.norm.weight, hid, 0), self.eps)
 
-    def _lm_head(self) -> torch.Tensor:
+    def lm_head(self) -> torch.Tensor:
+        """The active sub-network's output projection weight [vocab, hidden] (formats simulated)."""
         hid = self._plan["hidden"]
         if self.arch.tie_word_embeddings:
             return self._weight(self.model.model.embed_tokens.weight, None, hid, self.spec.embed_format)
@@ -113,7 +118,7 @@ class Supernet:
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits [batch, seq, vocab] of the active sub-network."""
-        return F.linear(self.hidden_states(input_ids), self._lm_head())
+        return F.linear(self.hidden_states(input_ids), self.lm_head())
 
     @torch.inference_mode()
     def nll(self, blocks: torch.Tensor, chunk_tokens: int = 1024) -> tuple[float, int]:
@@ -123,7 +128,7 @@ class Supernet:
         """
         h = self.hidden_states(blocks)[:, :-1].reshape(-1, self.spec.hidden_size)
         target = blocks[:, 1:].reshape(-1)
-        head = self._lm_head()
+        head = self.lm_head()
         total = 0.0
         for s in range(0, target.numel(), chunk_tokens):
             lg = F.linear(h[s : s + chunk_tokens], head)
