@@ -33,11 +33,14 @@ from targets.backend import Workload  # noqa: E402
 from targets.registry import get_target  # noqa: E402
 
 
-def draw_spec(rng: random.Random, base, formats: list[str], embed_formats: list[str], hetero: bool) -> SubnetSpec:
+def draw_spec(rng: random.Random, base, formats: list[str], embed_formats: list[str], hetero: bool,
+              prune_hidden: bool = True) -> SubnetSpec:  # fmt: skip
     """A random sub-network: depth, heads, KV heads, MLP width, model width and per-layer formats."""
     depth = rng.randint(base.num_layers // 3, base.num_layers)
     kept = sorted(rng.sample(range(base.num_layers), depth))
-    hidden = rng.choice([h for h in range(base.hidden_size // 2, base.hidden_size + 1, 64)])
+    hidden = base.hidden_size
+    if prune_hidden:
+        hidden = rng.choice([h for h in range(base.hidden_size // 2, base.hidden_size + 1, 64)])
 
     def shape():
         kv = rng.randint(1, base.num_kv_heads)
@@ -105,6 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gen", type=int, default=16)
     ap.add_argument("--calibrate", type=int, default=0, help="calibrate on the first K runs, score the rest")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep-hidden", action="store_true",
+                    help="keep the base hidden size (the default search space) instead of drawing one")
     ap.add_argument("--table", default=None, help="profile table (default: the target's)")
     ap.add_argument("--out", default="bench_costmodel.jsonl")
     a = ap.parse_args(argv)
@@ -125,7 +130,7 @@ def main(argv=None) -> int:
     print(f"{a.runtime}: {a.n} sub-networks, formats {formats}, embed {embeds}, threads {threads}, workload {wl}")
     for k in range(a.n):
         spec = draw_spec(rng, lm.arch, formats, [e for e in embeds if e in formats or a.runtime != "llama.cpp"],
-                         hetero=bool(k % 2))  # fmt: skip
+                         hetero=bool(k % 2), prune_hidden=not a.keep_hidden)  # fmt: skip
         work = Path(tempfile.mkdtemp(prefix="bench-costmodel-"))
         try:
             t0 = time.perf_counter()

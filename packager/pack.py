@@ -18,7 +18,7 @@ from rich.console import Console
 
 from packager.bundle import make_tarball, write_manifest
 from packager.scorecard import figure, write_all
-from profiles.costmodel import predict
+from profiles.costmodel import CostModelError, predict
 from search.importance import Importance, sort_model
 from search.problem import Budgets, Problem
 from search.run import SearchResult, plot_front, require_feasible, run_search
@@ -237,8 +237,11 @@ class Pack:
             for which in ("base", "packaged"):
                 art = _artifact(arts[which])
                 spec = SubnetSpec.from_dict(arts["spec" if which == "packaged" else "base_spec"])
-                cost = predict(spec, self.target, rt, wl)
-                rec = {"predicted": cost.to_dict(), "size_bytes": _size(art.files or [art.path])}
+                rec = {"size_bytes": _size(art.files or [art.path])}
+                try:
+                    rec["predicted"] = predict(spec, self.target, rt, wl).to_dict()
+                except CostModelError as e:  # no profile for this runtime yet: measure, and say why not predicted
+                    rec["predicted"], rec["not_predicted"] = None, str(e)
                 if self.target.host and hasattr(mod, "measure"):
                     m = mod.measure(art, wl, threads=self.cfg.threads)
                     rec["measured"] = m.to_dict()
@@ -343,14 +346,19 @@ def build_card(p: Pack) -> dict:
             rec_ = entry[which]
             spec = SubnetSpec.from_dict(export[rt]["spec" if which == "packaged" else "base_spec"])
             pr = rec_["predicted"]
-            est = f"estimated from the {p.target.name}/{rt} profile ({pr['provenance']})"
             row = {
                 "parameters": figure(spec.num_params(), "", "computed", "counted from the spec"),
                 "size_mb": figure(rec_["size_bytes"] / 2**20, "MiB", "computed", "bytes of the artifact files"),
-                "predicted_decode_ms": figure(pr["decode_ms_per_token"], "ms/token", "estimated", est),
-                "predicted_prefill_ms": figure(pr["prefill_ms"], "ms", "estimated", est),
-                "predicted_peak_memory_mb": figure(pr["peak_memory_mb"], "MiB", "estimated", est),
             }
+            if pr:
+                est = f"estimated from the {p.target.name}/{rt} profile ({pr['provenance']})"
+                row.update({
+                    "predicted_decode_ms": figure(pr["decode_ms_per_token"], "ms/token", "estimated", est),
+                    "predicted_prefill_ms": figure(pr["prefill_ms"], "ms", "estimated", est),
+                    "predicted_peak_memory_mb": figure(pr["peak_memory_mb"], "MiB", "estimated", est),
+                })  # fmt: skip
+            else:
+                sec["not_predicted"] = rec_["not_predicted"]
             m = rec_.get("measured")
             if m:
                 fp = m["fingerprint"]
@@ -363,7 +371,7 @@ def build_card(p: Pack) -> dict:
                     "perplexity_runtime": figure(rec_["perplexity_runtime"], "", "measured",
                                                  f"{rec_['perplexity_tokens']:,} held-out tokens scored in {rt}"),
                 })  # fmt: skip
-            else:
+            elif pr:
                 row.update({
                     "prefill_ms": figure(pr["prefill_ms"], "ms", "estimated", est),
                     "decode_ms_per_token": figure(pr["decode_ms_per_token"], "ms/token", "estimated", est),
@@ -410,7 +418,7 @@ def plot_predicted_vs_measured(measure: dict, path: Path) -> Path | None:
     for rt, entry in measure.items():
         for which in ("base", "packaged"):
             m = entry[which].get("measured")
-            if m:
+            if m and entry[which].get("predicted"):
                 labels.append(f"{rt}\n{which}")
                 pred.append(entry[which]["predicted"]["decode_ms_per_token"])
                 meas.append(m["decode_ms_per_token"])

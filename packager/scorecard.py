@@ -98,6 +98,8 @@ def to_markdown(card: dict) -> str:
         out += ["", f"## {name} {sec.get('version', '')}", "", f"artifact: `{sec.get('artifact', '')}`", ""]
         if sec.get("engine"):
             out += [f"engine: {sec['engine']}", ""]
+        if sec.get("not_predicted"):
+            out += [f"no cost-model prediction: {sec['not_predicted']}", ""]
         out.append("| metric | base | packaged | gain | provenance |")
         out.append("|---|---|---|---|---|")
         for label, b, p, ratio, src in table_rows(sec):
@@ -150,6 +152,8 @@ def to_html(card: dict, plots: list[Path]) -> str:
         parts.append(f"<h2>{e(name)} {e(str(sec.get('version', '')))}</h2><p class='src'>artifact: {e(str(sec.get('artifact', '')))}</p>")
         if sec.get("engine"):
             parts.append(f"<p>engine: {e(sec['engine'])}</p>")
+        if sec.get("not_predicted"):
+            parts.append(f"<p class='src'>no cost-model prediction: {e(sec['not_predicted'])}</p>")
         parts.append("<table><tr><th>metric</th><th>base</th><th>packaged</th><th>gain</th><th>provenance</th></tr>")
         for label, b, p, ratio, src in table_rows(sec):
             kind = (p or b or {}).get("kind", "")
