@@ -36,6 +36,7 @@ TABLES_DIR = Path(__file__).with_name("tables")
 TABLE_VERSION = 1
 PHASES = ("decode", "prefill")
 MIB = 2**20
+MIN_OFFSET_FIT = 12  # whole-model runs needed before calibration also fits an offset
 _BACKENDS = {LLAMA_CPP: ("targets.llamacpp", "llama-cpp-python"), ONNXRUNTIME: ("targets.onnxrt", "onnxruntime"),
              TENSORRT: ("targets.tensorrt", "tensorrt")}
 
@@ -381,7 +382,7 @@ def _ranges(pts: list[dict]) -> dict:
 def calibrate(table: dict, measurements: list[tuple[SubnetSpec, Measurement]]) -> dict:
     """Fit measured ≈ scale·predicted + offset per phase on whole-model runs; store it in the table.
 
-    One measurement fits a scale only; two or more fit scale and offset (least squares).
+    Fewer than MIN_OFFSET_FIT runs fit a scale only (the median ratio); more fit scale and offset.
     """
     if not measurements:
         raise CostModelError("calibration needs at least one (spec, measurement) pair")
@@ -394,10 +395,10 @@ def calibrate(table: dict, measurements: list[tuple[SubnetSpec, Measurement]]) -
             pred.append(spec_latency(table, spec, phase, wl))
             meas.append(getattr(m, key))
         p, y = np.array(pred), np.array(meas)
-        if len(p) >= 2 and np.ptp(p) > 1e-9:
+        if len(p) >= MIN_OFFSET_FIT and np.ptp(p) > 1e-9:
             scale, offset = np.polyfit(p, y, 1)
-        else:
-            scale, offset = float(np.sum(p * y) / np.sum(p * p)), 0.0
+        else:  # few (noisy) runs: a robust scale only; an offset fitted on them extrapolates badly
+            scale, offset = float(np.median(y / p)), 0.0
         cal[phase] = {"scale": float(scale), "offset": float(offset),
                       "mape_before": float(np.mean(np.abs(p - y) / y) * 100),
                       "mape_after": float(np.mean(np.abs(scale * p + offset - y) / y) * 100)}
