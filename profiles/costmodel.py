@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from profiles import roofline
-from subnet.formats import LLAMA_CPP, ONNXRUNTIME, TENSORRT, effective_format
+from subnet.formats import LLAMA_CPP, effective_format
 from subnet.spec import SubnetSpec
-from targets.backend import Measurement, Workload, cpu_model
+from targets.backend import BACKENDS, Measurement, Workload, cpu_model, read_json
 from targets.registry import Target, get_target
 
 TABLES_DIR = Path(__file__).with_name("tables")
@@ -37,8 +37,6 @@ TABLE_VERSION = 1
 PHASES = ("decode", "prefill")
 MIB = 2**20
 MIN_OFFSET_FIT = 12  # whole-model runs needed before calibration also fits an offset
-_BACKENDS = {LLAMA_CPP: ("targets.llamacpp", "llama-cpp-python"), ONNXRUNTIME: ("targets.onnxrt", "onnxruntime"),
-             TENSORRT: ("targets.tensorrt", "tensorrt")}
 
 
 class CostModelError(ValueError):
@@ -425,13 +423,7 @@ def table_path(target: str, runtime: str) -> Path:
 
 
 def read_table(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    try:
-        table = json.loads(path.read_text())
-    except OSError as e:
-        raise CostModelError(f"cannot read profile table {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise CostModelError(f"profile table {path} is not valid JSON: {e}") from None
+    table = read_json(path, "profile table", CostModelError)
     if not isinstance(table, dict) or table.get("format") != "packager-profile":
         raise CostModelError(f"{path} is not a packager profile table (no \"format\": \"packager-profile\")")
     return table
@@ -449,7 +441,7 @@ def write_table(table: dict, path: str | os.PathLike) -> Path:
 
 def runtime_version(runtime: str) -> str | None:
     """Installed version of a runtime (the backend's own ``version()`` when it has one)."""
-    module, dist = _BACKENDS[runtime]
+    module, dist = BACKENDS[runtime]
     try:
         return str(importlib.import_module(module).version())
     except Exception:  # backend missing or its runtime not importable: fall back to the package version

@@ -123,6 +123,17 @@ BACKENDS = {"llama.cpp": ("targets.llamacpp", "llama-cpp-python"), "onnxruntime"
             "tensorrt": ("targets.tensorrt", "tensorrt")}  # fmt: skip
 
 
+def read_json(path: str | os.PathLike, what: str, error: type[Exception]):
+    """Parse a JSON file; unreadable or invalid files raise ``error`` with one line naming ``what``."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{what} {path} is not valid JSON: {e}") from None
+
+
 def backend(runtime: str):
     """The backend module of a runtime (export/load/measure); a missing runtime says what to install."""
     import importlib

@@ -7,13 +7,12 @@ host target (``laptop-cpu``) says ``"measured"`` instead, and its profile tables
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from subnet.formats import LLAMA_CPP, ONNXRUNTIME, TENSORRT, formats_for
-from targets.backend import Workload
+from targets.backend import Workload, read_json
 
 DEFS_DIR = Path(__file__).with_name("defs")
 RUNTIMES = (LLAMA_CPP, ONNXRUNTIME, TENSORRT)
@@ -154,12 +153,7 @@ def _target_files() -> dict[str, Path]:
 
 def load_target_file(path: str | os.PathLike) -> Target:
     path = Path(path)
-    try:
-        d = json.loads(path.read_text())
-    except OSError as e:
-        raise TargetError(f"cannot read target file {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise TargetError(f"target file {path} is not valid JSON: {e}") from None
+    d = read_json(path, "target file", TargetError)
     target = target_from_dict(d, where=str(path))
     target.path = str(path)
     return target

@@ -174,15 +174,22 @@ def test_table_from_another_machine_or_version_warns(fitted):
         costmodel.load_table("laptop-cpu", "onnxruntime", path=out)
 
 
-def test_calibration_fits_scale_and_offset(fitted):
-    table, _ = fitted
+def _calibration_pairs(table, depths, scale_dec, off_dec, scale_pre, off_pre):
     wl = Workload(16, 8)
     pairs = []
-    for n in (2, 4, 6):
+    for n in depths:
         spec = SubnetSpec.uniform(TINY, layers=list(range(n)), fmt="q8_0")
         dec = costmodel.spec_latency(table, spec, "decode", wl)
         pre = costmodel.spec_latency(table, spec, "prefill", wl)
-        pairs.append((spec, Measurement("llama.cpp", 1.5 * pre + 2, 1.2 * dec + 0.5, 10, 3, vars(wl), {})))
+        m = Measurement("llama.cpp", scale_pre * pre + off_pre, scale_dec * dec + off_dec, 10, 3, vars(wl), {})
+        pairs.append((spec, m))
+    return pairs, wl
+
+
+def test_calibration_fits_scale_and_offset_with_enough_runs(fitted):
+    table, _ = fitted
+    depths = [1 + i % 6 for i in range(costmodel.MIN_OFFSET_FIT)]
+    pairs, wl = _calibration_pairs(table, depths, 1.2, 0.5, 1.5, 2)
     costmodel.calibrate(table, pairs)
     assert table["calibration"]["decode"]["scale"] == pytest.approx(1.2)
     assert table["calibration"]["decode"]["offset"] == pytest.approx(0.5)
@@ -190,6 +197,16 @@ def test_calibration_fits_scale_and_offset(fitted):
     cost = costmodel.predict(spec, "laptop-cpu", "llama.cpp", wl, table)
     assert cost.decode_ms_per_token == pytest.approx(m.decode_ms_per_token)
     assert cost.prefill_ms == pytest.approx(m.prefill_ms)
+
+
+def test_calibration_with_few_runs_fits_a_robust_scale(fitted):
+    table, _ = fitted
+    pairs, wl = _calibration_pairs(table, (2, 4, 6), 1.3, 0.0, 0.9, 0.0)
+    pairs[0][1].decode_ms_per_token *= 5  # one disturbed run must not drag the scale
+    costmodel.calibrate(table, pairs)
+    assert table["calibration"]["decode"] == pytest.approx(
+        {**table["calibration"]["decode"], "scale": 1.3, "offset": 0.0})
+    assert table["calibration"]["prefill"]["scale"] == pytest.approx(0.9)
 
 
 # ---- profiler ----------------------------------------------------------------------------------------
