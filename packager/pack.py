@@ -208,8 +208,11 @@ class Pack:
         imp = Importance.load(self.work / "importance.json")
         space = self.space(imp)
         base = space.decode(space.largest())
-        allowed = self.target.formats(runtime)
-        return retarget_formats(spec, allowed), retarget_formats(base, allowed)
+        held = self.target.formats(runtime)
+        # the search's default formats of that runtime (e.g. not ORT's per-tensor int8), where the target has them
+        allowed = [f for f in DEFAULT_FORMATS.get(runtime, []) if f in held] or held
+        embed = [f for f in getattr(backend(runtime), "EMBED_FORMATS", held) if f in held] or None
+        return retarget_formats(spec, allowed, embed), retarget_formats(base, allowed, embed)
 
     def stage_export(self) -> dict:
         arts = {}
@@ -339,7 +342,7 @@ def build_card(p: Pack) -> dict:
     fp = None
     runtimes = {}
     for rt, entry in measure.items():
-        sec = {"base": {}, "packaged": {}, "artifact": export[rt]["packaged"]["path"]}
+        sec = {"base": {}, "packaged": {}, "artifact": f"artifacts/{rt}/{Path(export[rt]['packaged']['path']).name}"}
         mod = backend(rt)
         sec["version"] = mod.version() if hasattr(mod, "version") else ""
         for which in ("base", "packaged"):

@@ -327,15 +327,17 @@ def _check_format(name, row_length, what):
         )
 
 
-def retarget_formats(spec: SubnetSpec, allowed: list[str]) -> SubnetSpec:
-    """A copy of ``spec`` whose every weight format is the closest one in ``allowed`` that fits its rows."""
+def retarget_formats(spec: SubnetSpec, allowed: list[str], embed_allowed: list[str] | None = None) -> SubnetSpec:
+    """A copy of ``spec`` whose every weight format is the closest one in ``allowed`` that fits its rows
+    (the embedding, and a tied lm_head, from ``embed_allowed`` when the runtime restricts them)."""
     from subnet.formats import closest_format
 
     out = SubnetSpec.from_dict(spec.to_dict())
     for ly in out.layers:
         shapes = out.linear_shapes(ly)
         ly.formats = {n: closest_format(f, allowed, [shapes[n][1]]) for n, f in ly.formats.items()}
-    out.embed_format = closest_format(out.embed_format, allowed, [out.hidden_size])
+    emb = list(embed_allowed) if embed_allowed else allowed
+    out.embed_format = closest_format(out.embed_format, emb, [out.hidden_size])
     out.lm_head_format = out.embed_format if out.base.tie_word_embeddings else closest_format(
         out.lm_head_format, allowed, [out.hidden_size])
     return out.validate()

@@ -34,10 +34,10 @@ from subnet.arch import LINEARS
 from subnet.formats import ONNXRUNTIME, get_format
 from subnet.spec import SubnetSpec
 from targets.backend import Artifact, ExportError, atomic_output
+from targets.onnxrt import EMBED_FORMATS
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-EMBED_FORMATS = ("f32", "f16")  # what the embedding table (and a tied lm_head) can be stored in
 NBITS = {"int8_b32": (8, 32, False), "int4_b32": (4, 32, False), "int4_b128": (4, 128, False)}  # bits, block, symmetric (asymmetric RTN, as subnet.quant simulates)
 _QUANT_SUFFIX = re.compile(r"_(quant|Q\d+)$")  # names ORT's quantizers give the node that replaces a MatMul
 _SCOPE = re.compile(r"(?:^|\.)model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)$")

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 # no torch/transformers/subnet at import time: the measuring subprocess imports only this module
 RUNTIME = "onnxruntime"  # == subnet.formats.ONNXRUNTIME
 MODEL_FILE = "model.onnx"  # == targets.onnx_export.MODEL_FILE
+EMBED_FORMATS = ("f32", "f16")  # what the ONNX export can store the embedding table (and a tied lm_head) in
 
 PARITY_TEXT = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
