@@ -60,9 +60,7 @@ def bundle_artifact(bundle: Path, runtime: str) -> Path | None:
     d = bundle / "artifacts" / runtime
     if not d.is_dir():
         return None
-    if runtime == "llama.cpp":
-        return next(d.glob("*.gguf"), None)
-    return next((p for p in d.iterdir() if p.is_dir()), None)
+    return next(d.glob("*.gguf" if runtime == "llama.cpp" else "*.onnx"), None)
 
 
 def gguf_weight_bytes(path: Path) -> int:
@@ -130,7 +128,7 @@ def main():
 
     onnx_packed = bundle_artifact(args.packed, "onnxruntime")
     if onnx_packed is not None:
-        ov = {"packed": onnx_packed, "base, same precision": pack_work / "onnxruntime" / "base"}
+        ov = {"packed": onnx_packed, "base, same precision": pack_work / "onnxruntime" / "base" / "model.onnx"}
         orows = {k: {"decode": [], "prefill": [], "rss": []} for k in ov}
         for _ in range(args.rounds):
             for name, path in ov.items():
@@ -144,7 +142,7 @@ def main():
         for name, path in ov.items():
             r = orows[name]
             runner = onnxrt.load(path, threads=args.threads)
-            size = sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+            size = sum(p.stat().st_size for p in Path(path).parent.glob("model.onnx*"))
             print(f"| {name} | {size / 2**20:.1f} | {1000 / statistics.median(r['decode']):.1f} | "
                   f"{statistics.median(r['prefill']):.1f} | {statistics.median(r['rss']):.0f} | "
                   f"{runner_perplexity(runner, evals):.2f} |")  # fmt: skip

@@ -14,16 +14,11 @@ METRICS = (("decode_ms_per_token", "decode_ms_per_token"), ("prefill_ms", "prefi
 
 
 def _artifact_path(folder: Path, runtime: str) -> Path:
-    d = folder / "artifacts" / runtime
-    if runtime == "llama.cpp":
-        found = sorted(d.glob("*.gguf"))
-        if not found:
-            raise BundleError(f"bundle has no GGUF under artifacts/{runtime}")
-        return found[0]
-    subdirs = [p for p in d.iterdir() if p.is_dir()]
-    if not subdirs:
-        raise BundleError(f"bundle has no artifact folder under artifacts/{runtime}")
-    return subdirs[0]
+    pattern = "*.gguf" if runtime == "llama.cpp" else "*.onnx"
+    found = sorted((folder / "artifacts" / runtime).glob(pattern))
+    if not found:
+        raise BundleError(f"bundle has no {pattern} artifact under artifacts/{runtime}")
+    return found[0]
 
 
 def verify(bundle: str | Path, remeasure: bool = True, tolerance: float = 0.25, threads: int | None = None) -> dict:
