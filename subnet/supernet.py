@@ -121,7 +121,7 @@ class Supernet:
         return F.linear(self.hidden_states(input_ids), self.lm_head())
 
     @torch.inference_mode()
-    def nll(self, blocks: torch.Tensor, chunk_tokens: int = 1024) -> tuple[float, int]:
+    def nll(self, blocks: torch.Tensor, chunk_tokens: int = 256) -> tuple[float, int]:
         """Summed next-token negative log-likelihood over ``blocks`` [n, seq] and the token count.
 
         The LM head runs in chunks so the full [tokens, vocab] logits never exist at once.
