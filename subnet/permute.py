@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import torch
 
+from subnet.extract import head_rows
+
 
 def _perm_(t: torch.Tensor, order: torch.Tensor, dim: int) -> None:
     t.data.copy_(t.data.index_select(dim, order))
-
-
-def head_order_rows(order: list[int], head_dim: int) -> torch.Tensor:
-    return torch.tensor([h * head_dim + d for h in order for d in range(head_dim)], dtype=torch.long)
 
 
 @torch.no_grad()
@@ -38,8 +36,8 @@ def permute_heads(layer, group_order, within_order, num_kv_heads: int, head_dim:
     att = layer.self_attn
     group = len(within_order[0])
     q_heads = [g * group + h for g in group_order for h in within_order[g]]
-    q_rows = head_order_rows(q_heads, head_dim)
-    kv_rows = head_order_rows(list(group_order), head_dim)
+    q_rows = head_rows(q_heads, head_dim)
+    kv_rows = head_rows(list(group_order), head_dim)
     for lin, rows in ((att.q_proj, q_rows), (att.k_proj, kv_rows), (att.v_proj, kv_rows)):
         _perm_(lin.weight, rows, 0)
         if lin.bias is not None:
