@@ -111,10 +111,9 @@ def profile(target, runtime, threads, repeats, out, no_resume):
 
 def _search_problem(model, target, runtime, mode, budgets, allow_pickle, eval_blocks=8, calib_blocks=16):
     """Load, importance-sort and wrap a model as a search problem on ``target``."""
-    from profiles.costmodel import predict
+    from packager.pack import cost_fn, search_space
     from search.importance import sort_model
     from search.problem import Problem
-    from search.space import DEFAULT_FORMATS, SearchSpace, SpaceConfig
     from search.text import token_blocks
     from subnet.loading import load_model
     from subnet.supernet import Supernet
@@ -125,16 +124,9 @@ def _search_problem(model, target, runtime, mode, budgets, allow_pickle, eval_bl
     loaded = load_model(model, allow_pickle=allow_pickle)
     calib = token_blocks(loaded.tokenizer, "calibration", 256, calib_blocks)
     imp = sort_model(loaded.model, calib)
-    fmts = [f for f in DEFAULT_FORMATS.get(rt, []) if f in tgt.formats(rt)]
-    space = SearchSpace(loaded.arch, rt, SpaceConfig(mode=mode, attn_formats=fmts, mlp_formats=fmts), imp.layer_rank)
-
-    def cost(spec):
-        c = predict(spec, tgt, rt)
-        return {"decode_ms": c.decode_ms_per_token, "prefill_ms": c.prefill_ms, "memory_mb": c.peak_memory_mb,
-                "size_mb": c.size_mb}  # fmt: skip
-
+    space = search_space(loaded.arch, tgt, rt, mode, imp.layer_rank)
     evals = token_blocks(loaded.tokenizer, "evaluation", 256, eval_blocks)
-    return Problem(space, Supernet(loaded.model), evals, calib, cost, budgets)
+    return Problem(space, Supernet(loaded.model), evals, calib, cost_fn(tgt, rt), budgets)
 
 
 @main.command()

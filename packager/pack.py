@@ -127,21 +127,8 @@ class Pack:
     def blocks(self, split: str, n: int) -> torch.Tensor:
         return token_blocks(self.base().tokenizer, split, 256, n)
 
-    def cost_fn(self, runtime: str):
-        def fn(spec: SubnetSpec) -> dict:
-            c = predict(spec, self.target, runtime)
-            return {"decode_ms": c.decode_ms_per_token, "prefill_ms": c.prefill_ms,
-                    "memory_mb": c.peak_memory_mb, "size_mb": c.size_mb}  # fmt: skip
-
-        return fn
-
     def space(self, importance: Importance) -> SearchSpace:
-        rt = self.search_runtime
-        allowed = self.target.formats(rt)
-        cfg = SpaceConfig(mode=self.cfg.mode,
-                          attn_formats=[f for f in DEFAULT_FORMATS.get(rt, []) if f in allowed],
-                          mlp_formats=[f for f in DEFAULT_FORMATS.get(rt, []) if f in allowed])  # fmt: skip
-        return SearchSpace(self.base().arch, rt, cfg, importance.layer_rank)
+        return search_space(self.base().arch, self.target, self.search_runtime, self.cfg.mode, importance.layer_rank)
 
     # ---- stages ------------------------------------------------------------------------------
     def stage_prepare(self) -> dict:
@@ -166,7 +153,7 @@ class Pack:
         budgets = Budgets(latency_ms=self.cfg.latency_ms, memory_mb=self.cfg.memory_mb, size_mb=self.cfg.size_mb,
                           max_ppl_increase=self.cfg.accuracy_floor)  # fmt: skip
         problem = Problem(space, Supernet(model), self.blocks("evaluation", self.cfg.eval_blocks),
-                          self.blocks("calibration", self.cfg.calib_blocks), self.cost_fn(self.search_runtime), budgets)  # fmt: skip
+                          self.blocks("calibration", self.cfg.calib_blocks), cost_fn(self.target, self.search_runtime), budgets)  # fmt: skip
         res = run_search(problem, self.cfg.strategy, self.cfg.budget, self.cfg.seed, out=self.work / "search", resume=True)
         plot_front({self.cfg.strategy: res}, self.work / "front.png",
                    f"{self.base().source} on {self.target.name}/{self.search_runtime}")  # fmt: skip
@@ -209,8 +196,7 @@ class Pack:
         space = self.space(imp)
         base = space.decode(space.largest())
         held = self.target.formats(runtime)
-        # the search's default formats of that runtime (e.g. not ORT's per-tensor int8), where the target has them
-        allowed = [f for f in DEFAULT_FORMATS.get(runtime, []) if f in held] or held
+        allowed = runtime_formats(self.target, runtime)
         embed = [f for f in getattr(backend(runtime), "EMBED_FORMATS", held) if f in held] or None
         return retarget_formats(spec, allowed, embed), retarget_formats(base, allowed, embed)
 
@@ -284,6 +270,29 @@ class Pack:
         folder.rename(self.out)
         make_tarball(self.out, self.out.with_name(self.out.name + ".tar.gz"))
         return {"files": len(manifest["files"])}
+
+
+def runtime_formats(target: Target, runtime: str) -> list[str]:
+    """The search's default formats of ``runtime`` (e.g. not ORT's per-tensor int8) that the target runs."""
+    held = target.formats(runtime)
+    return [f for f in DEFAULT_FORMATS.get(runtime, []) if f in held] or held
+
+
+def search_space(arch, target: Target, runtime: str, mode: str, layer_rank) -> SearchSpace:
+    """The joint space for ``target``/``runtime`` with that runtime's default formats."""
+    fmts = runtime_formats(target, runtime)
+    return SearchSpace(arch, runtime, SpaceConfig(mode=mode, attn_formats=fmts, mlp_formats=fmts), layer_rank)
+
+
+def cost_fn(target: Target, runtime: str):
+    """The search's cost function: the target's profile prediction as the dict ``search.problem`` expects."""
+
+    def fn(spec: SubnetSpec) -> dict:
+        c = predict(spec, target, runtime)
+        return {"decode_ms": c.decode_ms_per_token, "prefill_ms": c.prefill_ms,
+                "memory_mb": c.peak_memory_mb, "size_mb": c.size_mb}  # fmt: skip
+
+    return fn
 
 
 def require_feasible_fastest(res: SearchResult, problem: Problem):
