@@ -363,7 +363,7 @@ def build_card(p: Pack) -> dict:
                 "size_mb": figure(rec_["size_bytes"] / 2**20, "MiB", "computed", "bytes of the artifact files"),
             }
             if pr:
-                est = f"estimated from the {p.target.name}/{rt} profile ({pr['provenance']})"
+                est = f"the {p.target.name}/{rt} profile ({pr['provenance']})"
                 row.update({
                     "predicted_decode_ms": figure(pr["decode_ms_per_token"], "ms/token", "estimated", est),
                     "predicted_prefill_ms": figure(pr["prefill_ms"], "ms", "estimated", est),

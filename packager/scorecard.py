@@ -137,7 +137,7 @@ def to_html(card: dict, plots: list[Path]) -> str:
         f"<title>Scorecard: {e(card['model']['source'])} on {e(card['target']['name'])}</title>",
         "<style>body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1000px;color:#222}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-        "td:first-child,th:first-child{text-align:left}.src{color:#666;font-size:12px;text-align:left}"
+        "td:first-child,th:first-child,th:last-child{text-align:left}.src{color:#666;font-size:12px;text-align:left}"
         ".measured{color:#075}.estimated{color:#a60}.computed{color:#345}img{max-width:100%;margin:.5em 0}</style>",
         "</head><body>",
         f"<h1>Deployment scorecard</h1><p><b>{e(card['model']['source'])}</b> on <b>{e(card['target']['name'])}</b>"
