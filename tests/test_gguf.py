@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from subnet.arch import ATTN_LINEARS, MLP_LINEARS, arch_of
+from subnet.arch import MLP_LINEARS, arch_of
 from subnet.extract import extract
 from subnet.spec import SubnetSpec
 from targets import llamacpp

@@ -8,7 +8,6 @@ from onnx import helper
 
 from subnet.arch import arch_of
 from subnet.extract import extract
-from subnet.formats import get_format
 from subnet.spec import SubnetSpec
 from targets import onnxrt, tensorrt
 from targets.backend import ExportError, Workload
