@@ -177,6 +177,10 @@ def search(model, target, runtime, strategy, mode, budget, latency_ms, memory_mb
 @click.option("--mode", default="uniform", show_default=True, type=click.Choice(["uniform", "hetero"]))
 @click.option("--budget", default=60, show_default=True, help="Search evaluations.")
 @click.option("--recover-steps", default=120, show_default=True)
+@click.option("--shortlist", default=3, show_default=True,
+              help="Faster candidates given a short recovery before choosing the winner (0: choose before recovery).")
+@click.option("--recoverable", default=0.3, show_default=True,
+              help="Perplexity increase above the floor that the search explores for the shortlist.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=2, show_default=True)
 @click.option("--out", type=click.Path(), default="out/pack", show_default=True)
@@ -184,15 +188,16 @@ def search(model, target, runtime, strategy, mode, budget, latency_ms, memory_mb
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @pickle_option
 def pack(target, model, latency_ms, memory_mb, size_mb, accuracy_floor, runtimes, strategy, mode, budget,
-         recover_steps, seed, threads, out, resume, force, allow_pickle):  # fmt: skip
-    """One command from model to bundle: search, recover, export, measure, scorecard."""
+         recover_steps, shortlist, recoverable, seed, threads, out, resume, force, allow_pickle):  # fmt: skip
+    """One command from model to bundle: search, select, recover, export, measure, scorecard."""
     from pathlib import Path
 
     from packager.pack import Pack, PackConfig
 
     cfg = PackConfig(target=target, model=model, latency_ms=latency_ms, memory_mb=memory_mb, size_mb=size_mb,
                      accuracy_floor=accuracy_floor, runtimes=list(runtimes), strategy=strategy, mode=mode,
-                     budget=budget, seed=seed, recover_steps=recover_steps, threads=threads,
+                     budget=budget, seed=seed, recover_steps=recover_steps, shortlist=shortlist,
+                     recoverable=recoverable, threads=threads,
                      allow_pickle=allow_pickle)  # fmt: skip
     folder = Pack(cfg, Path(out), resume=resume, force=force).run()
     click.echo((folder / "scorecard.md").read_text())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -20,8 +20,8 @@ from packager.bundle import make_tarball, write_manifest
 from packager.scorecard import figure, write_all
 from profiles.costmodel import CostModelError, predict
 from search.importance import Importance, sort_model
-from search.problem import Budgets, Problem
-from search.run import SearchResult, plot_front, require_feasible, run_search
+from search.problem import Budgets, Evaluation, Problem, pareto_front
+from search.run import infeasible, plot_front, require_feasible, run_search
 from search.space import DEFAULT_FORMATS, SearchSpace, SpaceConfig
 from search.text import token_blocks
 from subnet.extract import extract
@@ -31,7 +31,7 @@ from subnet.supernet import Supernet
 from targets.backend import backend, fingerprint, runner_perplexity
 from targets.registry import Target, get_target
 
-STAGES = ("prepare", "search", "recover", "export", "measure", "scorecard", "bundle")
+STAGES = ("prepare", "search", "select", "recover", "export", "measure", "scorecard", "bundle")
 console = Console(stderr=True)
 
 
@@ -49,6 +49,9 @@ class PackConfig:
     memory_mb: float | None = None
     size_mb: float | None = None
     accuracy_floor: float = 0.05  # max perplexity increase over the base at the widest searched formats
+    recoverable: float = 0.3  # pre-recovery perplexity increase the search explores and the shortlist tries
+    shortlist: int = 3  # candidates faster than the fastest floor-meeting one, each given a short recovery
+    shortlist_steps: int = 30  # recovery steps per shortlisted candidate
     runtimes: list[str] = field(default_factory=list)  # default: every runtime of the target
     strategy: str = "nsga2"
     mode: str = "uniform"
@@ -146,40 +149,93 @@ class Pack:
         return {"layer_rank": imp.layer_rank, "calibration_tokens": imp.calibration_tokens,
                 "unit_method": imp.unit_method, "layer_method": imp.layer_method}  # fmt: skip
 
+    def problem(self, model, max_ppl_increase: float) -> Problem:
+        """The search problem on the sorted ``model``, with that accuracy floor (before recovery)."""
+        c = self.cfg
+        budgets = Budgets(latency_ms=c.latency_ms, memory_mb=c.memory_mb, size_mb=c.size_mb,
+                          max_ppl_increase=max_ppl_increase)  # fmt: skip
+        return Problem(self.space(Importance.load(self.work / "importance.json")), Supernet(model),
+                       self.blocks("evaluation", c.eval_blocks), self.blocks("calibration", c.calib_blocks),
+                       cost_fn(self.target, self.search_runtime), budgets)  # fmt: skip
+
     def stage_search(self) -> dict:
-        imp = Importance.load(self.work / "importance.json")
-        model = self.sorted_model()
-        space = self.space(imp)
-        budgets = Budgets(latency_ms=self.cfg.latency_ms, memory_mb=self.cfg.memory_mb, size_mb=self.cfg.size_mb,
-                          max_ppl_increase=self.cfg.accuracy_floor)  # fmt: skip
-        problem = Problem(space, Supernet(model), self.blocks("evaluation", self.cfg.eval_blocks),
-                          self.blocks("calibration", self.cfg.calib_blocks), cost_fn(self.target, self.search_runtime), budgets)  # fmt: skip
+        # the search explores up to `recoverable` above the floor: recovery wins some of it back (select stage)
+        loose = self.cfg.accuracy_floor + (self.cfg.recoverable if self.cfg.shortlist else 0.0)
+        problem = self.problem(self.sorted_model(), loose)
         res = run_search(problem, self.cfg.strategy, self.cfg.budget, self.cfg.seed, out=self.work / "search", resume=True)
         plot_front({self.cfg.strategy: res}, self.work / "front.png",
                    f"{self.base().source} on {self.target.name}/{self.search_runtime}")  # fmt: skip
-        winner = require_feasible_fastest(res, problem)
+        require_feasible(res, problem)
+        (self.work / "evaluations.json").write_text(json.dumps([asdict(e) for e in res.evaluations]))
+        return {"base": asdict(res.base), "hypervolume": res.hypervolume, "evaluations": len(res.evaluations),
+                "wall_s": res.wall_s, "front_size": len(res.front), "explored_ppl_increase": loose}  # fmt: skip
+
+    def stage_select(self) -> dict:
+        """Pick the winner: the fastest candidate whose perplexity meets the floor after recovery.
+
+        The fallback is the fastest candidate meeting every budget before recovery. Up to ``shortlist``
+        faster front candidates get a short recovery (LoRA + distillation, formats simulated); the
+        fastest of them whose recovered perplexity meets the floor on held-out calibration text wins.
+        """
+        from search.recovery import RecoveryConfig, recover
+
+        evals = [Evaluation(**e) for e in json.loads((self.work / "evaluations.json").read_text())]
+        base_ev = Evaluation(**self.result("search")["base"])
+        model = self.sorted_model()
+        problem = self.problem(model, self.cfg.accuracy_floor)
+        problem.base_ppl = base_ev.ppl
+        strict = [replace(e, violation=problem.violation(e.ppl, asdict(e))) for e in evals]
+        feasible = [e for e in strict if e.feasible]
+        fallback = min(feasible, key=lambda e: (e.decode_ms, e.ppl)) if feasible else None
+        faster = [e for e in pareto_front(evals) if fallback is None or e.decode_ms < fallback.decode_ms]
+        tried = []
+        if faster and self.cfg.shortlist:
+            calib, val = self.recovery_blocks()
+            net = Supernet(model)
+            base_val = net.activate(base_ev.spec_obj()).perplexity(val)
+            limit = base_val * (1 + self.cfg.accuracy_floor)
+            for e in spread(faster, self.cfg.shortlist):
+                spec = e.spec_obj()
+                res = recover(model, extract(model, spec), spec, calib, val,
+                              RecoveryConfig(max_steps=self.cfg.shortlist_steps, eval_every=10, qat=True))  # fmt: skip
+                tried.append({"evaluation": asdict(e), "val_ppl_before": res.ppl_before, "val_ppl_after": res.ppl_after,
+                              "val_ppl_limit": limit, "meets_floor": res.ppl_after <= limit, "wall_s": res.wall_s})  # fmt: skip
+                console.print(f"  shortlist: {_spec_summary(spec)}: {e.decode_ms:.2f} ms/token, held-out ppl "
+                              f"{res.ppl_before:.2f} → {res.ppl_after:.2f} after {res.steps_run} steps "
+                              f"(limit {limit:.2f})")  # fmt: skip
+        passing = [t for t in tried if t["meets_floor"]]
+        if passing:
+            best = min(passing, key=lambda t: t["evaluation"]["decode_ms"])
+            winner, how = Evaluation(**best["evaluation"]), (
+                f"fastest shortlisted candidate meeting the floor after {self.cfg.shortlist_steps} recovery steps")
+        elif fallback is not None:
+            winner, how = fallback, "fastest candidate meeting every budget before recovery"
+        else:
+            raise infeasible(strict, problem)
         spec = winner.spec_obj()
-        spec.meta = {"selected": "fastest feasible candidate", "ppl_simulated": winner.ppl}
+        spec.meta = {"selected": how, "ppl_simulated": winner.ppl}
         spec.save(self.work / "spec.json")
-        return {"winner": asdict(winner), "base": asdict(res.base), "hypervolume": res.hypervolume,
-                "evaluations": len(res.evaluations), "wall_s": res.wall_s, "front_size": len(res.front)}  # fmt: skip
+        return {"winner": asdict(winner), "how": how, "fallback": asdict(fallback) if fallback else None,
+                "shortlist": tried}  # fmt: skip
+
+    def recovery_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(training, early-stopping) calibration blocks: the evaluation text stays unseen by recovery."""
+        calib = self.blocks("calibration", self.cfg.calib_blocks + 4)
+        return calib[:-4], calib[-4:]
 
     def stage_recover(self) -> dict:
         spec = SubnetSpec.load(self.work / "spec.json")
         model = self.sorted_model()
         sub = extract(model, spec)
-        from search.recovery import RecoveryConfig, keeps_whole_base, recover
+        from search.recovery import RecoveryConfig, RecoveryError, recover
 
-        if keeps_whole_base(spec):
-            # same architecture as the base: only the weight formats changed, nothing was pruned to recover
+        calib, val = self.recovery_blocks()
+        try:
+            res = recover(model, sub, spec, calib, val, RecoveryConfig(max_steps=self.cfg.recover_steps, qat=True),
+                          out_dir=self.work / "recovery", resume=True)  # fmt: skip
+        except RecoveryError as e:  # the base itself at lossless formats: nothing to recover
             sub.save_pretrained(self.work / "recovered")
-            return {"skipped": "the winner keeps the whole base architecture (only weight formats changed)"}
-        # train on the calibration blocks; stop early on 4 further calibration blocks, so the evaluation
-        # text that the scorecard reports stays unseen by every stage
-        calib = self.blocks("calibration", self.cfg.calib_blocks + 4)
-        res = recover(model, sub, spec, calib[:-4], calib[-4:],
-                      RecoveryConfig(max_steps=self.cfg.recover_steps, qat=True),
-                      out_dir=self.work / "recovery", resume=True)  # fmt: skip
+            return {"skipped": str(e)}
         res.model.save_pretrained(self.work / "recovered")
         return {"ppl_before": res.ppl_before, "ppl_after": res.ppl_after, "steps_run": res.steps_run,
                 "best_step": res.best_step, "wall_s": res.wall_s, "stopped_reason": res.stopped_reason}  # fmt: skip
@@ -295,10 +351,12 @@ def cost_fn(target: Target, runtime: str):
     return fn
 
 
-def require_feasible_fastest(res: SearchResult, problem: Problem):
-    """The fastest candidate meeting every budget (accuracy floor included), or a clear error."""
-    require_feasible(res, problem)
-    return min((e for e in res.evaluations if e.feasible), key=lambda e: (e.decode_ms, e.ppl))
+def spread(front: list[Evaluation], k: int) -> list[Evaluation]:
+    """Up to ``k`` front points spread evenly over it, the most accurate (slowest) first."""
+    by_ppl = sorted(front, key=lambda e: e.ppl)
+    if len(by_ppl) <= k:
+        return by_ppl
+    return [by_ppl[round(i * (len(by_ppl) - 1) / (k - 1))] for i in range(k)] if k > 1 else by_ppl[:1]
 
 
 def _artifact(d: dict):
@@ -390,7 +448,7 @@ def build_card(p: Pack) -> dict:
                     "tokens_per_s": figure(pr["tokens_per_s"], "tokens/s", "estimated", est),
                     "peak_memory_mb": figure(pr["peak_memory_mb"], "MiB", "estimated", est),
                 })  # fmt: skip
-            sim = srch["winner"]["ppl"] if which == "packaged" else srch["base"]["ppl"]
+            sim = p.result("select")["winner"]["ppl"] if which == "packaged" else srch["base"]["ppl"]
             src = f"torch supernet, before recovery, formats simulated, {p.cfg.eval_blocks * 255:,} held-out tokens"
             row["perplexity_simulated"] = figure(sim, "", "measured", src)
             sec[which] = row
@@ -413,10 +471,20 @@ def build_card(p: Pack) -> dict:
         "spec_summary": _spec_summary(spec),
         "search": {"strategy": p.cfg.strategy, "seed": p.cfg.seed, "evaluations": srch["evaluations"],
                    "hypervolume": srch["hypervolume"], "wall_s": srch["wall_s"], "runtime": p.search_runtime},
+        "selection": selection_summary(p.result("select")),
         "recovery": rec if "ppl_after" in rec else None,
         "runtimes": runtimes,
         "stage_wall_s": {k: v["wall_s"] for k, v in p.state.get("done", {}).items()},
     }  # fmt: skip
+
+
+def selection_summary(sel: dict) -> dict:
+    """How the winner was chosen, and each shortlisted candidate's short-recovery outcome."""
+    rows = [{"spec": _spec_summary(SubnetSpec.from_dict(t["evaluation"]["spec"])),
+             "predicted_decode_ms": t["evaluation"]["decode_ms"], "ppl_simulated": t["evaluation"]["ppl"],
+             **{k: t[k] for k in ("val_ppl_before", "val_ppl_after", "val_ppl_limit", "meets_floor", "wall_s")}}
+            for t in sel["shortlist"]]  # fmt: skip
+    return {"how": sel["how"], "shortlist": rows}
 
 
 def plot_predicted_vs_measured(measure: dict, path: Path) -> Path | None:

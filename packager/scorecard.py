@@ -83,6 +83,16 @@ def write_json(card: dict, path: Path) -> Path:
     return path
 
 
+SELECTION_HEADER = ("shortlisted candidate", "predicted decode ms", "ppl before recovery (held-out calibration)",
+                    "after short recovery", "floor", "meets it")  # fmt: skip
+
+
+def selection_rows(sel: dict) -> list[tuple[str, ...]]:
+    """One row of text per shortlisted candidate, in SELECTION_HEADER's order."""
+    return [(t["spec"], f"{t['predicted_decode_ms']:.2f}", f"{t['val_ppl_before']:.2f}", f"{t['val_ppl_after']:.2f}",
+             f"{t['val_ppl_limit']:.2f}", "yes" if t["meets_floor"] else "no") for t in sel["shortlist"]]  # fmt: skip
+
+
 def to_markdown(card: dict) -> str:
     """The scorecard as Markdown."""
     out = [f"# Deployment scorecard: {card['model']['source']} on {card['target']['name']}", ""]
@@ -112,6 +122,12 @@ def to_markdown(card: dict) -> str:
     if srch:
         out += ["", "## Search", "", f"strategy {srch['strategy']}, {srch['evaluations']} evaluations, seed {srch['seed']}, "
                 f"hypervolume {srch['hypervolume']:.4f}, {srch['wall_s']:.0f} s"]  # fmt: skip
+    sel = card.get("selection")
+    if sel:
+        out += ["", "## Selection", "", f"winner: {sel['how']}."]
+        if sel["shortlist"]:
+            out += ["", "| " + " | ".join(SELECTION_HEADER) + " |", "|---" * len(SELECTION_HEADER) + "|"]
+            out += ["| " + " | ".join(row) + " |" for row in selection_rows(sel)]
     rec = card.get("recovery")
     if rec:
         out += ["", "## Recovery", "", f"LoRA + distillation: perplexity {rec['ppl_before']:.2f} → {rec['ppl_after']:.2f} "
@@ -164,6 +180,13 @@ def to_html(card: dict, plots: list[Path]) -> str:
         if par:
             parts.append(f"<p>parity vs torch: max |Δlogit| {par.get('max_abs_diff', 0):.3g}, top-1 agreement "
                          f"{100 * par.get('top1_agreement', 0):.1f}% on {par.get('n_tokens')} tokens</p>")  # fmt: skip
+    sel = card.get("selection")
+    if sel:
+        parts.append(f"<h2>Selection</h2><p>winner: {e(sel['how'])}.</p>")
+        if sel["shortlist"]:
+            parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in SELECTION_HEADER) + "</tr>")
+            parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in selection_rows(sel)]
+            parts.append("</table>")
     parts.append("<h2>Plots</h2>")
     parts += [_img(p) for p in plots]
     parts.append("<h2>Sub-network spec</h2><pre>" + e(json.dumps(card["spec"], indent=1)[:20000]) + "</pre>")

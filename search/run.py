@@ -122,8 +122,13 @@ def require_feasible(result: SearchResult, problem: Problem) -> Evaluation:
     feasible = [e for e in result.evaluations if e.feasible]
     if feasible:
         return min(feasible, key=lambda e: (e.ppl, e.decode_ms))
-    closest = min(result.evaluations, key=lambda e: e.violation)
-    raise InfeasibleBudget(
+    raise infeasible(result.evaluations, problem)
+
+
+def infeasible(evals: list[Evaluation], problem: Problem) -> InfeasibleBudget:
+    """The error for evaluations none of which meets the budgets, naming the closest one."""
+    closest = min(evals, key=lambda e: e.violation)
+    return InfeasibleBudget(
         f"no sub-network meets the budgets ({problem.budgets.describe()}); closest: perplexity {closest.ppl:.2f}, "
         f"decode {closest.decode_ms:.2f} ms/token, memory {closest.memory_mb:.0f} MB, size {closest.size_mb:.0f} MB "
         f"— relax a budget or raise --budget",

@@ -71,6 +71,44 @@ def test_pack_resumes_from_the_last_finished_stage(small_model_dir, tmp_path, mo
     with pytest.raises(PackError, match="other options"):
         Pack(small_config(small_model_dir, budget=7), out, resume=True)
     p = Pack(cfg, out, resume=True)
-    assert set(p.state["done"]) == {"prepare", "search", "recover"}
+    assert set(p.state["done"]) == {"prepare", "search", "select", "recover"}
     p.run()
     assert (out / "manifest.json").is_file()
+
+
+def test_select_recovers_a_shortlist_and_keeps_the_fastest_that_meets_the_floor(small_model_dir, tmp_path):
+    # a floor of 0 before recovery leaves little feasible: faster front points are shortlisted and recovered
+    cfg = small_config(small_model_dir, accuracy_floor=0.01, recoverable=100.0, shortlist=2, shortlist_steps=2)
+    p = Pack(cfg, tmp_path / "s")
+
+    def finish(stage):
+        p.state.setdefault("done", {})[stage] = {"result": getattr(p, f"stage_{stage}")(), "wall_s": 0}
+
+    finish("prepare")
+    finish("search")
+    # a random model loses nothing by pruning: make faster candidates less accurate, as real ones are
+    path, base = p.work / "evaluations.json", p.result("search")["base"]
+    evals = json.loads(path.read_text())
+    for e in evals:
+        e["ppl"] = base["ppl"] * (1 + max(0.0, 1 - e["decode_ms"] / base["decode_ms"]))
+    path.write_text(json.dumps(evals))
+    finish("select")
+    sel = p.result("select")
+    assert 1 <= len(sel["shortlist"]) <= 2
+    for t in sel["shortlist"]:
+        assert t["meets_floor"] == (t["val_ppl_after"] <= t["val_ppl_limit"])
+    passing = [t["evaluation"] for t in sel["shortlist"] if t["meets_floor"]]
+    want = min(passing, key=lambda e: e["decode_ms"]) if passing else sel["fallback"]
+    assert sel["winner"] == want
+    assert json.loads((p.work / "spec.json").read_text())["meta"]["selected"] == sel["how"]
+
+
+def test_spread_picks_evenly_from_most_to_least_accurate():
+    from types import SimpleNamespace
+
+    from packager.pack import spread
+
+    front = [SimpleNamespace(ppl=float(v)) for v in (5, 1, 4, 2, 3)]
+    assert [e.ppl for e in spread(front, 3)] == [1.0, 3.0, 5.0]
+    assert [e.ppl for e in spread(front, 1)] == [1.0]
+    assert len(spread(front, 9)) == 5
