@@ -109,21 +109,31 @@ def profile(target, runtime, threads, repeats, out, no_resume):
     click.echo(f"profiled {len(table['points'])} points → {table.get('path', out or 'the user table folder')}")
 
 
-def _search_problem(model, target, runtime, mode, budgets, allow_pickle, eval_blocks=8, calib_blocks=16):
-    """Load, importance-sort and wrap a model as a search problem on ``target``."""
-    from packager.pack import cost_fn, search_space
+def _sorted_base(model, allow_pickle, calib_blocks=16):
+    """Load and importance-sort a model as the search does: (loaded model, importance, calibration blocks)."""
     from search.importance import sort_model
-    from search.problem import Problem
     from search.text import token_blocks
     from subnet.loading import load_model
+
+    loaded = load_model(model, allow_pickle=allow_pickle)
+    calib = token_blocks(loaded.tokenizer, "calibration", 256, calib_blocks)
+    return loaded, sort_model(loaded.model, calib), calib
+
+
+def _search_problem(model, target, runtime, mode, budgets, allow_pickle, eval_blocks=8, calib_blocks=16, adapter=None):
+    """Load, importance-sort (and merge a supernet adapter into) a model; wrap it as a search problem on ``target``."""
+    from packager.pack import cost_fn, search_space
+    from search.problem import Problem
+    from search.supernet_tuning import load_supernet_adapter
+    from search.text import token_blocks
     from subnet.supernet import Supernet
     from targets.registry import get_target
 
     tgt = get_target(target)
     rt = tgt.runtime(runtime)
-    loaded = load_model(model, allow_pickle=allow_pickle)
-    calib = token_blocks(loaded.tokenizer, "calibration", 256, calib_blocks)
-    imp = sort_model(loaded.model, calib)
+    loaded, imp, calib = _sorted_base(model, allow_pickle, calib_blocks)
+    if adapter:
+        load_supernet_adapter(loaded.model, adapter)
     space = search_space(loaded.arch, tgt, rt, mode, imp.layer_rank)
     evals = token_blocks(loaded.tokenizer, "evaluation", 256, eval_blocks)
     return Problem(space, Supernet(loaded.model), evals, calib, cost_fn(tgt, rt), budgets)
@@ -144,9 +154,11 @@ def _search_problem(model, target, runtime, mode, budgets, allow_pickle, eval_bl
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", type=click.Path(), required=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted search in --out.")
+@click.option("--supernet-adapter", type=click.Path(), default=None,
+              help="A `packager tune-supernet` adapter folder, merged into the sorted model before the search.")
 @pickle_option
 def search(model, target, runtime, strategy, mode, budget, latency_ms, memory_mb, size_mb, accuracy_floor, seed, out,
-           resume, allow_pickle):  # fmt: skip
+           resume, supernet_adapter, allow_pickle):  # fmt: skip
     """Search sub-networks x weight formats; writes front.json, state.json and front.png to --out."""
     from pathlib import Path
 
@@ -154,13 +166,47 @@ def search(model, target, runtime, strategy, mode, budget, latency_ms, memory_mb
     from search.run import plot_front, require_feasible, run_search
 
     budgets = Budgets(latency_ms=latency_ms, memory_mb=memory_mb, size_mb=size_mb, max_ppl_increase=accuracy_floor)
-    problem = _search_problem(model, target, runtime, mode, budgets, allow_pickle)
+    problem = _search_problem(model, target, runtime, mode, budgets, allow_pickle, adapter=supernet_adapter)
     res = run_search(problem, strategy, budget, seed, out=Path(out), resume=resume)
     plot_front({strategy: res}, Path(out) / "front.png", f"{strategy} on {target}")
     best = require_feasible(res, problem)
     click.echo(f"{len(res.evaluations)} evaluations, {len(res.front)} on the front, hypervolume {res.hypervolume:.4f}; "
                f"base perplexity {res.base.ppl:.2f} at {res.base.decode_ms:.2f} ms/token; most accurate feasible: "
                f"{best.ppl:.2f} at {best.decode_ms:.2f} ms/token → {out}/front.json")  # fmt: skip
+
+
+@main.command("tune-supernet")
+@model_option
+@click.option("--target", default="laptop-cpu", show_default=True)
+@click.option("--runtime", default=None, help="Runtime whose search space is sampled (default: the target's).")
+@click.option("--mode", default="uniform", show_default=True, type=click.Choice(["uniform", "hetero"]))
+@click.option("--steps", default=100, show_default=True, help="Sandwich-rule steps.")
+@click.option("--calib-blocks", default=64, show_default=True, help="Calibration blocks of 256 tokens to tune on.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", type=click.Path(), required=True, help="Folder for the adapter (peft layout).")
+@click.option("--force", is_flag=True, help="Replace an existing --out.")
+@pickle_option
+def tune_supernet_cmd(model, target, runtime, mode, steps, calib_blocks, seed, out, force, allow_pickle):
+    """Sandwich-rule LoRA tuning (InstaTune/LoNAS) of the sorted model's shared weights, saved as an adapter.
+
+    Sorts the model as `packager search` does: pass the adapter to `packager search --supernet-adapter`
+    with the same --model.
+    """
+    from packager.pack import search_space
+    from search.supernet_tuning import (
+        SupernetTuningConfig,
+        tune_supernet,
+        tuning_summary,
+    )
+    from search.text import token_blocks
+    from targets.registry import get_target
+
+    tgt = get_target(target)
+    loaded, imp, _ = _sorted_base(model, allow_pickle)
+    space = search_space(loaded.arch, tgt, tgt.runtime(runtime), mode, imp.layer_rank)
+    text = token_blocks(loaded.tokenizer, "calibration", 256, calib_blocks)
+    path = tune_supernet(loaded.model, space, text, SupernetTuningConfig(steps=steps, seed=seed), out, force=force)
+    click.echo(f"{tuning_summary(path)} → {out}")
 
 
 @main.command()

@@ -129,15 +129,19 @@ def tune_supernet(
     out_dir=None,
     smallest: SubnetSpec | None = None,
     progress: bool = True,
+    force: bool = False,
 ) -> Path:
     """Train a sandwich-rule LoRA adapter on the shared weights of ``model``; return the adapter folder.
 
     ``specs`` is a list of sub-network specs, a ``search.space.SearchSpace`` or a function drawing one
     spec from a ``random.Random``. ``model`` is left unchanged (the adapter is saved, not merged).
+    An existing ``out_dir`` is refused unless ``force``.
     """
     c = config or SupernetTuningConfig()
     if out_dir is None:
         raise SupernetTuningError("tune_supernet needs out_dir, the folder to write the adapter to")
+    if Path(out_dir).exists() and not force:
+        raise SupernetTuningError(f"{out_dir} already exists: choose another output folder or pass --force")
     draw, small = _spec_source(specs, smallest)
     windows = calibration_windows(calib_blocks, c.seq_len, max(2 * c.batch_size, 2))
     arch = arch_of(model.config)
@@ -206,6 +210,20 @@ def _save_adapter(out_dir: Path, state: dict, c: SupernetTuningConfig, fingerpri
     return out_dir
 
 
+def tuning_summary(path) -> str:
+    """One line on a saved tuning run: steps, wall time, and the losses over its first and last tenth."""
+    info = json.loads((Path(path) / "tuning.json").read_text())
+    h = info["history"]
+    k = max(1, len(h) // 10)
+
+    def mean(key, part):
+        return sum(r[key] for r in part) / len(part)
+
+    return (f"tuned {len(h)} steps in {info['wall_s']:.0f} s: full-model CE {mean('full_ce', h[:k]):.3f} → "
+            f"{mean('full_ce', h[-k:]):.3f}, sub-network KD {mean('sub_kd', h[:k]):.4f} → {mean('sub_kd', h[-k:]):.4f} "
+            f"(means of the first and last {k} steps)")  # fmt: skip
+
+
 @torch.no_grad()
 def load_supernet_adapter(model, path) -> torch.nn.Module:
     """Merge a tune_supernet adapter into ``model`` in place (W += scale * B @ A) and return it.
@@ -222,10 +240,12 @@ def load_supernet_adapter(model, path) -> torch.nn.Module:
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     if meta.get("packager") != "supernet_tuning":
         raise SupernetTuningError(f"{file} is not a packager supernet adapter (no tuning metadata)")
-    if meta["base_fingerprint"] != base_fingerprint(model):
+    found = base_fingerprint(model)
+    if meta["base_fingerprint"] != found:
         raise SupernetTuningError(
-            f"adapter {path} was trained on a different base (or a differently sorted one): load it into the model "
-            "sorted with the same importance run it was tuned on"
+            f"supernet adapter {path} was tuned on a different base or importance sort (fingerprint "
+            f"{meta['base_fingerprint']}, this model {found}): pass the model it was tuned on, or re-tune it on this "
+            "one with `packager tune-supernet`"
         )
     scale = float(meta["alpha"]) / float(meta["rank"])
     linears = _linears(model, LINEARS)
