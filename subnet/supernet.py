@@ -83,8 +83,9 @@ class Supernet:
         m, spec, plan = self.model.model, self.spec, self._plan
         hid = plan["hidden"]
         hd = self.arch.head_dim
-        emb = self._weight(m.embed_tokens.weight, None, hid, spec.embed_format)
-        x = F.embedding(input_ids, emb)
+        # only the rows the input uses are rounded (every format rounds rows independently)
+        used, where = torch.unique(input_ids, return_inverse=True)
+        x = F.embedding(where, self._weight(m.embed_tokens.weight, used, hid, spec.embed_format))
         bsz, seq = input_ids.shape
         pos = torch.arange(seq).unsqueeze(0).expand(bsz, -1)
         cos, sin = m.rotary_emb(x, pos)
@@ -110,10 +111,8 @@ class Supernet:
 
     def lm_head(self) -> torch.Tensor:
         """The active sub-network's output projection weight [vocab, hidden] (formats simulated)."""
-        hid = self._plan["hidden"]
-        if self.arch.tie_word_embeddings:
-            return self._weight(self.model.model.embed_tokens.weight, None, hid, self.spec.embed_format)
-        return self._weight(self.model.lm_head.weight, None, hid, self.spec.lm_head_format)
+        head, fmt = self._head_weight()
+        return self._weight(head, None, self._plan["hidden"], fmt)
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -121,19 +120,30 @@ class Supernet:
         return F.linear(self.hidden_states(input_ids), self.lm_head())
 
     @torch.inference_mode()
-    def nll(self, blocks: torch.Tensor, chunk_tokens: int = 256) -> tuple[float, int]:
+    def nll(self, blocks: torch.Tensor, vocab_chunk: int = 4096) -> tuple[float, int]:
         """Summed next-token negative log-likelihood over ``blocks`` [n, seq] and the token count.
 
-        The LM head runs in chunks so the full [tokens, vocab] logits never exist at once.
+        The LM head is rounded and applied ``vocab_chunk`` rows at a time with a running log-sum-exp,
+        so neither the rounded head nor the full [tokens, vocab] logits ever exist at once.
         """
         h = self.hidden_states(blocks)[:, :-1].reshape(-1, self.spec.hidden_size)
         target = blocks[:, 1:].reshape(-1)
-        head = self.lm_head()
-        total = 0.0
-        for s in range(0, target.numel(), chunk_tokens):
-            lg = F.linear(h[s : s + chunk_tokens], head)
-            total += float(F.cross_entropy(lg.float(), target[s : s + chunk_tokens], reduction="sum"))
-        return total, int(target.numel())
+        head, fmt = self._head_weight()
+        lse = torch.full((target.numel(),), float("-inf"))
+        picked = torch.zeros(target.numel())
+        for v0 in range(0, head.shape[0], vocab_chunk):
+            part = head.narrow(0, v0, min(vocab_chunk, head.shape[0] - v0))
+            lg = F.linear(h, self._weight(part, None, self._plan["hidden"], fmt)).float()
+            lse = torch.logaddexp(lse, torch.logsumexp(lg, 1))
+            hit = (target >= v0) & (target < v0 + lg.shape[1])
+            picked[hit] = lg[hit, target[hit] - v0]
+        return float((lse - picked).sum()), int(target.numel())
+
+    def _head_weight(self) -> tuple[torch.Tensor, str]:
+        """The base output projection (the embedding when tied) and the spec's format for it."""
+        if self.arch.tie_word_embeddings:
+            return self.model.model.embed_tokens.weight, self.spec.embed_format
+        return self.model.lm_head.weight, self.spec.lm_head_format
 
     def perplexity(self, blocks: torch.Tensor, batch_blocks: int = 8) -> float:
         """Perplexity of the active sub-network on ``blocks`` (quantization simulated)."""
