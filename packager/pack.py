@@ -177,8 +177,6 @@ class Pack:
         faster front candidates get a short recovery (LoRA + distillation, formats simulated); the
         fastest of them whose recovered perplexity meets the floor on held-out calibration text wins.
         """
-        from search.recovery import RecoveryConfig, recover
-
         evals = [Evaluation(**e) for e in json.loads((self.work / "evaluations.json").read_text())]
         base_ev = Evaluation(**self.result("search")["base"])
         model = self.sorted_model()
@@ -188,21 +186,7 @@ class Pack:
         feasible = [e for e in strict if e.feasible]
         fallback = min(feasible, key=lambda e: (e.decode_ms, e.ppl)) if feasible else None
         faster = [e for e in pareto_front(evals) if fallback is None or e.decode_ms < fallback.decode_ms]
-        tried = []
-        if faster and self.cfg.shortlist:
-            calib, val = self.recovery_blocks()
-            net = Supernet(model)
-            base_val = net.activate(base_ev.spec_obj()).perplexity(val)
-            limit = base_val * (1 + self.cfg.accuracy_floor)
-            for e in spread(faster, self.cfg.shortlist):
-                spec = e.spec_obj()
-                res = recover(model, extract(model, spec), spec, calib, val,
-                              RecoveryConfig(max_steps=self.cfg.shortlist_steps, eval_every=10, qat=True))  # fmt: skip
-                tried.append({"evaluation": asdict(e), "val_ppl_before": res.ppl_before, "val_ppl_after": res.ppl_after,
-                              "val_ppl_limit": limit, "meets_floor": res.ppl_after <= limit, "wall_s": res.wall_s})  # fmt: skip
-                console.print(f"  shortlist: {_spec_summary(spec)}: {e.decode_ms:.2f} ms/token, held-out ppl "
-                              f"{res.ppl_before:.2f} → {res.ppl_after:.2f} after {res.steps_run} steps "
-                              f"(limit {limit:.2f})")  # fmt: skip
+        tried = self.short_recoveries(model, base_ev, spread(faster, self.cfg.shortlist)) if self.cfg.shortlist else []
         passing = [t for t in tried if t["meets_floor"]]
         if passing:
             best = min(passing, key=lambda t: t["evaluation"]["decode_ms"])
@@ -217,6 +201,34 @@ class Pack:
         spec.save(self.work / "spec.json")
         return {"winner": asdict(winner), "how": how, "fallback": asdict(fallback) if fallback else None,
                 "shortlist": tried}  # fmt: skip
+
+    def short_recoveries(self, model, base_ev: Evaluation, candidates: list[Evaluation]) -> list[dict]:
+        """Give each candidate ``shortlist_steps`` of recovery; its perplexity before/after vs the floor.
+
+        Perplexity is measured on held-out calibration blocks against the base (widest formats) on the
+        same blocks. Finished candidates are kept in ``shortlist.json``, so a resumed run skips them.
+        """
+        from search.recovery import RecoveryConfig, recover
+
+        if not candidates:
+            return []
+        calib, val = self.recovery_blocks()
+        limit = Supernet(model).activate(base_ev.spec_obj()).perplexity(val) * (1 + self.cfg.accuracy_floor)
+        done_path = self.work / "shortlist.json"
+        done = json.loads(done_path.read_text()) if done_path.exists() else {}
+        for e in candidates:
+            key = ",".join(map(str, e.x))
+            if key in done:
+                continue
+            spec = e.spec_obj()
+            res = recover(model, extract(model, spec), spec, calib, val,
+                          RecoveryConfig(max_steps=self.cfg.shortlist_steps, eval_every=10, qat=True))  # fmt: skip
+            done[key] = {"evaluation": asdict(e), "val_ppl_before": res.ppl_before, "val_ppl_after": res.ppl_after,
+                         "val_ppl_limit": limit, "meets_floor": res.ppl_after <= limit, "wall_s": res.wall_s}  # fmt: skip
+            done_path.write_text(json.dumps(done))
+            console.print(f"  shortlist: {_spec_summary(spec)}: {e.decode_ms:.2f} ms/token, held-out ppl "
+                          f"{res.ppl_before:.2f} → {res.ppl_after:.2f} after {res.steps_run} steps (limit {limit:.2f})")  # fmt: skip
+        return [done[",".join(map(str, e.x))] for e in candidates]
 
     def recovery_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(training, early-stopping) calibration blocks: the evaluation text stays unseen by recovery."""
