@@ -12,8 +12,8 @@ ranking, which candidate each ranking would pick under a perplexity floor, and w
 
 Training text is the calibration split; early stopping of recovery uses a quarter of the evaluation
 blocks and every perplexity in the table is on the other three quarters (never trained or stopped on).
-With --json the numbers are saved after every phase and a rerun with the same file and settings
-continues where it stopped (the adapter is kept in --work).
+With --json the numbers are saved after every phase and candidate; a rerun with the same file keeps
+every phase whose settings did not change (the adapter is kept in --work).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from search.supernet_tuning import (
     SupernetTuningConfig,
     load_supernet_adapter,
     tune_supernet,
+    tuning_summary,
 )
 from search.text import token_blocks
 from subnet.extract import extract
@@ -72,6 +73,34 @@ def pick(ppls: list[float], params: list[float], quantile: float) -> int:
     return min(ok, key=lambda i: params[i])
 
 
+# what each phase's numbers depend on: a rerun keeps a phase whose settings are unchanged
+PHASES = {
+    "candidates": (("k", "min_cut", "max_cut", "eval_blocks", "seed"), ("supernet ppl before tuning",), ()),
+    "tuning": (("tune_steps", "tune_seq_len", "tune_batch", "tune_lr", "calib_blocks"),
+               ("supernet tuning", "supernet ppl after tuning"), ("ppl_tuned",)),
+    "recovery": (("recover_steps", "calib_blocks"), ("recoveries",), ("ppl_recovered", "recover_s")),
+}
+
+
+def resume(old: dict, settings: dict) -> dict:
+    """``old`` saved numbers, less the phases whose settings differ from ``settings``."""
+    fresh = {"settings": settings, "wall_s": {}, "rows": []}
+    same = {ph: all(old.get("settings", {}).get(k) == settings[k] for k in keys) for ph, (keys, _, _) in PHASES.items()}
+    if not same["candidates"]:
+        return fresh
+    for ph, (_, walls, fields) in PHASES.items():
+        if not same[ph]:
+            for w in walls:
+                old["wall_s"].pop(w, None)
+            for r in old["rows"]:
+                for f in fields:
+                    r.pop(f, None)
+            if ph == "tuning":
+                old.pop("base_ppl_tuned", None)
+    old["settings"] = settings
+    return old
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--k", type=int, default=8, help="sub-networks")
@@ -95,10 +124,8 @@ def main() -> None:
     settings = {k: v for k, v in vars(args).items() if k not in ("json", "work")}
     state = {"settings": settings, "wall_s": {}, "rows": []}
     if args.json and Path(args.json).is_file():
-        old = json.loads(Path(args.json).read_text())
-        if old.get("settings") == settings:
-            state = old
-            console.print(f"resuming from {args.json}")
+        state = resume(json.loads(Path(args.json).read_text()), settings)
+        console.print(f"resuming from {args.json}: done {', '.join(state['wall_s']) or 'nothing'}")
 
     def save() -> None:
         if args.json:
@@ -147,6 +174,7 @@ def main() -> None:
     cfg = SupernetTuningConfig(steps=args.tune_steps, seq_len=args.tune_seq_len, batch_size=args.tune_batch,
                                lr=args.tune_lr, seed=args.seed)  # fmt: skip
     timed("supernet tuning", lambda: tune_supernet(model, space, calib, cfg, out_dir=adapter, force=True))
+    console.print(tuning_summary(adapter))
     load_supernet_adapter(model, adapter)
     timed("supernet ppl after tuning", supernet_ppl("ppl_tuned"))
     model.load_state_dict(sorted_state)  # recovery starts from the untuned sorted base, as `pack` does

@@ -10,7 +10,8 @@ sub-networks on the KL to the largest network's (detached) distribution.
 
 The adapter is saved in peft's layout (``adapter_model.safetensors`` + ``adapter_config.json``) with a
 fingerprint of the sorted base it was trained on; ``load_supernet_adapter`` checks the fingerprint and
-merges the adapter into the base before search.
+merges the adapter into the base before search (`packager tune-supernet` writes one, `packager search
+--supernet-adapter` merges it).
 """
 
 from __future__ import annotations
