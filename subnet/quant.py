@@ -258,15 +258,28 @@ _FAST = {
 }
 
 
-def ort_dynamic_quantize_input(x: torch.Tensor) -> torch.Tensor:
+INT8_SCOPES = ("token", "tensor")  # what one DynamicQuantizeLinear range spans in the simulation
+
+
+def ort_dynamic_quantize_input(x: torch.Tensor, scope: str = "tensor") -> torch.Tensor:
     """What ORT's ``DynamicQuantizeLinear`` does to a MatMul input under ``quantize_dynamic``: uint8,
-    asymmetric, one scale for the whole tensor (range widened to include 0, round half to even)."""
+    asymmetric, range widened to include 0, scale = (max-min)/255, zp = round(-min/scale), round half to
+    even (bit-exact with ORT on the tensor it is given).
+
+    ``scope="tensor"``: one range for all of ``x``, which is what ORT computes for one call on ``x``;
+    ``scope="token"``: one range per token (last axis), which is what ORT computes when it decodes one
+    token per call at batch 1. One outlier token sets a "tensor" range for every other token.
+    """
+    if scope not in INT8_SCOPES:
+        raise QuantError(f"int8 activation scope {scope!r} is not one of {INT8_SCOPES}")
     xf = x.to(torch.float32)
-    lo = xf.amin().clamp(max=0.0)
-    hi = xf.amax().clamp(min=0.0)
+    dims = (-1,) if scope == "token" else tuple(range(xf.dim()))
+    lo = xf.amin(dim=dims, keepdim=True).clamp(max=0.0)
+    hi = xf.amax(dim=dims, keepdim=True).clamp(min=0.0)
     scale = (hi - lo) / 255
-    if scale == 0:
-        return x
+    if not scale.all():  # an all-zero token (or tensor) stays zero
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        lo = torch.where(hi == lo, torch.zeros_like(lo), lo)
     zp = torch.clamp(torch.round(-lo / scale), 0, 255)
     q = torch.clamp(torch.round(xf / scale) + zp, 0, 255)
     return ((q - zp) * scale).to(x.dtype)
@@ -282,10 +295,17 @@ def ort_block_quantize_input(x: torch.Tensor, block: int) -> torch.Tensor:
     return (q * scale).reshape(x.shape).to(x.dtype)
 
 
-def input_quantizer(fmt: str, accuracy_level: int | None):
-    """How the runtime of ``fmt`` quantizes a linear's input (None: it does not)."""
+def input_quantizer(fmt: str, accuracy_level: int | None, int8_scope: str = "token"):
+    """How the runtime of ``fmt`` quantizes a linear's input (None: it does not).
+
+    int8 (``quantize_dynamic``) quantizes the whole tensor of each call with one range: ``int8_scope``
+    picks the tensor the simulation stands for ("token": one-token decode at batch 1, the default, and
+    independent of how an evaluator batches its text; "tensor": the whole input, e.g. one prefill call).
+    """
     if fmt == "int8":
-        return ort_dynamic_quantize_input
+        if int8_scope not in INT8_SCOPES:
+            raise QuantError(f"int8 activation scope {int8_scope!r} is not one of {INT8_SCOPES}")
+        return lambda x: ort_dynamic_quantize_input(x, int8_scope)
     if fmt in ("int8_b32", "int4_b32", "int4_b128") and accuracy_level == 4:
         block = get_format(fmt).block
         return lambda x: ort_block_quantize_input(x, block)
@@ -314,7 +334,8 @@ def _plan(model, spec) -> list[tuple[str, object, str]]:
 
 
 def fake_quantize_model(
-    model, spec, inplace: bool = False, activations: bool = True, ort_accuracy_level: int | None = 4
+    model, spec, inplace: bool = False, activations: bool = True, ort_accuracy_level: int | None = 4,
+    int8_scope: str = "token",
 ):
     """``model`` (an extracted sub-network of ``spec``) with every weight rounded through its spec format.
 
@@ -324,7 +345,9 @@ def fake_quantize_model(
     ``activations``, linears in formats whose runtime also quantizes their input get a forward
     pre-hook that simulates it: ORT int8 (``quantize_dynamic``: uint8 per tensor) and, when
     ``ort_accuracy_level`` is 4 (int8 compute, the fast setting), the MatMulNBits formats (int8 per
-    token and block). Returns the model (a copy unless ``inplace``).
+    token and block). ``int8_scope`` is the range one ORT int8 input quantization spans (see
+    ``input_quantizer``): "token" (default) simulates decoding; "tensor" one call on the whole input.
+    Returns the model (a copy unless ``inplace``).
     """
     plan = _plan(model, spec)
     with torch.no_grad():
@@ -338,7 +361,7 @@ def fake_quantize_model(
                 memo[id(w)] = torch.nn.Parameter(fake_quantize(w, fmt), requires_grad=w.requires_grad)
             model = copy.deepcopy(model, memo)
     for name, m, fmt in plan:
-        quant = input_quantizer(fmt, ort_accuracy_level)
+        quant = input_quantizer(fmt, ort_accuracy_level, int8_scope)
         if activations and quant is not None and not isinstance(m, torch.nn.Embedding):
             model.get_submodule(name).register_forward_pre_hook(lambda _m, args, q=quant: (q(args[0]), *args[1:]))
     return model

@@ -231,6 +231,15 @@ def linear_nodes(model: onnx.ModelProto) -> dict[str, str]:
     return found
 
 
+def linear_io(model: onnx.ModelProto, nodes: dict[str, str]) -> dict[str, list[str]]:
+    """``layers.{i}.{linear}`` / ``lm_head`` -> [input, output] tensor names of its MatMul.
+
+    ORT's quantizers keep both names (the input feeds the activation quantizer or MatMulNBits, the
+    output comes from the node chain that replaces the MatMul), so they name the linear afterwards too.
+    """
+    return {nodes[n.name]: [n.input[0], n.output[0]] for n in model.graph.node if n.name in nodes}
+
+
 def wanted_formats(spec: SubnetSpec, nodes: dict[str, str]) -> dict[str, str]:
     """MatMul node name -> the format the spec asks for it."""
     out = {}
@@ -382,6 +391,7 @@ def write_onnx(model, spec: SubnetSpec, folder: Path, optimize: bool = False) ->
     if missing:
         raise ExportError(f"could not find the MatMul of {sorted(missing)[:3]} in the exported graph")
     want = wanted_formats(spec, nodes)
+    io = linear_io(graph, nodes)
     by_fmt: dict[str, list[str]] = {}
     for node, fmt in want.items():
         by_fmt.setdefault(fmt, []).append(node)
@@ -412,6 +422,7 @@ def write_onnx(model, spec: SubnetSpec, folder: Path, optimize: bool = False) ->
         "opset": {d.domain or "ai.onnx": d.version for d in final.opset_import},
         "applied": applied,
         "nodes": nodes,
+        "linear_io": io,
         "embedding": {
             "requested": spec.embed_format,
             "applied": "f16" if embed_f16 else "f32",

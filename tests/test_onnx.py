@@ -119,6 +119,37 @@ def test_mixed_formats_land_on_the_right_matmuls(family, kind, tmp_path):
     p = art.meta["parity"]  # vs torch with the same simulated formats (subnet.quant)
     assert p["max_abs_diff"] <= 2e-2
     assert p["top1_agreement"] >= 0.95
+    assert p["format_class"] == "dynamic_int8" and p["decode_top1_agreement"] >= 0.95
+    assert p["linears"]["n_linears"] == len(art.meta["linear_io"]) >= 7 * len(spec.layers)
+    assert p["linears"]["max_rel_err"] <= 1e-4 and p["within_bounds"]
+
+
+def test_int8_with_outlier_token_matches_decode_and_every_linear(tmp_path):
+    """A first token with outlier activations (as in real LMs) sets ORT's int8 range for the whole
+    prefill call but not for later one-token decode calls: decoding follows the "token" simulation, the
+    prefill call the "tensor" one, and every linear matches on ORT's own input."""
+    from subnet.quant import fake_quantize_model
+
+    base = tiny_model("llama")
+    with torch.no_grad():
+        base.model.embed_tokens.weight[IDS[0]] *= 300
+    spec = SubnetSpec.uniform(arch_of(base.config), layers=[0, 1, 2, 3], fmt="int8", embed_format="f32")
+    model = extract(base, spec)
+    art = onnxrt.export(model, None, spec, tmp_path / "out")
+    p = onnxrt.parity(art, model, spec, IDS)
+    assert p["format_class"] == "dynamic_int8" and p["within_bounds"]
+    assert p["linears"]["max_rel_err"] <= 1e-4 and p["linears"]["n_linears"] == 4 * 7 + 1  # + the tied lm_head (f32)
+    assert p["max_abs_diff"] <= 1e-3 and p["decode_max_abs_diff"] <= 1e-3
+    assert p["top1_agreement"] == 1.0 and p["decode_top1_agreement"] == 1.0
+    # the old simulation (one range over the whole sequence) is not what decoding computes
+    runner = onnxrt.load(art)
+    past, steps = runner.empty_past(), []
+    for t in IDS:
+        logits, past = runner.step(np.array([[t]]), past)
+        steps.append(logits[0, -1])
+    with torch.no_grad():
+        old = fake_quantize_model(model, spec, int8_scope="tensor")(torch.tensor([IDS])).logits[0].numpy()
+    assert np.abs(np.stack(steps) - old).max() > 100 * p["decode_max_abs_diff"]
 
 
 def test_gguf_only_format_is_refused(tmp_path):
@@ -172,6 +203,16 @@ def test_smollm2_pruned_greedy_matches_torch(smollm2, tmp_path):
     got = onnxrt.load(art, threads=2).generate(ids, 8)
     ref = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
     assert got == ref
+
+
+@pytest.mark.integration
+def test_smollm2_int8_every_linear_matches_simulation(smollm2, tmp_path):
+    """All-int8 SmolLM2: logits are chaotic (see onnxrt.PARITY_BOUNDS), every linear is exact."""
+    spec = SubnetSpec.uniform(smollm2.arch, layers=[0, 1, 2, 3, 11, 28, 29], fmt="int8", embed_format="f32")
+    model = extract(smollm2.model, spec)
+    art = onnxrt.export(model, smollm2.tokenizer, spec, tmp_path / "smol")
+    p = art.meta["parity"]
+    assert p["linears"]["n_linears"] == 7 * 7 + 1 and p["linears"]["max_rel_err"] <= 1e-4 and p["within_bounds"]
 
 
 @pytest.fixture(scope="module")

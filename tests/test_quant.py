@@ -183,6 +183,47 @@ def test_int8_matches_ort_quantize_dynamic(tmp_path):
     assert np.abs(y - x @ fq.T).max() > 1e-4 * np.abs(y).max()
 
 
+def test_int8_token_scope_matches_ort_one_token_per_call(tmp_path):
+    """Decoding runs one token per call, so ORT's DynamicQuantizeLinear range is that token's own: the
+    "token" scope reproduces it bit for bit, also with an outlier token in the batch (which the
+    "tensor" scope lets set everybody's range)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    w = weight(rows=48, cols=256)
+    x = np.random.default_rng(2).standard_normal((6, 256)).astype(np.float32)
+    x[0] *= 300  # an outlier token (as the first token of a real LM)
+    x[3] = 0  # an all-zero token stays zero
+    src = _matmul_model(w, tmp_path / "m.onnx")
+    quantize_dynamic(src, tmp_path / "q.onnx", per_channel=True, weight_type=QuantType.QInt8)
+    fq = fake_quantize(torch.from_numpy(w), "int8").numpy()
+    xt = torch.from_numpy(x)
+    per_call = np.concatenate([_run(tmp_path / "q.onnx", x[i : i + 1]) for i in range(len(x))])
+    ours = ort_dynamic_quantize_input(xt, "token").numpy()
+    for i in range(len(x)):
+        assert bits_equal(ours[i : i + 1], ort_dynamic_quantize_input(xt[i : i + 1]).numpy())
+    row_max = np.abs(per_call).max(axis=1, keepdims=True)
+    assert (np.abs(per_call - ours @ fq.T) <= 1e-5 * row_max).all()  # fp32 accumulation order only
+    assert not ours[3].any()
+    whole = ort_dynamic_quantize_input(xt, "tensor").numpy() @ fq.T
+    assert np.abs(whole[1:] - per_call[1:]).max() > 0.1 * np.abs(per_call[1:]).max()  # the old simulation
+    with pytest.raises(ValueError, match="scope 'row' is not one of"):
+        ort_dynamic_quantize_input(xt, "row")
+
+
+def test_int8_simulation_does_not_depend_on_batching():
+    """A sequence scores the same alone or batched with an outlier sequence (old: one range per batch)."""
+    base = tiny_model("llama")
+    spec = SubnetSpec.full(arch_of(base.config), "int8")
+    model = extract(base, spec)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[7] *= 200  # token 7 makes outlier activations
+        ids = torch.tensor([[5, 17, 42, 99, 3, 64], [7, 7, 7, 7, 7, 7]])
+        for scope, same in (("token", True), ("tensor", False)):
+            sim = fake_quantize_model(model, spec, int8_scope=scope)
+            alone, batched = sim(ids[:1]).logits[0], sim(ids).logits[0]
+            assert torch.allclose(alone, batched, atol=1e-5) == same, scope
+
+
 @pytest.mark.parametrize("fmt,bits,block", [("int8_b32", 8, 32), ("int4_b32", 4, 32), ("int4_b128", 4, 128)])
 def test_blockwise_accuracy_level_4_matches_ort(tmp_path, fmt, bits, block):
     """accuracy_level=4 also quantizes the input (int8 per token and block): simulated, ORT agrees."""
@@ -305,8 +346,10 @@ def test_fake_quantize_model_int8_quantizes_inputs_and_runs():
     x = torch.randn(2, 3, lin.in_features)
     with torch.no_grad():
         y = lin(x)
-        expect = ort_dynamic_quantize_input(x) @ lin.weight.T
+        expect = ort_dynamic_quantize_input(x, "token") @ lin.weight.T  # default: one range per token
         assert torch.allclose(y, expect, atol=1e-6)
+        whole = _linear(fake_quantize_model(model, spec, int8_scope="tensor"), 1, "up_proj")
+        assert torch.allclose(whole(x), ort_dynamic_quantize_input(x) @ lin.weight.T, atol=1e-6)
         assert not torch.allclose(y, x @ lin.weight.T, atol=1e-6)
         weights_only = fake_quantize_model(model, spec, activations=False)
         assert torch.allclose(_linear(weights_only, 1, "up_proj")(x), x @ lin.weight.T, atol=1e-6)
