@@ -46,6 +46,7 @@ def test_f32_logits_match_torch(f32_export):
     assert np.abs(got - ref).max() <= 1e-3
     assert (got.argmax(-1) == ref.argmax(-1)).all()
     assert art.meta["parity"]["top1_agreement"] == 1.0 and art.meta["parity"]["max_abs_diff"] <= 1e-3
+    assert art.meta["parity"]["format_class"] == "float" and art.meta["parity"]["within_bounds"]
 
 
 def test_f32_graph_io_names_and_per_layer_kv(f32_export):
