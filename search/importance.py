@@ -9,9 +9,6 @@ kept and depth choices keep the top-k blocks: "cosine" is 1 - cos(block input, b
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import gc
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +17,7 @@ import torch
 from rich.progress import Progress
 
 from subnet.arch import arch_of
+from subnet.heap import return_freed_heap
 from subnet.permute import permute_heads, permute_hidden, permute_mlp
 from subnet.spec import SubnetSpec
 from subnet.supernet import Supernet
@@ -182,19 +180,11 @@ def apply_sort(model, scores: dict) -> dict:
     return out
 
 
-def release_freed_memory() -> None:
-    """Hand the heap that scoring freed back to the OS (glibc keeps it otherwise: ~330 MiB on SmolLM2)."""
-    gc.collect()
-    libc = ctypes.util.find_library("c")
-    if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):
-        ctypes.CDLL(libc).malloc_trim(0)
-
-
 def sort_model(model, blocks: torch.Tensor, unit_method: str = "magnitude", layer_method: str = "cosine") -> Importance:
     """Score and permute ``model`` in place on calibration ``blocks``; return the block ranking."""
     scores = unit_scores(model, blocks, unit_method)
     sorted_scores = apply_sort(model, scores)
     ls = layer_scores(model, blocks, layer_method)
     rank = sorted(range(len(ls)), key=lambda i: -ls[i])
-    release_freed_memory()
+    return_freed_heap()
     return Importance(unit_method, layer_method, ls, rank, int(blocks.numel()), sorted_scores)

@@ -10,27 +10,14 @@ the forward pass so that at most one layer's quantized copy exists at a time.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-
 import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from subnet.arch import arch_of
 from subnet.extract import layer_index_sets
+from subnet.heap import free_large_blocks_eagerly
 from subnet.spec import SubnetSpec
-
-
-def _free_large_blocks_eagerly() -> None:
-    """Serve allocations of 1 MiB and more by mmap, so what a candidate frees goes back to the OS.
-
-    glibc otherwise raises its mmap threshold as large blocks are freed and keeps them in its heap:
-    measured on SmolLM2, a 50-candidate sweep then peaks ~150 MiB higher.
-    """
-    libc = ctypes.util.find_library("c")
-    if libc and hasattr(ctypes.CDLL(libc), "mallopt"):
-        ctypes.CDLL(libc).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (glibc's malloc.h: -3)
 
 
 def _compact(idx: torch.Tensor) -> int | torch.Tensor:
@@ -59,7 +46,7 @@ class Supernet:
     """A view of ``model`` that computes the sub-network of the active spec."""
 
     def __init__(self, model):
-        _free_large_blocks_eagerly()
+        free_large_blocks_eagerly()
         self.model = model.eval()
         self.arch = arch_of(model.config)
         self.eps = model.config.rms_norm_eps

