@@ -239,15 +239,15 @@ class Pack:
         spec = SubnetSpec.load(self.work / "spec.json")
         model = self.sorted_model()
         sub = extract(model, spec)
-        from search.recovery import RecoveryConfig, RecoveryError, recover
+        from search.recovery import RecoveryConfig, base_format, nothing_to_recover, recover
 
-        calib, val = self.recovery_blocks()
-        try:
-            res = recover(model, sub, spec, calib, val, RecoveryConfig(max_steps=self.cfg.recover_steps, qat=True),
-                          out_dir=self.work / "recovery", resume=True)  # fmt: skip
-        except RecoveryError as e:  # the base itself at lossless formats: nothing to recover
+        why = nothing_to_recover(spec, base_format(model), qat=True)
+        if why:  # the base itself at lossless formats
             sub.save_pretrained(self.work / "recovered")
-            return {"skipped": str(e)}
+            return {"skipped": why}
+        calib, val = self.recovery_blocks()
+        res = recover(model, sub, spec, calib, val, RecoveryConfig(max_steps=self.cfg.recover_steps, qat=True),
+                      out_dir=self.work / "recovery", resume=True)  # fmt: skip
         res.model.save_pretrained(self.work / "recovered")
         return {"ppl_before": res.ppl_before, "ppl_after": res.ppl_after, "steps_run": res.steps_run,
                 "best_step": res.best_step, "wall_s": res.wall_s, "stopped_reason": res.stopped_reason}  # fmt: skip

@@ -126,21 +126,24 @@ def keeps_whole_base(spec: SubnetSpec) -> bool:
     )  # fmt: skip
 
 
+def nothing_to_recover(spec: SubnetSpec, base_fmt: str, qat: bool) -> str | None:
+    """Why recovering ``spec`` would train nothing (the student equals its teacher); None otherwise."""
+    if not keeps_whole_base(spec):
+        return None
+    if spec.formats_used() <= {base_fmt, "f32"}:
+        return (f"spec keeps the whole base model at its base format ({base_fmt}): nothing to recover; "
+                "recover a pruned spec, or a quantized one with qat=True")  # fmt: skip
+    if not qat:
+        return ("spec keeps the whole base model and only changes weight formats: without qat the student equals "
+                "the teacher, nothing to recover; pass qat=True to recover quantization error")  # fmt: skip
+    return None
+
+
 def check_recoverable(spec: SubnetSpec, base_fmt: str, qat: bool) -> None:
     """Raise RecoveryError when the sub-network equals its teacher (nothing to recover)."""
-    if not keeps_whole_base(spec):
-        return
-    lossless = {base_fmt, "f32"}
-    if spec.formats_used() <= lossless:
-        raise RecoveryError(
-            f"spec keeps the whole base model at its base format ({base_fmt}): nothing to recover; "
-            "recover a pruned spec, or a quantized one with qat=True"
-        )
-    if not qat:
-        raise RecoveryError(
-            "spec keeps the whole base model and only changes weight formats: without qat the student equals "
-            "the teacher, nothing to recover; pass qat=True to recover quantization error"
-        )
+    why = nothing_to_recover(spec, base_fmt, qat)
+    if why:
+        raise RecoveryError(why)
 
 
 def calibration_windows(blocks: torch.Tensor, seq_len: int, need: int) -> torch.Tensor:

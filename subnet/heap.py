@@ -8,15 +8,16 @@ holds far more RSS than it uses. Both functions are no-ops where the C library l
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import gc
 
 M_MMAP_THRESHOLD = -3  # glibc malloc.h
 
 
+@functools.cache
 def _libc_function(name: str):
-    path = ctypes.util.find_library("c")
-    return getattr(ctypes.CDLL(path), name, None) if path else None
+    """A C library function of this process (looked up once), or None where it has none of that name."""
+    return getattr(ctypes.CDLL(None), name, None)
 
 
 def return_freed_heap() -> None:
