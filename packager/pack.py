@@ -182,11 +182,12 @@ class Pack:
         model = self.sorted_model()
         problem = self.problem(model, self.cfg.accuracy_floor)
         problem.base_ppl = base_ev.ppl
-        strict = [replace(e, violation=problem.violation(e.ppl, asdict(e))) for e in evals]
+        strict = [replace(e, violation=problem.violation(e.ppl, vars(e))) for e in evals]
         feasible = [e for e in strict if e.feasible]
         fallback = min(feasible, key=lambda e: (e.decode_ms, e.ppl)) if feasible else None
         faster = [e for e in pareto_front(evals) if fallback is None or e.decode_ms < fallback.decode_ms]
-        tried = self.short_recoveries(model, base_ev, spread(faster, self.cfg.shortlist)) if self.cfg.shortlist else []
+        shortlist = spread(faster, self.cfg.shortlist) if self.cfg.shortlist else []
+        tried = self.short_recoveries(problem.supernet, base_ev, shortlist)
         passing = [t for t in tried if t["meets_floor"]]
         if passing:
             best = min(passing, key=lambda t: t["evaluation"]["decode_ms"])
@@ -202,7 +203,7 @@ class Pack:
         return {"winner": asdict(winner), "how": how, "fallback": asdict(fallback) if fallback else None,
                 "shortlist": tried}  # fmt: skip
 
-    def short_recoveries(self, model, base_ev: Evaluation, candidates: list[Evaluation]) -> list[dict]:
+    def short_recoveries(self, net: Supernet, base_ev: Evaluation, candidates: list[Evaluation]) -> list[dict]:
         """Give each candidate ``shortlist_steps`` of recovery; its perplexity before/after vs the floor.
 
         Perplexity is measured on held-out calibration blocks against the base (widest formats) on the
@@ -212,12 +213,12 @@ class Pack:
 
         if not candidates:
             return []
-        calib, val = self.recovery_blocks()
-        limit = Supernet(model).activate(base_ev.spec_obj()).perplexity(val) * (1 + self.cfg.accuracy_floor)
+        model, (calib, val) = net.model, self.recovery_blocks()
+        limit = net.activate(base_ev.spec_obj()).perplexity(val) * (1 + self.cfg.accuracy_floor)
         done_path = self.work / "shortlist.json"
         done = json.loads(done_path.read_text()) if done_path.exists() else {}
-        for e in candidates:
-            key = ",".join(map(str, e.x))
+        keys = [",".join(map(str, e.x)) for e in candidates]
+        for key, e in zip(keys, candidates):
             if key in done:
                 continue
             spec = e.spec_obj()
@@ -228,7 +229,7 @@ class Pack:
             done_path.write_text(json.dumps(done))
             console.print(f"  shortlist: {_spec_summary(spec)}: {e.decode_ms:.2f} ms/token, held-out ppl "
                           f"{res.ppl_before:.2f} → {res.ppl_after:.2f} after {res.steps_run} steps (limit {limit:.2f})")  # fmt: skip
-        return [done[",".join(map(str, e.x))] for e in candidates]
+        return [done[key] for key in keys]
 
     def recovery_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(training, early-stopping) calibration blocks: the evaluation text stays unseen by recovery."""

@@ -261,6 +261,11 @@ _FAST = {
 INT8_SCOPES = ("token", "tensor")  # what one DynamicQuantizeLinear range spans in the simulation
 
 
+def _check_int8_scope(scope: str) -> None:
+    if scope not in INT8_SCOPES:
+        raise QuantError(f"int8 activation scope {scope!r} is not one of {INT8_SCOPES}")
+
+
 def ort_dynamic_quantize_input(x: torch.Tensor, scope: str = "tensor") -> torch.Tensor:
     """What ORT's ``DynamicQuantizeLinear`` does to a MatMul input under ``quantize_dynamic``: uint8,
     asymmetric, range widened to include 0, scale = (max-min)/255, zp = round(-min/scale), round half to
@@ -270,8 +275,7 @@ def ort_dynamic_quantize_input(x: torch.Tensor, scope: str = "tensor") -> torch.
     ``scope="token"``: one range per token (last axis), which is what ORT computes when it decodes one
     token per call at batch 1. One outlier token sets a "tensor" range for every other token.
     """
-    if scope not in INT8_SCOPES:
-        raise QuantError(f"int8 activation scope {scope!r} is not one of {INT8_SCOPES}")
+    _check_int8_scope(scope)
     xf = x.to(torch.float32)
     dims = (-1,) if scope == "token" else tuple(range(xf.dim()))
     lo = xf.amin(dim=dims, keepdim=True).clamp(max=0.0)
@@ -303,8 +307,7 @@ def input_quantizer(fmt: str, accuracy_level: int | None, int8_scope: str = "tok
     independent of how an evaluator batches its text; "tensor": the whole input, e.g. one prefill call).
     """
     if fmt == "int8":
-        if int8_scope not in INT8_SCOPES:
-            raise QuantError(f"int8 activation scope {int8_scope!r} is not one of {INT8_SCOPES}")
+        _check_int8_scope(int8_scope)  # now, not at the first forward
         return lambda x: ort_dynamic_quantize_input(x, int8_scope)
     if fmt in ("int8_b32", "int4_b32", "int4_b128") and accuracy_level == 4:
         block = get_format(fmt).block
