@@ -52,6 +52,7 @@ class PackConfig:
     recoverable: float = 0.3  # pre-recovery perplexity increase the search explores and the shortlist tries
     shortlist: int = 3  # candidates faster than the fastest floor-meeting one, each given a short recovery
     shortlist_steps: int = 30  # recovery steps per shortlisted candidate
+    promote_margin: float = 0.05  # a shortlisted candidate missing the floor by at most this gets the full recovery
     runtimes: list[str] = field(default_factory=list)  # default: every runtime of the target
     strategy: str = "nsga2"
     mode: str = "uniform"
@@ -138,12 +139,7 @@ class Pack:
         loaded = self.base()
         model = loaded.model
         imp = sort_model(model, self.blocks("calibration", self.cfg.calib_blocks))
-        tmp = self.work / "sorted.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
-        shutil.rmtree(self.work / "sorted", ignore_errors=True)
-        tmp.rename(self.work / "sorted")
+        save_model(model, self.work / "sorted", loaded.tokenizer)
         imp.save(self.work / "importance.json")
         self._loaded = None  # the in-memory model is now permuted: reload the untouched one when needed
         return {"layer_rank": imp.layer_rank, "calibration_tokens": imp.calibration_tokens,
@@ -189,10 +185,15 @@ class Pack:
         shortlist = spread(faster, self.cfg.shortlist) if self.cfg.shortlist else []
         tried = self.short_recoveries(problem.supernet, base_ev, shortlist)
         passing = [t for t in tried if t["meets_floor"]]
+        promoted = None if passing else self.promotion(model, tried)
         if passing:
             best = min(passing, key=lambda t: t["evaluation"]["decode_ms"])
             winner, how = Evaluation(**best["evaluation"]), (
                 f"fastest shortlisted candidate meeting the floor after {self.cfg.shortlist_steps} recovery steps")
+        elif promoted and promoted["meets_floor"]:
+            winner, how = Evaluation(**promoted["evaluation"]), (
+                f"shortlisted candidate that came within {self.cfg.promote_margin:.0%} of the floor after "
+                f"{self.cfg.shortlist_steps} steps and met it after the full recovery ({promoted['steps_run']} steps)")
         elif fallback is not None:
             winner, how = fallback, "fastest candidate meeting every budget before recovery"
         else:
@@ -201,7 +202,31 @@ class Pack:
         spec.meta = {"selected": how, "ppl_simulated": winner.ppl}
         spec.save(self.work / "spec.json")
         return {"winner": asdict(winner), "how": how, "fallback": asdict(fallback) if fallback else None,
-                "shortlist": tried}  # fmt: skip
+                "shortlist": tried, "promoted": promoted}  # fmt: skip
+
+    def promotion(self, model, tried: list[dict]) -> dict | None:
+        """Full recovery for the fastest shortlisted candidate that missed the floor by at most ``promote_margin``.
+
+        Short recoveries stop after a few steps; a candidate just above the floor often meets it with the
+        full recovery. If it does, its recovered model is kept for the recover stage; if not, the fallback wins.
+        """
+        from search.recovery import recover
+
+        near = [t for t in tried if t["val_ppl_after"] <= t["val_ppl_limit"] * (1 + self.cfg.promote_margin)]
+        if not near:
+            return None
+        t = min(near, key=lambda t: t["evaluation"]["decode_ms"])
+        spec = Evaluation(**t["evaluation"]).spec_obj()
+        calib, val = self.recovery_blocks()
+        console.print(f"  promoted to full recovery: {_spec_summary(spec)}")
+        res = recover(model, extract(model, spec), spec, calib, val, self.recovery_config(),
+                      out_dir=self.work / "promotion", resume=True)  # fmt: skip
+        ok = res.ppl_after <= t["val_ppl_limit"]
+        if ok:
+            save_model(res.model, self.work / "recovered")
+        console.print(f"  promoted: held-out ppl {res.ppl_before:.2f} → {res.ppl_after:.2f} after {res.steps_run} "
+                      f"steps (limit {t['val_ppl_limit']:.2f}): {'meets' if ok else 'misses'} the floor")  # fmt: skip
+        return {"evaluation": t["evaluation"], **res.summary(), "val_ppl_limit": t["val_ppl_limit"], "meets_floor": ok}
 
     def short_recoveries(self, net: Supernet, base_ev: Evaluation, candidates: list[Evaluation]) -> list[dict]:
         """Give each candidate ``shortlist_steps`` of recovery; its perplexity before/after vs the floor.
@@ -236,20 +261,29 @@ class Pack:
         calib = self.blocks("calibration", self.cfg.calib_blocks + 4)
         return calib[:-4], calib[-4:]
 
+    def recovery_config(self):
+        """The winner's recovery: LoRA + distillation against its simulated formats."""
+        from search.recovery import RecoveryConfig
+
+        return RecoveryConfig(max_steps=self.cfg.recover_steps, qat=True)
+
     def stage_recover(self) -> dict:
+        promoted = self.result("select").get("promoted")
+        if promoted and promoted["meets_floor"]:  # the select stage already recovered the winner in full
+            return {k: promoted[k] for k in ("ppl_before", "ppl_after", "steps_run", "best_step", "wall_s",
+                                             "stopped_reason")} | {"done_in": "select"}  # fmt: skip
         spec = SubnetSpec.load(self.work / "spec.json")
         model = self.sorted_model()
         sub = extract(model, spec)
-        from search.recovery import RecoveryConfig, base_format, nothing_to_recover, recover
+        from search.recovery import base_format, nothing_to_recover, recover
 
         why = nothing_to_recover(spec, base_format(model), qat=True)
         if why:  # the base itself at lossless formats
-            sub.save_pretrained(self.work / "recovered")
+            save_model(sub, self.work / "recovered")
             return {"skipped": why}
         calib, val = self.recovery_blocks()
-        res = recover(model, sub, spec, calib, val, RecoveryConfig(max_steps=self.cfg.recover_steps, qat=True),
-                      out_dir=self.work / "recovery", resume=True)  # fmt: skip
-        res.model.save_pretrained(self.work / "recovered")
+        res = recover(model, sub, spec, calib, val, self.recovery_config(), out_dir=self.work / "recovery", resume=True)
+        save_model(res.model, self.work / "recovered")
         return {"ppl_before": res.ppl_before, "ppl_after": res.ppl_after, "steps_run": res.steps_run,
                 "best_step": res.best_step, "wall_s": res.wall_s, "stopped_reason": res.stopped_reason}  # fmt: skip
 
@@ -339,6 +373,17 @@ class Pack:
         folder.rename(self.out)
         make_tarball(self.out, self.out.with_name(self.out.name + ".tar.gz"))
         return {"files": len(manifest["files"])}
+
+
+def save_model(model, folder: Path, tokenizer=None) -> None:
+    """Save ``model`` (safetensors) to ``folder`` through a temporary sibling, so it is never half-written."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
 
 
 def runtime_formats(target: Target, runtime: str) -> list[str]:
@@ -497,7 +542,11 @@ def selection_summary(sel: dict) -> dict:
              "predicted_decode_ms": t["evaluation"]["decode_ms"], "ppl_simulated": t["evaluation"]["ppl"],
              **{k: t[k] for k in ("val_ppl_before", "val_ppl_after", "val_ppl_limit", "meets_floor", "wall_s")}}
             for t in sel["shortlist"]]  # fmt: skip
-    return {"how": sel["how"], "shortlist": rows}
+    pro = sel.get("promoted")
+    if pro:
+        pro = {"spec": _spec_summary(SubnetSpec.from_dict(pro["evaluation"]["spec"])),
+               **{k: pro[k] for k in ("ppl_before", "ppl_after", "steps_run", "val_ppl_limit", "meets_floor", "wall_s")}}  # fmt: skip
+    return {"how": sel["how"], "shortlist": rows, "promoted": pro}
 
 
 def plot_predicted_vs_measured(measure: dict, path: Path) -> Path | None:

@@ -93,6 +93,16 @@ def selection_rows(sel: dict) -> list[tuple[str, ...]]:
              f"{t['val_ppl_limit']:.2f}", "yes" if t["meets_floor"] else "no") for t in sel["shortlist"]]  # fmt: skip
 
 
+def promotion_line(sel: dict) -> str | None:
+    """One sentence on the shortlisted candidate given the full recovery, if one was."""
+    p = sel.get("promoted")
+    if not p:
+        return None
+    return (f"promoted to full recovery: {p['spec']}: held-out ppl {p['ppl_before']:.2f} → {p['ppl_after']:.2f} "
+            f"after {p['steps_run']} steps ({p['wall_s']:.0f} s), floor {p['val_ppl_limit']:.2f}: "
+            f"{'met, so it won' if p['meets_floor'] else 'missed, so the fallback won'}.")
+
+
 def to_markdown(card: dict) -> str:
     """The scorecard as Markdown."""
     out = [f"# Deployment scorecard: {card['model']['source']} on {card['target']['name']}", ""]
@@ -128,6 +138,8 @@ def to_markdown(card: dict) -> str:
         if sel["shortlist"]:
             out += ["", "| " + " | ".join(SELECTION_HEADER) + " |", "|---" * len(SELECTION_HEADER) + "|"]
             out += ["| " + " | ".join(row) + " |" for row in selection_rows(sel)]
+        if promotion_line(sel):
+            out += ["", promotion_line(sel)]
     rec = card.get("recovery")
     if rec:
         out += ["", "## Recovery", "", f"LoRA + distillation: perplexity {rec['ppl_before']:.2f} → {rec['ppl_after']:.2f} "
@@ -187,6 +199,8 @@ def to_html(card: dict, plots: list[Path]) -> str:
             parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in SELECTION_HEADER) + "</tr>")
             parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in selection_rows(sel)]
             parts.append("</table>")
+        if promotion_line(sel):
+            parts.append(f"<p>{e(promotion_line(sel))}</p>")
     parts.append("<h2>Plots</h2>")
     parts += [_img(p) for p in plots]
     parts.append("<h2>Sub-network spec</h2><pre>" + e(json.dumps(card["spec"], indent=1)[:20000]) + "</pre>")

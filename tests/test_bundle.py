@@ -106,6 +106,21 @@ def test_scorecard_renders_ratios_and_provenance(tmp_path):
     assert json.loads(paths[0].read_text())["schema"] == "packager.scorecard/1"
 
 
+def test_scorecard_shows_the_shortlist_and_the_promoted_candidate():
+    card = sample_card()
+    row = {"spec": "29/30 layers", "predicted_decode_ms": 9.95, "val_ppl_before": 32.21, "val_ppl_after": 30.8,
+           "val_ppl_limit": 30.6, "meets_floor": False}
+    promoted = {"spec": "29/30 layers", "ppl_before": 32.21, "ppl_after": 30.52, "steps_run": 80, "wall_s": 242,
+                "val_ppl_limit": 30.6, "meets_floor": True}
+    card["selection"] = {"how": "promoted", "shortlist": [row], "promoted": promoted}
+    md = to_markdown(card)
+    assert "| 29/30 layers | 9.95 | 32.21 | 30.80 | 30.60 | no |" in md
+    assert "32.21 → 30.52 after 80 steps (242 s), floor 30.60: met, so it won." in md
+    assert "met, so it won." in to_html(card, [])
+    card["selection"]["promoted"] = None
+    assert "promoted to full recovery" not in to_markdown(card)
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (apt-get install chromium)")
 def test_scorecard_html_renders_in_headless_chromium(tmp_path):
     import matplotlib

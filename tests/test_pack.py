@@ -112,3 +112,23 @@ def test_spread_picks_evenly_from_most_to_least_accurate():
     assert [e.ppl for e in spread(front, 3)] == [1.0, 3.0, 5.0]
     assert [e.ppl for e in spread(front, 1)] == [1.0]
     assert len(spread(front, 9)) == 5
+
+
+def test_promotion_gives_a_near_miss_the_full_recovery_and_the_recover_stage_reuses_it(small_model_dir, tmp_path):
+    p = Pack(small_config(small_model_dir, recover_steps=2, promote_margin=0.05), tmp_path / "p")
+    p.state.setdefault("done", {})["prepare"] = {"result": p.stage_prepare(), "wall_s": 0}
+    p.state["done"]["search"] = {"result": p.stage_search(), "wall_s": 0}
+    evals = json.loads((p.work / "evaluations.json").read_text())
+    pruned = min(evals, key=lambda e: e["decode_ms"])  # not the base: there is something to recover
+    model = p.sorted_model()
+
+    def near(limit, after):
+        return [{"evaluation": pruned, "val_ppl_after": after, "val_ppl_limit": limit, "meets_floor": False}]
+
+    assert p.promotion(model, near(1.0, 1.2)) is None  # 20% above the floor: not promoted
+    missed = p.promotion(model, near(1.0, 1.04))  # promoted, but no model reaches perplexity 1
+    assert missed["meets_floor"] is False and not (p.work / "recovered").exists()
+    met = p.promotion(model, near(1e9, 1.04e9))
+    assert met["meets_floor"] and met["steps_run"] == 2 and (p.work / "recovered" / "config.json").is_file()
+    p.state["done"]["select"] = {"result": {"promoted": met}, "wall_s": 0}
+    assert p.stage_recover()["done_in"] == "select"
