@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from subnet.heap import return_freed_heap
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SPLITS = ("calibration", "evaluation")
 
@@ -78,6 +80,7 @@ def split_token_ids(tokenizer, split: str) -> torch.Tensor:
         return hit[1]
     ids = tokenizer(load_text(split), add_special_tokens=False)["input_ids"]
     ids = torch.tensor(ids, dtype=torch.long)
+    return_freed_heap()  # the tokenizer's per-token encodings of the whole split (~280 MiB) are freed by now
     try:
         ref = weakref.ref(tokenizer)
     except TypeError:  # an object without weakref support: do not cache

@@ -20,9 +20,14 @@ def _libc_function(name: str):
     return getattr(ctypes.CDLL(None), name, None)
 
 
-def return_freed_heap() -> None:
-    """Hand memory freed so far back to the OS (measured: ~330 MiB after sorting SmolLM2)."""
-    gc.collect()
+def return_freed_heap(collect: bool = True) -> None:
+    """Hand memory freed so far back to the OS (``collect``: run Python's garbage collector first).
+
+    Measured: ~330 MiB after sorting SmolLM2, ~260 MiB after tokenizing the calibration text, and the
+    heap left over by each supernet candidate.
+    """
+    if collect:
+        gc.collect()
     trim = _libc_function("malloc_trim")
     if trim is not None:
         trim(0)

@@ -16,7 +16,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from subnet.arch import arch_of
 from subnet.extract import layer_index_sets
-from subnet.heap import free_large_blocks_eagerly
+from subnet.heap import free_large_blocks_eagerly, return_freed_heap
 from subnet.spec import SubnetSpec
 
 
@@ -165,6 +165,7 @@ class Supernet:
         for s in range(0, blocks.shape[0], batch_blocks):
             t, c = self.nll(blocks[s : s + batch_blocks])
             total, count = total + t, count + c
+        return_freed_heap(collect=False)  # the candidate's rounded weights and activations
         return float(torch.exp(torch.tensor(total / count)))
 
 
