@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     rows = []
     print(f"{a.runtime}: {a.n} sub-networks, formats {formats}, embed {embeds}, threads {threads}, workload {wl}")
     for k in range(a.n):
-        spec = draw_spec(rng, lm.arch, formats, [e for e in embeds if e in formats or a.runtime != "llama.cpp"],
+        spec = draw_spec(rng, lm.arch, formats, [e for e in embeds if e in formats],
                          hetero=bool(k % 2), prune_hidden=not a.keep_hidden)  # fmt: skip
         work = Path(tempfile.mkdtemp(prefix="bench-costmodel-"))
         try:
