@@ -4,7 +4,8 @@ Draws N random sub-networks of the embedded SmolLM2 (half uniform, half heteroge
 per-layer formats the runtime holds and its profile table covers), exports each for real (GGUF for
 llama.cpp, ONNX for ONNX Runtime), measures prefill and decode on this machine with the runtime's
 backend, and prints per runtime: MAPE and Spearman rank correlation of decode ms/token and prefill ms,
-and predicted vs measured peak memory. Optionally calibrates on the first K runs (scored on the rest).
+and predicted vs measured peak memory. Optionally calibrates on the first K runs (scored on the rest)
+and writes the calibrated table (--save-table).
 
     .venv/bin/python benchmarks/bench_costmodel.py --runtime llama.cpp --n 30 --threads 1
 
@@ -107,6 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--gen", type=int, default=16)
     ap.add_argument("--calibrate", type=int, default=0, help="calibrate on the first K runs, score the rest")
+    ap.add_argument("--save-table", default=None,
+                    help="write the table with this calibration here (e.g. profiles/tables/<target>__<runtime>.json)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep-hidden", action="store_true",
                     help="keep the base hidden size (the default search space) instead of drawing one")
@@ -160,6 +163,8 @@ def main(argv=None) -> int:
         pairs = [(SubnetSpec.from_dict(r["spec"]), Measurement(a.runtime, r["meas_prefill_ms"], r["meas_decode_ms_per_token"],
                   r["meas_peak_memory_mb"], a.repeats, vars(wl), {})) for r in rows[: a.calibrate]]  # fmt: skip
         costmodel.calibrate(table, pairs)
+        if a.save_table:
+            print(f"calibrated table written to {costmodel.write_table(table, a.save_table)}")
         for r in rows:
             c = costmodel.predict(SubnetSpec.from_dict(r["spec"]), tgt, a.runtime, wl, table)
             r["pred_decode_ms_per_token"], r["pred_prefill_ms"] = c.decode_ms_per_token, c.prefill_ms
