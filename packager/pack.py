@@ -28,7 +28,7 @@ from subnet.extract import extract
 from subnet.loading import LoadedModel, load_model
 from subnet.spec import SubnetSpec, retarget_formats
 from subnet.supernet import Supernet
-from targets.backend import backend, fingerprint, runner_perplexity
+from targets.backend import atomic_output, backend, fingerprint, runner_perplexity
 from targets.registry import Target, get_target
 
 STAGES = ("prepare", "search", "select", "recover", "export", "measure", "scorecard", "bundle")
@@ -193,7 +193,7 @@ class Pack:
         elif promoted and promoted["meets_floor"]:
             winner, how = Evaluation(**promoted["evaluation"]), (
                 f"shortlisted candidate that came within {self.cfg.promote_margin:.0%} of the floor after "
-                f"{self.cfg.shortlist_steps} steps and met it after the full recovery ({promoted['steps_run']} steps)")
+                f"{self.cfg.shortlist_steps} steps and met it after the full recovery ({promoted['recovery']['steps_run']} steps)")
         elif fallback is not None:
             winner, how = fallback, "fastest candidate meeting every budget before recovery"
         else:
@@ -226,7 +226,8 @@ class Pack:
             save_model(res.model, self.work / "recovered")
         console.print(f"  promoted: held-out ppl {res.ppl_before:.2f} → {res.ppl_after:.2f} after {res.steps_run} "
                       f"steps (limit {t['val_ppl_limit']:.2f}): {'meets' if ok else 'misses'} the floor")  # fmt: skip
-        return {"evaluation": t["evaluation"], **res.summary(), "val_ppl_limit": t["val_ppl_limit"], "meets_floor": ok}
+        return {"evaluation": t["evaluation"], "recovery": res.summary(), "val_ppl_limit": t["val_ppl_limit"],
+                "meets_floor": ok}  # fmt: skip
 
     def short_recoveries(self, net: Supernet, base_ev: Evaluation, candidates: list[Evaluation]) -> list[dict]:
         """Give each candidate ``shortlist_steps`` of recovery; its perplexity before/after vs the floor.
@@ -270,8 +271,7 @@ class Pack:
     def stage_recover(self) -> dict:
         promoted = self.result("select").get("promoted")
         if promoted and promoted["meets_floor"]:  # the select stage already recovered the winner in full
-            return {k: promoted[k] for k in ("ppl_before", "ppl_after", "steps_run", "best_step", "wall_s",
-                                             "stopped_reason")} | {"done_in": "select"}  # fmt: skip
+            return promoted["recovery"] | {"done_in": "select"}
         spec = SubnetSpec.load(self.work / "spec.json")
         model = self.sorted_model()
         sub = extract(model, spec)
@@ -284,8 +284,7 @@ class Pack:
         calib, val = self.recovery_blocks()
         res = recover(model, sub, spec, calib, val, self.recovery_config(), out_dir=self.work / "recovery", resume=True)
         save_model(res.model, self.work / "recovered")
-        return {"ppl_before": res.ppl_before, "ppl_after": res.ppl_after, "steps_run": res.steps_run,
-                "best_step": res.best_step, "wall_s": res.wall_s, "stopped_reason": res.stopped_reason}  # fmt: skip
+        return res.summary()
 
     def _recovered(self):
         from transformers import AutoModelForCausalLM
@@ -377,13 +376,10 @@ class Pack:
 
 def save_model(model, folder: Path, tokenizer=None) -> None:
     """Save ``model`` (safetensors) to ``folder`` through a temporary sibling, so it is never half-written."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    with atomic_output(folder, force=True) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
 
 
 def runtime_formats(target: Target, runtime: str) -> list[str]:
@@ -545,7 +541,8 @@ def selection_summary(sel: dict) -> dict:
     pro = sel.get("promoted")
     if pro:
         pro = {"spec": _spec_summary(SubnetSpec.from_dict(pro["evaluation"]["spec"])),
-               **{k: pro[k] for k in ("ppl_before", "ppl_after", "steps_run", "val_ppl_limit", "meets_floor", "wall_s")}}  # fmt: skip
+               **{k: pro["recovery"][k] for k in ("ppl_before", "ppl_after", "steps_run", "wall_s")},
+               **{k: pro[k] for k in ("val_ppl_limit", "meets_floor")}}  # fmt: skip
     return {"how": sel["how"], "shortlist": rows, "promoted": pro}
 
 

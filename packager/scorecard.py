@@ -138,8 +138,9 @@ def to_markdown(card: dict) -> str:
         if sel["shortlist"]:
             out += ["", "| " + " | ".join(SELECTION_HEADER) + " |", "|---" * len(SELECTION_HEADER) + "|"]
             out += ["| " + " | ".join(row) + " |" for row in selection_rows(sel)]
-        if promotion_line(sel):
-            out += ["", promotion_line(sel)]
+        promoted = promotion_line(sel)
+        if promoted:
+            out += ["", promoted]
     rec = card.get("recovery")
     if rec:
         out += ["", "## Recovery", "", f"LoRA + distillation: perplexity {rec['ppl_before']:.2f} → {rec['ppl_after']:.2f} "
@@ -199,8 +200,9 @@ def to_html(card: dict, plots: list[Path]) -> str:
             parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in SELECTION_HEADER) + "</tr>")
             parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in selection_rows(sel)]
             parts.append("</table>")
-        if promotion_line(sel):
-            parts.append(f"<p>{e(promotion_line(sel))}</p>")
+        promoted = promotion_line(sel)
+        if promoted:
+            parts.append(f"<p>{e(promoted)}</p>")
     parts.append("<h2>Plots</h2>")
     parts += [_img(p) for p in plots]
     parts.append("<h2>Sub-network spec</h2><pre>" + e(json.dumps(card["spec"], indent=1)[:20000]) + "</pre>")

@@ -129,6 +129,6 @@ def test_promotion_gives_a_near_miss_the_full_recovery_and_the_recover_stage_reu
     missed = p.promotion(model, near(1.0, 1.04))  # promoted, but no model reaches perplexity 1
     assert missed["meets_floor"] is False and not (p.work / "recovered").exists()
     met = p.promotion(model, near(1e9, 1.04e9))
-    assert met["meets_floor"] and met["steps_run"] == 2 and (p.work / "recovered" / "config.json").is_file()
+    assert met["meets_floor"] and met["recovery"]["steps_run"] == 2 and (p.work / "recovered" / "config.json").is_file()
     p.state["done"]["select"] = {"result": {"promoted": met}, "wall_s": 0}
     assert p.stage_recover()["done_in"] == "select"
