@@ -5,7 +5,8 @@ per-layer formats the runtime holds and its profile table covers), exports each 
 llama.cpp, ONNX for ONNX Runtime), measures prefill and decode on this machine with the runtime's
 backend, and prints per runtime: MAPE and Spearman rank correlation of decode ms/token and prefill ms,
 and predicted vs measured peak memory. Optionally calibrates on the first K runs (scored on the rest)
-and writes the calibrated table (--save-table).
+and writes the calibrated table (--save-table). --rows re-scores the runs of an earlier --out file
+(e.g. against a refitted table) without measuring again.
 
     .venv/bin/python benchmarks/bench_costmodel.py --runtime llama.cpp --n 30 --threads 1
 
@@ -76,6 +77,18 @@ def mape(pred, meas) -> float:
     return 100 * statistics.fmean(abs(p - m) / m for p, m in zip(pred, meas))
 
 
+def rescored(path: str, runtime: str, n: int, tgt, wl: Workload, table: dict) -> list[dict]:
+    """The first ``n`` measured runs of ``runtime`` in an earlier --out file, predicted again with ``table``."""
+    rows = [r for r in map(json.loads, Path(path).read_text().splitlines()) if r["runtime"] == runtime][:n]
+    for r in rows:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cost = costmodel.predict(SubnetSpec.from_dict(r["spec"]), tgt, runtime, wl, table)
+        r["pred_decode_ms_per_token"], r["pred_prefill_ms"] = cost.decode_ms_per_token, cost.prefill_ms
+        r["pred_peak_memory_mb"] = cost.peak_memory_mb
+    return rows
+
+
 def summarize(rows: list[dict], runtime: str, calib_k: int) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -115,6 +128,8 @@ def main(argv=None) -> int:
                     help="keep the base hidden size (the default search space) instead of drawing one")
     ap.add_argument("--table", default=None, help="profile table (default: the target's)")
     ap.add_argument("--out", default="bench_costmodel.jsonl")
+    ap.add_argument("--rows", default=None,
+                    help="re-score the runs of an earlier --out file instead of measuring (a refitted table, say)")
     a = ap.parse_args(argv)
 
     from subnet.loading import load_model
@@ -129,9 +144,13 @@ def main(argv=None) -> int:
     wl = Workload(a.prompt, a.gen)
     rng = random.Random(a.seed)
     out = Path(a.out)
-    rows = []
-    print(f"{a.runtime}: {a.n} sub-networks, formats {formats}, embed {embeds}, threads {threads}, workload {wl}")
-    for k in range(a.n):
+    rows = [] if a.rows is None else rescored(a.rows, a.runtime, a.n, tgt, wl, table)
+    todo = 0 if a.rows else a.n
+    if a.rows:
+        print(f"{a.runtime}: re-scoring {len(rows)} runs of {a.rows} with {table['path']}")
+    else:
+        print(f"{a.runtime}: {a.n} sub-networks, formats {formats}, embed {embeds}, threads {threads}, workload {wl}")
+    for k in range(todo):
         spec = draw_spec(rng, lm.arch, formats, [e for e in embeds if e in formats],
                          hetero=bool(k % 2), prune_hidden=not a.keep_hidden)  # fmt: skip
         work = Path(tempfile.mkdtemp(prefix="bench-costmodel-"))

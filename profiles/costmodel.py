@@ -6,6 +6,8 @@ profiler into ``$PACKAGER_HOME/profiles/``, which takes precedence). It is one o
 * ``fitted`` (provenance ``measured``): whole small models measured on the device; latency is a
   non-negative least-squares fit, additive over decoder blocks, of per-format weight counts (decode
   reads weights: cost ~ bytes per format), attention at the context, a per-layer and a fixed term.
+  The LM head has its own per-format decode cost: one large matrix-vector product runs at a different
+  speed per weight than a block's small ones (measured on llama.cpp CPU: 2-5x cheaper for q8_0/q4_0).
 * ``roofline`` (provenance ``estimated``): spec-sheet bandwidth/compute (see ``profiles.roofline``).
 
 Latency is additive: ``total = fixed_cost + sum(layer_cost per kept block)``, which is what the
@@ -33,7 +35,7 @@ from targets.backend import BACKENDS, Measurement, Workload, cpu_model, read_jso
 from targets.registry import Target, get_target
 
 TABLES_DIR = Path(__file__).with_name("tables")
-TABLE_VERSION = 1
+TABLE_VERSION = 2  # 2: per-format LM head decode features (h:<format>)
 PHASES = ("decode", "prefill")
 MIB = 2**20
 MIN_OFFSET_FIT = 12  # whole-model runs needed before calibration also fits an offset
@@ -118,8 +120,8 @@ def layer_features(phase: str, heads, kv_heads, hidden, head_dim, linears: dict,
 def fixed_features(phase: str, vocab: int, hidden: int, head_format: str, workload: Workload) -> dict:
     """Named features outside the blocks: constant, embedding lookup and LM head."""
     head = vocab * hidden / 1e6
-    if phase == "decode":  # the LM head is a matrix-vector product at its format's per-weight cost
-        return {"const": 1.0, "w:" + head_format: head, "head": head}
+    if phase == "decode":  # the LM head is one matrix-vector product at its own per-weight cost per format
+        return {"const": 1.0, "h:" + head_format: head}
     return {"const": 1.0, "head": head, "headP": head * workload.prompt_tokens}
 
 
@@ -180,15 +182,16 @@ def fixed_cost(
     if table["kind"] == "roofline":
         r = roofline.Roofline.from_dict(table["roofline"])
         return scale * roofline.fixed_ms(r, vocab, hidden, head_format, workload.batch) + offset
-    if head_format not in table["model"]["formats"]:
-        raise CostModelError(_format_msg(table, {head_format}))
+    if head_format not in table["model"].get("head_formats", table["model"]["formats"]):
+        raise CostModelError(_format_msg(table, {head_format}, "LM head"))
     return scale * _dot(table["model"][phase]["coef"], fixed_features(phase, vocab, hidden, head_format, workload)) + offset
 
 
-def _format_msg(table: dict, missing) -> str:
+def _format_msg(table: dict, missing, role: str = "") -> str:
+    have = table["model"].get("head_formats" if role else "formats", table["model"]["formats"])
     return (
-        f"format(s) {', '.join(sorted(missing))} were not profiled in the {table['target']}/{table['runtime']} "
-        f"table (it has {', '.join(table['model']['formats'])}): profile them or choose a profiled format"
+        f"{role + ' ' if role else ''}format(s) {', '.join(sorted(missing))} were not profiled in the "
+        f"{table['target']}/{table['runtime']} table (it has {', '.join(have)}): profile them or choose a profiled format"
     )
 
 
@@ -331,7 +334,8 @@ def fit_table(table: dict) -> dict:
     held = [p for p in measured if p.get("role") == "holdout"]
     if len(pts) < 3:
         raise CostModelError(f"a table needs at least 3 measured points to fit, it has {len(pts)}: profile more")
-    model: dict = {"formats": sorted({p["format"] for p in pts} | {p["embed_format"] for p in pts})}
+    model: dict = {"formats": sorted({p["format"] for p in pts} | {p["embed_format"] for p in pts}),
+                   "head_formats": sorted({p["embed_format"] for p in pts})}
     for phase, key in (("decode", "decode_ms_per_token"), ("prefill", "prefill_ms")):
         rows = [point_spec_features(table, p, phase) for p in pts]
         y = np.array([p[key] for p in pts])
@@ -430,11 +434,11 @@ def read_table(path: str | os.PathLike) -> dict:
 
 
 def write_table(table: dict, path: str | os.PathLike) -> Path:
-    """Write a table atomically (temp file, then rename)."""
+    """Write a table atomically (temp file, then rename); where it was loaded from is not kept."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(table, indent=1))
+    tmp.write_text(json.dumps({k: v for k, v in table.items() if k != "path"}, indent=1))
     os.replace(tmp, path)
     return path
 
@@ -494,6 +498,13 @@ def load_table(target: str | Target, runtime: str | None = None, path=None, chec
         )
     if table.get("kind") == "fitted" and "model" not in table:
         raise CostModelError(f"{p} has raw points but no fitted model (an interrupted profile): re-run the profile")
+    if table.get("kind") == "fitted" and table.get("version", 1) < TABLE_VERSION:
+        fit_table(table)
+        dropped = table.pop("calibration", None)
+        table["version"] = TABLE_VERSION
+        warnings.warn(f"WARNING: {p} was fitted by an older packager: refitted from its {len(table['points'])} "
+                      "points" + (", its calibration dropped (re-calibrate it, see README)" if dropped else ""),
+                      TableMismatchWarning, stacklevel=2)  # fmt: skip
     if check:
         for msg in table_mismatches(table, tgt):
             warnings.warn("WARNING: " + msg, TableMismatchWarning, stacklevel=2)

@@ -61,9 +61,10 @@ def point_key(p: dict) -> str:
 
 def default_grid(runtime: str, base: ArchInfo = SMOLLM2, formats: list[str] | None = None,
                  workload: Workload = PROFILE_WORKLOAD) -> list[dict]:  # fmt: skip
-    """A small grid covering the search space of ``base``: every format at two depths and two block
-    shapes; width, KV heads, model width, embedding format and prompt length varied on two formats;
-    a few held-out shapes (``role: holdout``) to report the interpolation error."""
+    """A small grid covering the search space of ``base``: every format at two depths (a third of the
+    base's and all of it, as a sub-network's) and two block shapes (the base's, and a small, narrow one);
+    width, KV heads, model width, embedding format and prompt length varied on two formats; a few
+    held-out shapes (``role: holdout``) between them to report the interpolation error."""
     fmts = list(formats or PROFILE_FORMATS[runtime])
     embeds = EMBED_FORMATS[runtime]
 
@@ -72,29 +73,31 @@ def default_grid(runtime: str, base: ArchInfo = SMOLLM2, formats: list[str] | No
 
     h, q, kv, mlp = base.hidden_size, base.num_heads, base.num_kv_heads, base.intermediate_size
     g = base.group_size
-    small = (g, 1, _align(mlp // 3, 64), h)
-    d_lo, d_hi = max(2, base.num_layers // 10), max(4, base.num_layers // 5)
+    small = (g, 1, _align(mlp // 3, 64), _align(h * 2 // 3, 64))
+    d_lo, d_hi = max(2, base.num_layers // 3), max(4, base.num_layers)
     pts = []
     for f in fmts:
         pts.append(_point(d_lo, q, kv, mlp, h, f, emb(f), workload))
         pts.append(_point(d_hi, q, kv, mlp, h, f, emb(f), workload))
         pts.append(_point(d_hi, *small, f, emb(f), workload))
     a, b = fmts[len(fmts) // 2], fmts[-1]  # two formats for the shared dimensions
-    mid = d_hi
+    mid = (d_lo + d_hi) // 2
     for f in (a, b):
         pts.append(_point(mid, q, kv, _align(mlp // 2, 64), _align(h * 2 // 3, 64), f, emb(f), workload))
         pts.append(_point(mid, 2 * g, 2 if kv >= 2 else 1, mlp, h, f, emb(f), workload))
         pts.append(_point(mid, q, kv, mlp, h, f, emb(f), Workload(workload.prompt_tokens // 4, workload.gen_tokens)))
-        pts.append(_point(mid, q, kv, mlp, h, f, emb(f), Workload(workload.prompt_tokens * 4, workload.gen_tokens)))
+        # the long prompt at the other depth, so per-layer and per-model prompt costs are told apart
+        pts.append(_point(d_hi, q, kv, mlp, h, f, emb(f), Workload(workload.prompt_tokens * 4, workload.gen_tokens)))
     if embeds is None and len(fmts) > 1:  # embedding format different from the layers'
         pts.append(_point(mid, q, kv, mlp, h, fmts[-1], fmts[1], workload))
         pts.append(_point(mid, q, kv, mlp, h, fmts[1], fmts[-1], workload))
     # held out: shapes and depths between the grid's
     f1, f2 = fmts[1 % len(fmts)], fmts[-2 if len(fmts) > 1 else 0]
     kv2 = max(1, kv - 1)
-    pts.append(_point(2 * d_hi, g * kv2, kv2, _align(mlp * 2 // 3, 64), h, f1, emb(f1), workload, "holdout"))
-    pts.append(_point(d_hi + 2, q, kv, _align(mlp // 2, 64), _align(h * 5 // 6, 64), f2, emb(f2), workload, "holdout"))
-    pts.append(_point(3 * d_hi, q, kv, mlp, h, fmts[0], emb(fmts[-1]) if embeds is None else emb(fmts[0]),
+    pts.append(_point((mid + d_hi) // 2, g * kv2, kv2, _align(mlp * 2 // 3, 64), h, f1, emb(f1), workload, "holdout"))
+    pts.append(_point((d_lo + mid) // 2, q, kv, _align(mlp // 2, 64), _align(h * 5 // 6, 64), f2, emb(f2), workload,
+                      "holdout"))  # fmt: skip
+    pts.append(_point(mid + 1, q, kv, mlp, h, fmts[0], emb(fmts[-1]) if embeds is None else emb(fmts[0]),
                       Workload(workload.prompt_tokens * 2, workload.gen_tokens), "holdout"))
     seen, out = set(), []
     for p in pts:

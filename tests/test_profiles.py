@@ -16,7 +16,8 @@ from targets.registry import TargetError, get_target, list_targets
 
 TINY = ArchInfo("llama", 6, 64, 4, 2, 16, 128, 256, True)
 TRUTH = {  # ground-truth coefficients of the fake device (ms per feature unit)
-    "decode": {"const": 0.7, "layer": 0.05, "w:q8_0": 2.0, "w:q4_0": 1.2, "w:f16": 3.5, "attn": 0.4, "kv": 0.1, "head": 0.3},
+    "decode": {"const": 0.7, "layer": 0.05, "w:q8_0": 2.0, "w:q4_0": 1.2, "w:f16": 3.5, "attn": 0.4, "kv": 0.1,
+               "h:q8_0": 0.9, "h:q4_0": 0.5, "h:f16": 2.0},
     "prefill": {"const": 2.0, "layer": 0.3, "w:q8_0": 0.05, "w:q4_0": 0.06, "w:f16": 0.04, "act": 1.0, "attn": 0.01,
                 "head": 0.5, "headP": 0.001},
 }
@@ -172,6 +173,25 @@ def test_table_from_another_machine_or_version_warns(fitted):
     assert any("llama.cpp 0.0.1" in m for m in msgs)
     with pytest.raises(CostModelError, match="not laptop-cpu/onnxruntime"):
         costmodel.load_table("laptop-cpu", "onnxruntime", path=out)
+
+
+def test_table_of_an_older_version_is_refitted_and_its_calibration_dropped(fitted):
+    table, out = fitted
+    coef = dict(table["model"]["decode"]["coef"])
+    old = {**table, "version": 1, "calibration": {"n": 3, "decode": {"scale": 2.0, "offset": 0.0}}}
+    old["model"] = {**table["model"], "decode": {"coef": {"const": 99.0}}}
+    costmodel.write_table(old, out)
+    with pytest.warns(TableMismatchWarning, match="older packager: refitted from its .* calibration dropped"):
+        got = costmodel.load_table("laptop-cpu", "llama.cpp", path=out)
+    assert got["version"] == costmodel.TABLE_VERSION and "calibration" not in got
+    assert got["model"]["decode"]["coef"] == pytest.approx(coef)
+
+
+def test_head_format_never_profiled_is_refused(fitted):
+    table, _ = fitted
+    table["model"]["head_formats"] = ["q8_0"]
+    with pytest.raises(CostModelError, match=r"LM head format\(s\) q4_0 were not profiled .*\(it has q8_0\)"):
+        costmodel.predict(SubnetSpec.uniform(TINY, fmt="q4_0"), "laptop-cpu", "llama.cpp", Workload(16, 8), table)
 
 
 def _calibration_pairs(table, depths, scale_dec, off_dec, scale_pre, off_pre):
