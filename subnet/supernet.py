@@ -77,8 +77,12 @@ class Supernet:
     # ---- forward ------------------------------------------------------------------------
     @torch.inference_mode()
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states [batch, seq, hidden] of the active sub-network (no autograd)."""
-        return self.forward_hidden(input_ids)
+        """Final-norm hidden states [batch, seq, hidden] of the active sub-network (no autograd).
+
+        One row at a time through each block: measured on a SmolLM2 sweep, ~8 MiB lower peak than two
+        for ~4% more time, which brings the sweep's peak to 1.3x the fp32 weights.
+        """
+        return self.forward_hidden(input_ids, micro_batch=1)
 
     def forward_hidden(self, input_ids: torch.Tensor, micro_batch: int = 2) -> torch.Tensor:
         """``hidden_states`` with autograd left to the caller (for training on the shared weights).
@@ -97,6 +101,7 @@ class Supernet:
             layer = m.layers[ly.index]
             w = self._layer_weights(layer, ly, idx)
             x = torch.cat([self._block(layer, ly, w, xs, cos, sin) for xs in x.split(micro_batch)])
+            del w  # before the next layer's are rounded: one layer's rounded copy at a time
         return _rms_norm(x, _take(m.norm.weight, hid, 0), self.eps)
 
     def _layer_weights(self, layer, ly, idx) -> dict:
@@ -134,7 +139,7 @@ class Supernet:
         return F.linear(self.hidden_states(input_ids), self.lm_head())
 
     @torch.inference_mode()
-    def nll(self, blocks: torch.Tensor, vocab_chunk: int = 1024) -> tuple[float, int]:
+    def nll(self, blocks: torch.Tensor, vocab_chunk: int = 256) -> tuple[float, int]:
         """Summed next-token negative log-likelihood over ``blocks`` [n, seq] and the token count.
 
         The LM head is rounded and applied ``vocab_chunk`` rows at a time with a running log-sum-exp,
@@ -159,8 +164,12 @@ class Supernet:
             return self.model.model.embed_tokens.weight, self.spec.embed_format
         return self.model.lm_head.weight, self.spec.lm_head_format
 
-    def perplexity(self, blocks: torch.Tensor, batch_blocks: int = 8) -> float:
-        """Perplexity of the active sub-network on ``blocks`` (quantization simulated)."""
+    def perplexity(self, blocks: torch.Tensor, batch_blocks: int = 4) -> float:
+        """Perplexity of the active sub-network on ``blocks`` (quantization simulated).
+
+        ``batch_blocks`` blocks per pass: measured on SmolLM2 (256-token blocks), 4 instead of 8 lowers a
+        candidate's transient memory by ~20 MiB for ~10% more time (each pass rounds the weights again).
+        """
         total, count = 0.0, 0
         for s in range(0, blocks.shape[0], batch_blocks):
             t, c = self.nll(blocks[s : s + batch_blocks])
