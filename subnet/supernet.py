@@ -80,7 +80,7 @@ class Supernet:
         """Final-norm hidden states [batch, seq, hidden] of the active sub-network (no autograd).
 
         One row at a time through each block: measured on a SmolLM2 sweep, ~8 MiB lower peak than two
-        for ~4% more time, which brings the sweep's peak to 1.3x the fp32 weights.
+        rows for ~4% more time.
         """
         return self.forward_hidden(input_ids, micro_batch=1)
 
