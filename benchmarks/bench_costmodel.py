@@ -77,15 +77,56 @@ def mape(pred, meas) -> float:
     return 100 * statistics.fmean(abs(p - m) / m for p, m in zip(pred, meas))
 
 
-def rescored(path: str, runtime: str, n: int, tgt, wl: Workload, table: dict) -> list[dict]:
-    """The first ``n`` measured runs of ``runtime`` in an earlier --out file, predicted again with ``table``."""
-    rows = [r for r in map(json.loads, Path(path).read_text().splitlines()) if r["runtime"] == runtime][:n]
+def repredict(rows: list[dict], tgt, runtime: str, wl: Workload, table: dict) -> list[dict]:
+    """Set the predicted fields of measured ``rows`` from ``table`` (refitted or calibrated since)."""
     for r in rows:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             cost = costmodel.predict(SubnetSpec.from_dict(r["spec"]), tgt, runtime, wl, table)
         r["pred_decode_ms_per_token"], r["pred_prefill_ms"] = cost.decode_ms_per_token, cost.prefill_ms
         r["pred_peak_memory_mb"] = cost.peak_memory_mb
+    return rows
+
+
+def measured_runs(a, tgt, table: dict, wl: Workload) -> list[dict]:
+    """Draw, export and measure ``a.n`` random sub-networks, appending each run to ``a.out`` as it completes."""
+    from subnet.loading import load_model
+
+    threads = a.threads or table.get("threads") or 1
+    lm = load_model(None)
+    formats = [f for f in table["model"]["formats"] if f in tgt.formats(a.runtime)]
+    embeds = profiler.EMBED_FORMATS[a.runtime] or formats
+    measure = profiler.measure_for(a.runtime)
+    rng = random.Random(a.seed)
+    out = Path(a.out)
+    rows = []
+    print(f"{a.runtime}: {a.n} sub-networks, formats {formats}, embed {embeds}, threads {threads}, workload {wl}")
+    for k in range(a.n):
+        spec = draw_spec(rng, lm.arch, formats, [e for e in embeds if e in formats],
+                         hetero=bool(k % 2), prune_hidden=not a.keep_hidden)  # fmt: skip
+        work = Path(tempfile.mkdtemp(prefix="bench-costmodel-"))
+        try:
+            t0 = time.perf_counter()
+            art = export(a.runtime, lm.model, lm.tokenizer, spec, work)
+            m = measure(art, wl, threads, a.repeats)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            cost = costmodel.predict(spec, tgt, a.runtime, wl, table)
+        row = {"k": k, "hetero": bool(k % 2), "layers": len(spec.layers), "hidden": spec.hidden_size,
+               "formats": sorted(spec.formats_used()), "spec": spec.to_dict(),
+               "pred_decode_ms_per_token": cost.decode_ms_per_token, "meas_decode_ms_per_token": m.decode_ms_per_token,
+               "pred_prefill_ms": cost.prefill_ms, "meas_prefill_ms": m.prefill_ms,
+               "pred_peak_memory_mb": cost.peak_memory_mb, "meas_peak_memory_mb": m.peak_rss_mb,
+               "warnings": [str(x.message) for x in w], "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+        rows.append(row)
+        with out.open("a") as f:
+            f.write(json.dumps({"runtime": a.runtime, **row}) + "\n")
+        print(f"[{k + 1}/{a.n}] {len(spec.layers)} layers hidden {spec.hidden_size} {'hetero' if k % 2 else 'uniform'} "
+              f"{row['formats']}: decode {cost.decode_ms_per_token:.2f} pred / {m.decode_ms_per_token:.2f} meas ms/tok, "
+              f"prefill {cost.prefill_ms:.0f} / {m.prefill_ms:.0f} ms, mem {cost.peak_memory_mb:.0f} / "
+              f"{m.peak_rss_mb:.0f} MiB ({row['seconds']} s)", flush=True)  # fmt: skip
     return rows
 
 
@@ -132,50 +173,15 @@ def main(argv=None) -> int:
                     help="re-score the runs of an earlier --out file instead of measuring (a refitted table, say)")
     a = ap.parse_args(argv)
 
-    from subnet.loading import load_model
-
     tgt = get_target(a.target)
     table = costmodel.load_table(tgt, a.runtime, path=a.table)
-    threads = a.threads or table.get("threads") or 1
-    lm = load_model(None)
-    formats = [f for f in table["model"]["formats"] if f in tgt.formats(a.runtime)]
-    embeds = profiler.EMBED_FORMATS[a.runtime] or formats
-    measure = profiler.measure_for(a.runtime)
     wl = Workload(a.prompt, a.gen)
-    rng = random.Random(a.seed)
-    out = Path(a.out)
-    rows = [] if a.rows is None else rescored(a.rows, a.runtime, a.n, tgt, wl, table)
-    todo = 0 if a.rows else a.n
     if a.rows:
+        rows = [r for r in map(json.loads, Path(a.rows).read_text().splitlines()) if r["runtime"] == a.runtime][: a.n]
         print(f"{a.runtime}: re-scoring {len(rows)} runs of {a.rows} with {table['path']}")
+        repredict(rows, tgt, a.runtime, wl, table)
     else:
-        print(f"{a.runtime}: {a.n} sub-networks, formats {formats}, embed {embeds}, threads {threads}, workload {wl}")
-    for k in range(todo):
-        spec = draw_spec(rng, lm.arch, formats, [e for e in embeds if e in formats],
-                         hetero=bool(k % 2), prune_hidden=not a.keep_hidden)  # fmt: skip
-        work = Path(tempfile.mkdtemp(prefix="bench-costmodel-"))
-        try:
-            t0 = time.perf_counter()
-            art = export(a.runtime, lm.model, lm.tokenizer, spec, work)
-            m = measure(art, wl, threads, a.repeats)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter("always")
-            cost = costmodel.predict(spec, tgt, a.runtime, wl, table)
-        row = {"k": k, "hetero": bool(k % 2), "layers": len(spec.layers), "hidden": spec.hidden_size,
-               "formats": sorted(spec.formats_used()), "spec": spec.to_dict(),
-               "pred_decode_ms_per_token": cost.decode_ms_per_token, "meas_decode_ms_per_token": m.decode_ms_per_token,
-               "pred_prefill_ms": cost.prefill_ms, "meas_prefill_ms": m.prefill_ms,
-               "pred_peak_memory_mb": cost.peak_memory_mb, "meas_peak_memory_mb": m.peak_rss_mb,
-               "warnings": [str(x.message) for x in w], "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
-        rows.append(row)
-        with out.open("a") as f:
-            f.write(json.dumps({"runtime": a.runtime, **row}) + "\n")
-        print(f"[{k + 1}/{a.n}] {len(spec.layers)} layers hidden {spec.hidden_size} {'hetero' if k % 2 else 'uniform'} "
-              f"{row['formats']}: decode {cost.decode_ms_per_token:.2f} pred / {m.decode_ms_per_token:.2f} meas ms/tok, "
-              f"prefill {cost.prefill_ms:.0f} / {m.prefill_ms:.0f} ms, mem {cost.peak_memory_mb:.0f} / "
-              f"{m.peak_rss_mb:.0f} MiB ({row['seconds']} s)", flush=True)  # fmt: skip
+        rows = measured_runs(a, tgt, table, wl)
     if a.calibrate:
         from targets.backend import Measurement
 
@@ -184,9 +190,7 @@ def main(argv=None) -> int:
         costmodel.calibrate(table, pairs)
         if a.save_table:
             print(f"calibrated table written to {costmodel.write_table(table, a.save_table)}")
-        for r in rows:
-            c = costmodel.predict(SubnetSpec.from_dict(r["spec"]), tgt, a.runtime, wl, table)
-            r["pred_decode_ms_per_token"], r["pred_prefill_ms"] = c.decode_ms_per_token, c.prefill_ms
+        repredict(rows, tgt, a.runtime, wl, table)
     summarize(rows, a.runtime, a.calibrate)
     return 0
 

@@ -479,7 +479,16 @@ def table_mismatches(table: dict, target: Target) -> list[str]:
 
 @lru_cache(maxsize=32)
 def _load_cached(path: str, mtime: float, target_name: str, runtime: str) -> str:
-    return json.dumps(read_table(path))
+    """The table file as JSON; a fitted table of an older version is refitted here, once per file version."""
+    table = read_table(path)
+    if table.get("kind") == "fitted" and "model" in table and table.get("version", 1) < TABLE_VERSION:
+        fit_table(table)
+        dropped = table.pop("calibration", None)
+        table["version"] = TABLE_VERSION
+        warnings.warn(f"WARNING: {path} was fitted by an older packager: refitted from its {len(table['points'])} "
+                      "points" + (", its calibration dropped (re-calibrate it, see README)" if dropped else ""),
+                      TableMismatchWarning, stacklevel=3)  # fmt: skip
+    return json.dumps(table)
 
 
 def load_table(target: str | Target, runtime: str | None = None, path=None, check: bool = True) -> dict:
@@ -498,13 +507,6 @@ def load_table(target: str | Target, runtime: str | None = None, path=None, chec
         )
     if table.get("kind") == "fitted" and "model" not in table:
         raise CostModelError(f"{p} has raw points but no fitted model (an interrupted profile): re-run the profile")
-    if table.get("kind") == "fitted" and table.get("version", 1) < TABLE_VERSION:
-        fit_table(table)
-        dropped = table.pop("calibration", None)
-        table["version"] = TABLE_VERSION
-        warnings.warn(f"WARNING: {p} was fitted by an older packager: refitted from its {len(table['points'])} "
-                      "points" + (", its calibration dropped (re-calibrate it, see README)" if dropped else ""),
-                      TableMismatchWarning, stacklevel=2)  # fmt: skip
     if check:
         for msg in table_mismatches(table, tgt):
             warnings.warn("WARNING: " + msg, TableMismatchWarning, stacklevel=2)
