@@ -16,6 +16,8 @@ import time
 
 import numpy as np
 import psutil
+
+import subnet  # noqa: F401  (before torch, so that MKL does not cache freed buffers: see subnet.heap)
 import torch
 
 from search.importance import sort_model

@@ -137,11 +137,22 @@ def fake_quantize(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     w = weight.detach().to(torch.float32)
     fast = _FAST.get(fmt)
     if fast is not None:
-        out = fast(w)
+        out = _by_row_chunks(fast, w)
     else:
         raw = ggml_quantize(w.cpu().numpy(), fmt)
         out = torch.from_numpy(ggml_dequantize(raw, fmt, tuple(w.shape)))
     return out.to(device=weight.device, dtype=weight.dtype)
+
+
+def _by_row_chunks(fast, w: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """``fast(w)`` computed ``rows`` rows at a time into one output (every format rounds rows
+    independently), so its temporaries, and the copy of a sliced non-contiguous ``w``, stay chunk-sized."""
+    if w.shape[0] <= rows:
+        return fast(w)
+    out = torch.empty(w.shape, dtype=torch.float32)
+    for r in range(0, w.shape[0], rows):
+        out[r : r + rows] = fast(w[r : r + rows])
+    return out
 
 
 def fake_quantize_ggml(weight: torch.Tensor, fmt: str) -> torch.Tensor:

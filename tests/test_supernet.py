@@ -1,5 +1,9 @@
 """The supernet view computes exactly what the extracted sub-network computes, without copying weights."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -65,3 +69,14 @@ def test_spec_outside_the_supernet_is_refused():
     spec.layers[0].mlp = 500
     with pytest.raises(SpecError, match="MLP width 500"):
         net.activate(spec)
+
+
+@pytest.mark.parametrize("user_value", [None, "0"])
+def test_importing_subnet_first_keeps_mkl_from_caching_buffers(user_value):
+    """``import subnet`` sets MKL_DISABLE_FAST_MM before torch loads, unless the user chose a value."""
+    env = {k: v for k, v in os.environ.items() if k != "MKL_DISABLE_FAST_MM"}
+    if user_value is not None:
+        env["MKL_DISABLE_FAST_MM"] = user_value
+    code = "import subnet, os, sys; print(os.environ['MKL_DISABLE_FAST_MM'], 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [user_value or "1", "True"]
