@@ -8,6 +8,9 @@ profiler into ``$PACKAGER_HOME/profiles/``, which takes precedence). It is one o
   reads weights: cost ~ bytes per format), attention at the context, a per-layer and a fixed term.
   The LM head has its own per-format decode cost: one large matrix-vector product runs at a different
   speed per weight than a block's small ones (measured on llama.cpp CPU: 2-5x cheaper for q8_0/q4_0).
+  Weights past a row's last full SIMD step have their own per-format cost too: ggml's AVX-512 f16 dot
+  product takes 64 elements per step and the rest one at a time (measured on llama.cpp CPU: 20 f16
+  blocks decode 26% slower at model width 544 than at 512, for 6% more weights).
 * ``roofline`` (provenance ``estimated``): spec-sheet bandwidth/compute (see ``profiles.roofline``).
 
 Latency is additive: ``total = fixed_cost + sum(layer_cost per kept block)``, which is what the
@@ -35,7 +38,8 @@ from targets.backend import BACKENDS, Measurement, Workload, cpu_model, read_jso
 from targets.registry import Target, get_target
 
 TABLES_DIR = Path(__file__).with_name("tables")
-TABLE_VERSION = 2  # 2: per-format LM head decode features (h:<format>)
+TABLE_VERSION = 3  # 2: per-format LM head decode features (h:<format>); 3: row-tail features (t:<format>)
+SIMD_STEP = 64  # elements per step of a row-wise dot product (ggml's AVX-512 f16 kernel)
 PHASES = ("decode", "prefill")
 MIB = 2**20
 MIN_OFFSET_FIT = 12  # whole-model runs needed before calibration also fits an offset
@@ -106,6 +110,8 @@ def layer_features(phase: str, heads, kv_heads, hidden, head_dim, linears: dict,
     tokens = 1 if phase == "decode" else workload.prompt_tokens
     for o, i, fmt in linears.values():
         f["w:" + fmt] = f.get("w:" + fmt, 0.0) + o * i * tokens / 1e6
+        if i % SIMD_STEP:
+            f["t:" + fmt] = f.get("t:" + fmt, 0.0) + tail_weights(o, i) * tokens
     if phase == "decode":
         c = decode_context(workload)
         f["attn"] = heads * head_dim * c / 1e6
@@ -117,11 +123,19 @@ def layer_features(phase: str, heads, kv_heads, hidden, head_dim, linears: dict,
     return f
 
 
+def tail_weights(rows: int, row_length: int) -> float:
+    """Millions of weights a row-wise dot product handles after its last full SIMD step."""
+    return rows * (row_length % SIMD_STEP) / 1e6
+
+
 def fixed_features(phase: str, vocab: int, hidden: int, head_format: str, workload: Workload) -> dict:
     """Named features outside the blocks: constant, embedding lookup and LM head."""
     head = vocab * hidden / 1e6
     if phase == "decode":  # the LM head is one matrix-vector product at its own per-weight cost per format
-        return {"const": 1.0, "h:" + head_format: head}
+        f = {"const": 1.0, "h:" + head_format: head}
+        if hidden % SIMD_STEP:
+            f["t:" + head_format] = tail_weights(vocab, hidden)
+        return f
     return {"const": 1.0, "head": head, "headP": head * workload.prompt_tokens}
 
 

@@ -62,7 +62,8 @@ def point_key(p: dict) -> str:
 def default_grid(runtime: str, base: ArchInfo = SMOLLM2, formats: list[str] | None = None,
                  workload: Workload = PROFILE_WORKLOAD) -> list[dict]:  # fmt: skip
     """A small grid covering the search space of ``base``: every format at two depths (a third of the
-    base's and all of it, as a sub-network's) and two block shapes (the base's, and a small, narrow one);
+    base's and all of it, as a sub-network's) and two block shapes (the base's, and a small, narrow one),
+    and at a model width 32 off the base's (a row tail for a 64-wide SIMD step, see costmodel.SIMD_STEP);
     width, KV heads, model width, embedding format and prompt length varied on two formats; a few
     held-out shapes (``role: holdout``) between them to report the interpolation error."""
     fmts = list(formats or PROFILE_FORMATS[runtime])
@@ -75,13 +76,14 @@ def default_grid(runtime: str, base: ArchInfo = SMOLLM2, formats: list[str] | No
     g = base.group_size
     small = (g, 1, _align(mlp // 3, 64), _align(h * 2 // 3, 64))
     d_lo, d_hi = max(2, base.num_layers // 3), max(4, base.num_layers)
+    mid = (d_lo + d_hi) // 2
     pts = []
     for f in fmts:
         pts.append(_point(d_lo, q, kv, mlp, h, f, emb(f), workload))
         pts.append(_point(d_hi, q, kv, mlp, h, f, emb(f), workload))
         pts.append(_point(d_hi, *small, f, emb(f), workload))
+        pts.append(_point(mid, q, kv, mlp, h - 32, f, emb(f), workload))
     a, b = fmts[len(fmts) // 2], fmts[-1]  # two formats for the shared dimensions
-    mid = (d_lo + d_hi) // 2
     for f in (a, b):
         pts.append(_point(mid, q, kv, _align(mlp // 2, 64), _align(h * 2 // 3, 64), f, emb(f), workload))
         pts.append(_point(mid, 2 * g, 2 if kv >= 2 else 1, mlp, h, f, emb(f), workload))

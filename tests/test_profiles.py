@@ -17,9 +17,9 @@ from targets.registry import TargetError, get_target, list_targets
 TINY = ArchInfo("llama", 6, 64, 4, 2, 16, 128, 256, True)
 TRUTH = {  # ground-truth coefficients of the fake device (ms per feature unit)
     "decode": {"const": 0.7, "layer": 0.05, "w:q8_0": 2.0, "w:q4_0": 1.2, "w:f16": 3.5, "attn": 0.4, "kv": 0.1,
-               "h:q8_0": 0.9, "h:q4_0": 0.5, "h:f16": 2.0},
+               "h:q8_0": 0.9, "h:q4_0": 0.5, "h:f16": 2.0, "t:f16": 8.0, "t:q4_0": 0.4},
     "prefill": {"const": 2.0, "layer": 0.3, "w:q8_0": 0.05, "w:q4_0": 0.06, "w:f16": 0.04, "act": 1.0, "attn": 0.01,
-                "head": 0.5, "headP": 0.001},
+                "head": 0.5, "headP": 0.001, "t:f16": 0.2},
 }
 
 
@@ -144,6 +144,19 @@ def test_fit_reproduces_grid_points_and_is_additive(fitted):
     assert cost.tokens_per_s == pytest.approx(1000 / parts)
     assert cost.provenance.startswith("measured:")
     assert cost.peak_memory_mb == pytest.approx(30 + 1.1 * spec.weight_bytes() / costmodel.MIB, rel=1e-3)
+
+
+def test_row_tails_past_the_simd_step_are_their_own_feature():
+    """Weights after a row's last full 64-wide step count per format, in the blocks and the LM head."""
+    wl = Workload(16, 8)
+    full = costmodel.block_linears(4, 2, 128, 64, 16, "f16")
+    assert not any(k.startswith("t:") for k in costmodel.layer_features("decode", 4, 2, 64, 16, full, wl))
+    narrow = costmodel.block_linears(4, 2, 128, 96, 16, "f16")  # rows of 96 (q, k, v, gate, up): 32 past a step
+    f = costmodel.layer_features("prefill", 4, 2, 96, 16, narrow, wl)
+    assert f["t:f16"] == pytest.approx((64 + 32 + 32 + 128 + 128) * 32 * 16 / 1e6)
+    head = costmodel.fixed_features("decode", 1000, 96, "q8_0", wl)
+    assert head["t:q8_0"] == pytest.approx(1000 * 32 / 1e6)
+    assert "t:q8_0" not in costmodel.fixed_features("decode", 1000, 128, "q8_0", wl)
 
 
 def test_outside_grid_warns_naming_the_dimension(fitted):
