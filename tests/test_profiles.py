@@ -129,7 +129,7 @@ def test_fit_reproduces_grid_points_and_is_additive(fitted):
         spec = profiler.point_spec(p, TINY)
         wl = Workload(p["prompt_tokens"], p["gen_tokens"])
         for phase, key in (("decode", "decode_ms_per_token"), ("prefill", "prefill_ms")):
-            assert costmodel.spec_latency(table, spec, phase, wl) == pytest.approx(p[key], rel=1e-4)
+            assert costmodel.spec_latency(table, spec, phase, wl) == pytest.approx(p[key], rel=1e-3)
     assert table["model"]["decode"]["holdout_mape"] < 0.01
     # mixed formats and heterogeneous layers: the whole = fixed + the sum of its blocks
     spec = SubnetSpec.uniform(TINY, layers=[0, 2, 3], fmt="q8_0")
