@@ -5,7 +5,8 @@ teacher is the base model it was cut from. The loss is the forward KL between th
 student's next-token distributions at temperature T (times T^2), optionally plus ``ce_weight`` x the
 LM cross-entropy. With ``qat`` the student's forward sees the spec's simulated weight formats: each
 linear uses fake_quantize(W + BA) with a straight-through estimator, so the adapters learn to
-compensate the rounding the runtime will apply. Training evaluates held-out perplexity every
+compensate the rounding the runtime will apply (iq4_nl keeps the block scales ggml picks for W, see
+``subnet.quant.training_rounder``; the final perplexity is scored with the exact rounding). Training evaluates held-out perplexity every
 ``eval_every`` steps, keeps the best adapters, stops early, writes resumable checkpoints, and finally
 merges the adapters into the weights (``merge_and_unload``): the result is a plain HF model of the
 sub-network's class and shapes, ready for quantization and export.
@@ -36,7 +37,7 @@ from rich.progress import (
 
 from search.evaluate import perplexity
 from subnet.arch import ATTN_LINEARS, LINEARS
-from subnet.quant import input_quantizer, fake_quantize, fake_quantize_model
+from subnet.quant import fake_quantize, fake_quantize_model, input_quantizer, training_rounder
 from subnet.spec import SubnetSpec
 from targets.backend import atomic_output
 
@@ -181,13 +182,14 @@ def _ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def _qat_forward(self, x, *args, **kwargs):
-    """A peft lora.Linear forward on fake_quantize(W + scale * B @ A) with straight-through gradients."""
+    """A peft lora.Linear forward on W + scale * B @ A rounded through the spec format (its
+    ``training_rounder``), with straight-through gradients."""
     base = self.base_layer
     w = base.weight
     for name in self.active_adapters:
         if name in self.lora_A:
             w = w + (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
-    w = _ste(w, fake_quantize(w, self._packager_fmt))
+    w = _ste(w, self._packager_round(w))
     if self._packager_act is not None:  # runtimes that also quantize the input (ORT int8, accuracy_level 4)
         x = _ste(x, self._packager_act(x))
     return F.linear(x, w.to(x.dtype), base.bias)
@@ -209,6 +211,7 @@ def _enable_qat(peft_model, spec: SubnetSpec) -> dict:
                 mod.weight.data.copy_(fake_quantize(mod.weight.data, fmt))
                 continue
             mod._packager_fmt, mod._packager_act = fmt, input_quantizer(fmt, 4)
+            mod._packager_round = training_rounder(mod.base_layer.weight, fmt)
             mod.forward = types.MethodType(_qat_forward, mod)
     embed, head = inner.get_input_embeddings(), inner.get_output_embeddings()
     pairs = [(embed, spec.embed_format)]
@@ -224,7 +227,7 @@ def _enable_qat(peft_model, spec: SubnetSpec) -> dict:
 def _disable_qat(peft_model, saved: dict) -> None:
     for mod in peft_model.get_base_model().modules():
         if hasattr(mod, "_packager_fmt"):
-            del mod.forward, mod._packager_fmt, mod._packager_act
+            del mod.forward, mod._packager_fmt, mod._packager_act, mod._packager_round
     for mod, w in saved.items():
         mod.weight.data.copy_(w)
 

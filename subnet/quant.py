@@ -123,18 +123,14 @@ def fake_quantize(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     """``weight`` (2-D, quantized along rows) after a round trip through ``fmt``; same shape and dtype.
 
     Exact numerics of the runtime that stores ``fmt``: ggml's quantizer for GGUF formats (pure-torch
-    bit-identical fast paths for f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1; ggml itself for K-quants and
-    iq4_nl), ONNX Runtime's weight quantizers for int8 (``quantize_dynamic(per_channel=True)``) and
+    bit-identical fast paths for f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 and iq4_nl; ggml itself for
+    K-quants), ONNX Runtime's weight quantizers for int8 (``quantize_dynamic(per_channel=True)``) and
     int8_b32 / int4_b32 / int4_b128 (``MatMulNBitsQuantizer``, asymmetric RTN). f32 is the identity.
     """
-    f = get_format(fmt)
-    if weight.dim() != 2:
-        raise QuantError(f"expected a 2-D weight (out_features, in_features), got shape {tuple(weight.shape)}")
     if fmt == "f32":
+        _check_2d_torch(weight, fmt)
         return weight
-    if weight.shape[1] % f.block:
-        _check_2d(np.empty((0, weight.shape[1]), np.float32), fmt)  # raises the one-line message
-    w = weight.detach().to(torch.float32)
+    w = _check_2d_torch(weight, fmt)
     fast = _FAST.get(fmt)
     if fast is not None:
         out = _by_row_chunks(fast, w)
@@ -144,12 +140,23 @@ def fake_quantize(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     return out.to(device=weight.device, dtype=weight.dtype)
 
 
-def _by_row_chunks(fast, w: torch.Tensor, rows: int = 256) -> torch.Tensor:
+def _check_2d_torch(weight: torch.Tensor, fmt: str) -> torch.Tensor:
+    """``weight`` detached as float32 after the checks ``fmt`` needs (2-D, rows a multiple of its block)."""
+    block = get_format(fmt).block
+    if weight.dim() != 2:
+        raise QuantError(f"expected a 2-D weight (out_features, in_features), got shape {tuple(weight.shape)}")
+    if weight.shape[1] % block:
+        _check_2d(np.empty((0, weight.shape[1]), np.float32), fmt)  # raises the one-line message
+    return weight.detach().to(torch.float32)
+
+
+def _by_row_chunks(fast, w: torch.Tensor, rows: int = 256, out_cols: int | None = None) -> torch.Tensor:
     """``fast(w)`` computed ``rows`` rows at a time into one output (every format rounds rows
-    independently), so its temporaries, and the copy of a sliced non-contiguous ``w``, stay chunk-sized."""
+    independently), so its temporaries, and the copy of a sliced non-contiguous ``w``, stay chunk-sized.
+    ``out_cols``: the width of ``fast``'s output when it is not ``w``'s."""
     if w.shape[0] <= rows:
         return fast(w)
-    out = torch.empty(w.shape, dtype=torch.float32)
+    out = torch.empty((w.shape[0], w.shape[1] if out_cols is None else out_cols), dtype=torch.float32)
     for r in range(0, w.shape[0], rows):
         out[r : r + rows] = fast(w[r : r + rows])
     return out
@@ -254,6 +261,105 @@ def _ort_blockwise(w: torch.Tensor, bits: int, block: int) -> torch.Tensor:
     return q.sub_(zp).mul_(scale).reshape(w.shape)
 
 
+# ---- iq4_nl: ggml's per-block scale search, then the nearest of 16 non-linear levels ---------------
+IQ4_NL_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # kvalues_iq4nl
+_IQ4_NL_TRIES = 7  # quantize_iq4_nl's ntry: scales (t - 127) / max for t in -7..7 are tried
+SCALE_SEARCH_FORMATS = ("iq4_nl",)  # formats whose block scales come from a search (see block_scales)
+
+
+@lru_cache(maxsize=1)
+def _iq4_nl_cells() -> torch.Tensor:
+    """The iq4_nl level nearest to each half-unit cell [c/2, (c+1)/2), c in [-255, 227]: level midpoints
+    are multiples of 1/2, so one cell never straddles one, and a midpoint starts the cell of the upper
+    level (ggml ``best_index_int8``: ``x - lo < hi - x ? lo : hi``)."""
+    levels = torch.tensor(IQ4_NL_LEVELS, dtype=torch.float32)
+    mids = (levels[:-1] + levels[1:]) / 2
+    starts = torch.arange(_CELL_LO, _CELL_HI + 1, dtype=torch.float32) / 2
+    return levels[torch.bucketize(starts, mids, right=True)]
+
+
+_CELL_LO, _CELL_HI = 2 * IQ4_NL_LEVELS[0] - 1, 2 * IQ4_NL_LEVELS[-1] + 1  # beyond them: the end levels
+
+
+def _nearest_level(x: torch.Tensor) -> torch.Tensor:
+    """The iq4_nl level (a float) nearest to each element of ``x``, as ggml's ``best_index_int8`` picks it:
+    a lookup by the half-unit cell of ``x`` (2x is exact, so the cell is too)."""
+    cell = (x * 2).floor_().clamp_(_CELL_LO, _CELL_HI).to(torch.int32).sub_(_CELL_LO)
+    return _iq4_nl_cells()[cell]
+
+
+def _iq4_nl_block_scales(w: torch.Tensor) -> torch.Tensor:
+    """ggml quantize_row_iq4_nl_impl's float32 scale of every 32-block of ``w`` [rows, n] -> [rows, n/32].
+
+    Per block (weights x^2, no importance matrix): start at max/127, refit by weighted least squares,
+    try the 15 scales (t - 127)/max, keep the best refit. The sums run over the block's 32 elements in
+    ggml's order, one float32 operation at a time, so every scale is the one ggml computes.
+    """
+    b = _blocks(w, 32).reshape(-1, 32)
+    mx = _signed_absmax(b).squeeze(-1)
+    live = mx.abs() >= 1e-15  # GROUP_MAX_EPS: an all-but-zero block gets scale 0
+    mx = torch.where(live, mx, torch.ones_like(mx))
+    xt = b.t().contiguous()  # [32, blocks]: column j is element j of every block
+    wt = xt * xt
+
+    def sums(inv_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = _nearest_level(xt * inv_scale)
+        sqx, sq2 = torch.zeros_like(mx), torch.zeros_like(mx)
+        for j in range(32):  # sumqx += w*q*x; sumq2 += w*q*q, in this order
+            wq = wt[j] * q[j]
+            sqx += wq * xt[j]
+            sq2 += wq * q[j]
+        return sqx, sq2
+
+    sqx, sq2 = sums(1 / (mx / 127))
+    d = torch.where(sq2 > 0, sqx / torch.where(sq2 > 0, sq2, 1.0), 0.0)
+    best = d * sqx
+    for t in range(-_IQ4_NL_TRIES, _IQ4_NL_TRIES + 1):
+        # a tensor numerator: torch computes `number / tensor` as tensor.reciprocal() * number
+        sqx, sq2 = sums(torch.full_like(mx, t + IQ4_NL_LEVELS[0]) / mx)
+        better = (sq2 > 0) & (sqx * sqx > best * sq2)
+        d = torch.where(better, sqx / torch.where(better, sq2, 1.0), d)
+        best = torch.where(better, d * sqx, best)
+    return torch.where(live, d, 0.0).reshape(w.shape[0], w.shape[1] // 32)
+
+
+def _iq4_nl_round(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``w`` [rows, n] at the nearest iq4_nl level of its blocks' float32 ``scales`` [rows, n/32]
+    (ggml's final index pick with 1/scale), dequantized with the fp16 scale the block stores."""
+    s = scales.unsqueeze(-1)
+    return _nearest_level(_blocks(w, 32) * _recip(s)).mul_(_fp16(s)).reshape(w.shape)
+
+
+def block_scales(weight: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The float32 block scales ggml's search picks for ``weight`` [rows, n] in ``fmt`` (one of
+    ``SCALE_SEARCH_FORMATS``), [rows, n / block]. A block's scale depends only on its own weights, so
+    the scales of a row prefix are a prefix of the row's scales: one search serves every slice."""
+    if fmt not in SCALE_SEARCH_FORMATS:
+        raise QuantError(f"format {fmt!r} has no block-scale search; those that do: {SCALE_SEARCH_FORMATS}")
+    w = _check_2d_torch(weight, fmt)
+    return _by_row_chunks(_iq4_nl_block_scales, w, out_cols=w.shape[1] // get_format(fmt).block)
+
+
+def round_to_scales(weight: torch.Tensor, scales: torch.Tensor, fmt: str) -> torch.Tensor:
+    """``weight`` rounded through ``fmt`` with given block ``scales`` (from ``block_scales``): exactly
+    ``fake_quantize`` when they are the weight's own scales; with the scales of a nearby weight (a
+    LoRA-updated one), the cheap rounding that quantization-aware training runs every step."""
+    w = _check_2d_torch(weight, fmt)
+    if scales.shape != (w.shape[0], w.shape[1] // get_format(fmt).block):
+        raise QuantError(f"{fmt} scales of shape {tuple(scales.shape)} do not fit a weight of shape {tuple(w.shape)}")
+    return _iq4_nl_round(w, scales.to(torch.float32))
+
+
+def training_rounder(weight: torch.Tensor, fmt: str):
+    """How quantization-aware training rounds a weight that starts as ``weight`` and drifts from it:
+    ``fake_quantize`` for formats with a cheap exact rounding; for scale-search formats, the nearest
+    level at the starting weight's block scales (exact at the start, a search-free step after)."""
+    if fmt not in SCALE_SEARCH_FORMATS:
+        return lambda w: fake_quantize(w, fmt)
+    scales = block_scales(weight, fmt)
+    return lambda w: round_to_scales(w, scales, fmt).to(dtype=w.dtype)
+
+
 _FAST = {
     "f16": lambda w: w.to(torch.float16).to(torch.float32),
     "bf16": lambda w: w.to(torch.bfloat16).to(torch.float32),
@@ -266,6 +372,7 @@ _FAST = {
     "int8_b32": lambda w: _ort_blockwise(w, 8, 32),
     "int4_b32": lambda w: _ort_blockwise(w, 4, 32),
     "int4_b128": lambda w: _ort_blockwise(w, 4, 128),
+    "iq4_nl": lambda w: _iq4_nl_round(w, _iq4_nl_block_scales(w)),
 }
 
 

@@ -5,7 +5,8 @@ base makes the common case); switching specs only swaps a small description. The
 written out here in one readable function (LitGPT-style) so that every sub-network, including
 per-layer head counts, MLP widths, dropped layers and a narrower hidden size, runs through the same
 code. Quantization is simulated per linear with the spec's formats, computed layer by layer during
-the forward pass so that at most one layer's quantized copy exists at a time.
+the forward pass so that at most one layer's quantized copy exists at a time; formats whose block
+scales come from a search (iq4_nl) search them once per base weight and round every slice with them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from subnet.arch import arch_of
 from subnet.extract import layer_index_sets
+from subnet.formats import get_format
 from subnet.heap import free_large_blocks_eagerly, return_freed_heap
+from subnet.quant import SCALE_SEARCH_FORMATS, block_scales, fake_quantize, round_to_scales
 from subnet.spec import SubnetSpec
 
 
@@ -53,6 +56,7 @@ class Supernet:
         self.spec: SubnetSpec = SubnetSpec.full(self.arch)
         self.simulate_quantization = True
         self._plan = None
+        self._scales: dict[tuple, tuple[int, torch.Tensor]] = {}
         self.activate(self.spec)
 
     # ---- activation ---------------------------------------------------------------------
@@ -67,12 +71,22 @@ class Supernet:
         return self
 
     def _weight(self, w: torch.Tensor, rows, cols, fmt: str) -> torch.Tensor:
-        w = _take(_take(w, rows, 0), cols, 1)
-        if self.simulate_quantization and fmt != "f32":
-            from subnet.quant import fake_quantize
+        part = _take(_take(w, rows, 0), cols, 1)
+        if not self.simulate_quantization or fmt == "f32":
+            return part
+        if fmt in SCALE_SEARCH_FORMATS and not isinstance(cols, torch.Tensor):  # a column prefix
+            scales = _take(self._block_scales(w, fmt), rows, 0)
+            return round_to_scales(part, scales[:, : part.shape[1] // get_format(fmt).block], fmt)
+        return fake_quantize(part, fmt)
 
-            w = fake_quantize(w, fmt)
-        return w
+    def _block_scales(self, w: torch.Tensor, fmt: str) -> torch.Tensor:
+        """The block scales of a whole base weight in a scale-search format, searched once and kept
+        (~0.125 bytes per weight) until the weight changes in place."""
+        key = (w.data_ptr(), tuple(w.shape), fmt)
+        hit = self._scales.get(key)
+        if hit is None or hit[0] != w._version:
+            hit = self._scales[key] = (w._version, block_scales(w, fmt))
+        return hit[1]
 
     # ---- forward ------------------------------------------------------------------------
     @torch.inference_mode()

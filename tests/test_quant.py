@@ -13,7 +13,9 @@ from subnet.extract import extract
 from subnet.formats import FORMATS
 from subnet.quant import (
     _FAST,
+    QuantError,
     _ggml,
+    block_scales,
     fake_quantize,
     fake_quantize_ggml,
     fake_quantize_model,
@@ -22,6 +24,8 @@ from subnet.quant import (
     ggml_quantize,
     ort_block_quantize_input,
     ort_dynamic_quantize_input,
+    round_to_scales,
+    training_rounder,
 )
 from subnet.spec import SubnetSpec
 from tests.conftest import tiny_model
@@ -112,6 +116,40 @@ def test_k_and_iq_round_trip_error(fmt):
     assert fq.shape == w.shape and fq.dtype == w.dtype
     rel = ((fq - w).pow(2).mean().sqrt() / w.pow(2).mean().sqrt()).item()
     assert 0 < rel < RMS_TOL[fmt], f"{fmt}: relative RMS error {rel:.4f}"
+
+
+def test_iq4_nl_scales_of_a_slice_are_a_slice_of_the_scales():
+    """A block's scale depends on its own 32 weights only: one search serves every row/column-prefix
+    slice, and rounding a slice with its share of the scales is fake_quantize of the slice, bit for bit."""
+    w = torch.from_numpy(weight(rows=40, cols=256, seed=5))
+    s = block_scales(w, "iq4_nl")
+    assert s.shape == (40, 8) and s.dtype == torch.float32
+    part = w[5:30, :128]
+    assert bits_equal(block_scales(part, "iq4_nl").numpy(), s[5:30, :4].numpy())
+    assert bits_equal(round_to_scales(part, s[5:30, :4], "iq4_nl").numpy(), fake_quantize_ggml(part, "iq4_nl").numpy())
+
+
+def test_training_rounder_is_exact_at_the_start_and_close_after_a_step():
+    w = torch.from_numpy(weight(rows=64, cols=512, seed=6)[6:])
+    rnd = training_rounder(w, "iq4_nl")
+    assert bits_equal(rnd(w).numpy(), fake_quantize_ggml(w, "iq4_nl").numpy())
+    moved = w + 1e-3 * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
+    exact = fake_quantize(moved, "iq4_nl")
+    err_fixed = (rnd(moved) - moved).pow(2).mean().item()
+    err_exact = (exact - moved).pow(2).mean().item()
+    assert err_exact <= err_fixed <= 1.01 * err_exact  # the kept scales are still almost the best ones
+    q = training_rounder(w, "q8_0")
+    assert bits_equal(q(moved).numpy(), fake_quantize(moved, "q8_0").numpy())
+
+
+def test_scale_search_bad_inputs():
+    w = torch.randn(4, 64)
+    with pytest.raises(QuantError, match="no block-scale search"):
+        block_scales(w, "q8_0")
+    with pytest.raises(QuantError, match="do not fit"):
+        round_to_scales(w, torch.ones(4, 3), "iq4_nl")
+    with pytest.raises(QuantError, match="multiple of 32"):
+        block_scales(torch.randn(4, 48), "iq4_nl")
 
 
 def test_f32_f16_identity_and_dtype():
@@ -393,3 +431,11 @@ def test_smollm2_all_q8_0_matches_ggml_path(smollm2):
     with torch.no_grad():
         a, b = model(ids).logits, sim(ids).logits
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8  # q8_0 barely moves SmolLM2
+
+
+@pytest.mark.integration
+def test_smollm2_iq4_nl_fast_path_equals_ggml(smollm2):
+    """The torch scale search reproduces ggml's iq4_nl on real weights (wide and narrow, row-sliced)."""
+    layer = smollm2.model.model.layers[7]
+    for w in (layer.mlp.down_proj.weight, layer.self_attn.k_proj.weight, layer.mlp.up_proj.weight[:512]):
+        assert bits_equal(fake_quantize(w, "iq4_nl").numpy(), fake_quantize_ggml(w, "iq4_nl").numpy())

@@ -124,22 +124,28 @@ def test_divergence_stops_and_keeps_the_best(teacher_and_text, tmp_path):
     assert all(torch.isfinite(p).all() for p in res.model.parameters())
 
 
-def test_qat_trains_against_the_quantized_forward(teacher_and_text):
+@pytest.mark.parametrize("fmt", ["q4_0", "iq4_nl"])
+def test_qat_trains_against_the_quantized_forward(teacher_and_text, fmt):
+    from search.evaluate import perplexity
+    from subnet.quant import fake_quantize_model
+
     base, calib, val = teacher_and_text
-    spec = SubnetSpec.uniform(arch_of(base.config), layers=[0, 1, 3], mlp=64, fmt="q4_0", embed_format="q8_0")
+    spec = SubnetSpec.uniform(arch_of(base.config), layers=[0, 1, 3], mlp=64, fmt=fmt, embed_format="q8_0")
     sub = extract(base, spec)
     res = recover(base, sub, spec, calib, val, RecoveryConfig(**FAST, lr=1e-2, max_steps=12, eval_every=6, qat=True),
                   progress=False)  # fmt: skip
     plain = recover(base, sub, spec, calib, val, RecoveryConfig(**FAST, lr=1e-2, max_steps=2, eval_every=2),
                     progress=False)  # fmt: skip
     assert res.ppl_before != pytest.approx(plain.ppl_before)  # qat measures the quantized sub-network
+    # ... exactly as the simulation rounds it (iq4_nl: the training rounder starts at ggml's own scales)
+    assert res.ppl_before == pytest.approx(perplexity(fake_quantize_model(sub, spec), val, batch_size=8), rel=1e-5)
     assert res.ppl_after < res.ppl_before
     assert all(type(m) is torch.nn.Linear for m in res.model.modules() if "Linear" in type(m).__name__)
     # the merged weights are float (not rounded): the exporter applies the format
     w = res.model.model.layers[0].mlp.up_proj.weight
     from subnet.quant import fake_quantize
 
-    assert not torch.equal(w, fake_quantize(w, "q4_0"))
+    assert not torch.equal(w, fake_quantize(w, fmt))
 
 
 def test_supernet_tuning_saves_and_merges(teacher_and_text, tmp_path):

@@ -50,6 +50,35 @@ def test_nll_matches_cross_entropy(fmt):
             assert torch.allclose(lg, base(blocks).logits[:, :-1], atol=1e-4)
 
 
+def test_supernet_iq4_nl_matches_extracted_and_searches_scales_once():
+    """iq4_nl (a per-block scale search) through the supernet: prefix slices round with the whole
+    weight's cached scales, gathered columns round on their own; both equal the extracted model rounded."""
+    from subnet.quant import fake_quantize_model
+
+    base = tiny_model("llama")
+    arch = arch_of(base.config)
+    prefix = SubnetSpec.uniform(arch, layers=[0, 2, 3], heads=2, kv_heads=1, mlp=64, fmt="iq4_nl")
+    gathered = SubnetSpec.uniform(arch, layers=[1, 3], mlp=64, hidden_size=32, fmt="iq4_nl")
+    gathered.layers[0].mlp_channels = list(range(95, 31, -1))  # not a prefix: down_proj's columns gathered
+    gathered.hidden_channels = list(range(63, 31, -1))
+    net = Supernet(base)
+    for spec in (prefix, gathered.validate()):
+        sub = extract(base, spec)
+        with torch.no_grad():
+            want = fake_quantize_model(sub, spec)(IDS).logits
+        assert (net.activate(spec).logits(IDS) - want).abs().max() <= 1e-4
+    cached = dict(net._scales)
+    assert cached  # scales of whole base weights, one entry per (weight, format)
+    net.activate(prefix).logits(IDS)
+    assert all(net._scales[k][1] is v[1] for k, v in cached.items())  # reused, not searched again
+    with torch.no_grad():
+        base.model.layers[0].mlp.up_proj.weight.mul_(2)  # an in-place change invalidates that weight's scales
+    sub = extract(base, prefix)
+    with torch.no_grad():
+        want = fake_quantize_model(sub, prefix)(IDS).logits
+    assert (net.activate(prefix).logits(IDS) - want).abs().max() <= 1e-4
+
+
 def test_switching_specs_moves_no_weights():
     base = tiny_model("llama")
     ptrs = {n: p.data_ptr() for n, p in base.named_parameters()}
