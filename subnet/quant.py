@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from subnet.arch import ATTN_LINEARS, LINEARS
 from subnet.formats import get_format
@@ -236,11 +237,18 @@ def _ort_int8_per_channel(w: torch.Tensor) -> torch.Tensor:
     scale = float32(2*absmax / 254) computed in float64; q = clip(round_half_even(w / scale), -128, 127);
     a channel whose scale is below float32 tiny gets scale 1 (ORT's compute_scale_zp).
     """
+    q, scale = ort_int8_weight(w)
+    return q * scale
+
+
+def ort_int8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 values (as floats) [out, in] and per-row scales [out, 1] ORT stores for ``w`` (see
+    ``_ort_int8_per_channel``)."""
+    w = w.detach().to(torch.float32)
     absmax = w.abs().amax(dim=1, keepdim=True).to(torch.float64)
     scale = (2 * absmax / 254).to(torch.float32)
     scale = torch.where(scale < torch.finfo(torch.float32).tiny, torch.ones_like(scale), scale)
-    q = torch.clamp(torch.round(w / scale), -128, 127) + 0.0  # + 0.0: an int8 has no -0
-    return q * scale
+    return torch.clamp(torch.round(w / scale), -128, 127) + 0.0, scale  # + 0.0: an int8 has no -0
 
 
 def _ort_blockwise(w: torch.Tensor, bits: int, block: int) -> torch.Tensor:
@@ -393,6 +401,12 @@ def ort_dynamic_quantize_input(x: torch.Tensor, scope: str = "tensor") -> torch.
     ``scope="token"``: one range per token (last axis), which is what ORT computes when it decodes one
     token per call at batch 1. One outlier token sets a "tensor" range for every other token.
     """
+    q, zp, scale = _ort_dynamic_quantize(x, scope)
+    return ((q - zp) * scale).to(x.dtype)
+
+
+def _ort_dynamic_quantize(x: torch.Tensor, scope: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``DynamicQuantizeLinear`` of ``x``: the uint8 values (as floats), zero point and scale."""
     _check_int8_scope(scope)
     xf = x.to(torch.float32)
     dims = (-1,) if scope == "token" else tuple(range(xf.dim()))
@@ -403,8 +417,91 @@ def ort_dynamic_quantize_input(x: torch.Tensor, scope: str = "tensor") -> torch.
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         lo = torch.where(hi == lo, torch.zeros_like(lo), lo)
     zp = torch.clamp(torch.round(-lo / scale), 0, 255)
-    q = torch.clamp(torch.round(xf / scale) + zp, 0, 255)
-    return ((q - zp) * scale).to(x.dtype)
+    return torch.clamp(torch.round(xf / scale) + zp, 0, 255), zp, scale
+
+
+@lru_cache(maxsize=1)
+def ort_int8_saturates() -> bool:
+    """Whether ONNX Runtime's u8s8 int8 GEMM on this CPU saturates: x86 without VNNI, where MLAS
+    multiplies with ``vpmaddubsw``, which adds two adjacent uint8 x int8 products into a saturating
+    int16 (measured here, AMD EPYC with AVX2: 255*127 + 255*127 comes back as 32767). With VNNI
+    (``vpdpbusd``) and on other architectures the sums are exact."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = next((ln.split(":", 1)[1].split() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                      if ln.startswith("flags")), [])  # fmt: skip
+    except OSError:
+        return False
+    return not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags)
+
+
+def u8s8_saturation(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
+    """What int16 saturation takes from ``a @ b.T`` in a ``vpmaddubsw`` kernel: per output [..., out],
+    sum over input pairs (2j, 2j+1) of sat16(s) - s, s = a[..., 2j] b[o, 2j] + a[..., 2j+1] b[o, 2j+1].
+
+    ``a`` holds uint8 values (the raw quantized input, zero point included), ``b`` int8 values
+    [out, in], both as floats. Exact and cheap: only the (output, pair) combinations whose largest
+    possible |s| over these inputs exceeds int16 are computed, ``chunk`` elements at a time.
+    """
+    lead, k = a.shape[:-1], a.shape[-1]
+    a2 = a.reshape(-1, k).to(torch.float32)
+    b2 = b.to(torch.float32)
+    if k % 2:
+        a2, b2 = F.pad(a2, (0, 1)), F.pad(b2, (0, 1))
+    a2, b2 = a2.reshape(a2.shape[0], -1, 2), b2.reshape(b2.shape[0], -1, 2)
+    top = a2.amax(dim=0)  # [pairs, 2]: the largest input value of each position (uint8: >= 0)
+    cand = ((top * b2.clamp(min=0)).sum(-1) > 32767) | ((top * b2.clamp(max=0)).sum(-1) < -32768)
+    out_idx, pair_idx = cand.nonzero(as_tuple=True)
+    corr = torch.zeros(a2.shape[0], b2.shape[0], dtype=torch.float64)
+    step = max(1, chunk // max(1, a2.shape[0]))
+    for c in range(0, out_idx.numel(), step):
+        o, j = out_idx[c : c + step], pair_idx[c : c + step]
+        s = a2[:, j, 0] * b2[o, j, 0] + a2[:, j, 1] * b2[o, j, 1]  # exact: |s| < 2^17
+        corr.index_add_(1, o, (s.clamp(-32768, 32767) - s).to(torch.float64))
+    return corr.reshape(*lead, b2.shape[0])
+
+
+def ort_int8_linear(x: torch.Tensor, weight: torch.Tensor, bias=None, scope: str = "token",
+                    saturates: bool | None = None) -> torch.Tensor:  # fmt: skip
+    """ONNX Runtime's ``quantize_dynamic`` linear of float ``weight`` on float ``x``: the input
+    quantized (``scope``), the weight in int8 per row, and, where the CPU's kernel saturates
+    (``ort_int8_saturates``; the default None asks this machine), what saturation takes away."""
+    q, zp, sx = _ort_dynamic_quantize(x, scope)
+    wq, sw = ort_int8_weight(weight)
+    y = F.linear(((q - zp) * sx).to(x.dtype), (wq * sw).to(x.dtype), bias)
+    return y + _saturation_term(q, sx, wq, sw, y.dtype) if _saturating(saturates) else y
+
+
+def _saturating(saturates: bool | None) -> bool:
+    return ort_int8_saturates() if saturates is None else saturates
+
+
+def _saturation_term(q, sx, wq, sw, dtype) -> torch.Tensor | float:
+    """u8s8_saturation of the quantized input ``q`` and weight ``wq``, scaled to the output."""
+    corr = u8s8_saturation(q, wq)
+    if not corr.any():
+        return 0.0
+    return (corr * sx.to(torch.float64) * sw.reshape(-1).to(torch.float64)).to(dtype)
+
+
+def _int8_input_hook(scope: str):
+    """Forward pre-hook of a simulated ORT int8 linear: quantize the input, keep its uint8 values."""
+
+    def hook(mod, args):
+        q, zp, sx = _ort_dynamic_quantize(args[0], scope)
+        mod._ort_int8_input = (q, sx)
+        return (((q - zp) * sx).to(args[0].dtype), *args[1:])
+
+    return hook
+
+
+def _int8_saturation_hook(mod, args, out):
+    """Forward hook after ``_int8_input_hook`` where the kernel saturates: add what saturation takes."""
+    q, sx = mod.__dict__.pop("_ort_int8_input")
+    return out + _saturation_term(q, sx, *mod._ort_int8_weight, out.dtype)
 
 
 def ort_block_quantize_input(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -463,14 +560,17 @@ def fake_quantize_model(
     ``spec.layers[i]`` gives the formats of ``model.model.layers[i]`` (one per name in ``LINEARS``);
     ``spec.embed_format`` goes to the embedding and ``spec.lm_head_format`` to an untied lm_head (a tied
     one shares the embedding's weight and format). Norms and biases stay as they are. With
-    ``activations``, linears in formats whose runtime also quantizes their input get a forward
-    pre-hook that simulates it: ORT int8 (``quantize_dynamic``: uint8 per tensor) and, when
+    ``activations``, linears in formats whose runtime also quantizes their input simulate it: ORT int8
+    (``quantize_dynamic``: uint8 per tensor, plus what this CPU's kernel loses to saturation, see
+    ``ort_int8_linear``) and, when
     ``ort_accuracy_level`` is 4 (int8 compute, the fast setting), the MatMulNBits formats (int8 per
     token and block). ``int8_scope`` is the range one ORT int8 input quantization spans (see
     ``input_quantizer``): "token" (default) simulates decoding; "tensor" one call on the whole input.
     Returns the model (a copy unless ``inplace``).
     """
     plan = _plan(model, spec)
+    saturates = activations and any(fmt == "int8" for *_, fmt in plan) and ort_int8_saturates()
+    int8_weights = {name: ort_int8_weight(m.weight) for name, m, fmt in plan if fmt == "int8" and saturates}
     with torch.no_grad():
         if inplace:
             for _, m, fmt in plan:
@@ -483,6 +583,14 @@ def fake_quantize_model(
             model = copy.deepcopy(model, memo)
     for name, m, fmt in plan:
         quant = input_quantizer(fmt, ort_accuracy_level, int8_scope)
-        if activations and quant is not None and not isinstance(m, torch.nn.Embedding):
-            model.get_submodule(name).register_forward_pre_hook(lambda _m, args, q=quant: (q(args[0]), *args[1:]))
+        if not activations or quant is None or isinstance(m, torch.nn.Embedding):
+            continue
+        mod = model.get_submodule(name)
+        if fmt != "int8":
+            mod.register_forward_pre_hook(lambda _m, args, q=quant: (q(args[0]), *args[1:]))
+            continue
+        mod.register_forward_pre_hook(_int8_input_hook(int8_scope))
+        if saturates:
+            mod._ort_int8_weight = int8_weights[name]
+            mod.register_forward_hook(_int8_saturation_hook)
     return model

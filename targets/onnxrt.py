@@ -155,14 +155,15 @@ def linear_parity(artifact, model, spec: SubnetSpec, token_ids, linear_io: dict[
     ``linear_io``: linear -> [input, output] tensor names (``meta["linear_io"]`` of the export). The
     graph is run once on ``token_ids`` with those tensors as extra outputs (a probe copy of model.onnx
     that shares its weight file, removed afterwards). The reference is ``input_quantizer(fmt, 4,
-    "tensor")(x) @ fake_quantize(W, fmt).T``, i.e. what one ORT call on the whole input computes.
+    "tensor")(x) @ fake_quantize(W, fmt).T`` (int8: ``ort_int8_linear``, with this CPU's kernel
+    saturation), i.e. what one ORT call on the whole input computes.
     Returns the worst relative error (max |diff| / max |ORT output|) and the linear it occurs at.
     """
     import onnx
     import torch
     from onnx import TensorProto, helper
 
-    from subnet.quant import fake_quantize, input_quantizer
+    from subnet.quant import fake_quantize, input_quantizer, ort_int8_linear
 
     path = _onnx_path(artifact)
     graph = onnx.load(str(path), load_external_data=False)
@@ -184,8 +185,11 @@ def linear_parity(artifact, model, spec: SubnetSpec, token_ids, linear_io: dict[
         for key, (x_name, y_name) in linear_io.items():
             weight, fmt = _linear_weight_and_format(model, spec, key)
             x = torch.from_numpy(got[x_name]).float()
-            quant = input_quantizer(fmt, 4, "tensor")
-            ref = (quant(x) if quant else x) @ fake_quantize(weight.float(), fmt).T
+            if fmt == "int8":
+                ref = ort_int8_linear(x, weight.float(), scope="tensor")
+            else:
+                quant = input_quantizer(fmt, 4, "tensor")
+                ref = (quant(x) if quant else x) @ fake_quantize(weight.float(), fmt).T
             y = got[y_name]
             errors[key] = float(np.abs(y - ref.numpy()).max() / max(float(np.abs(y).max()), 1e-30))
     worst = max(errors, key=errors.get)

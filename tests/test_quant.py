@@ -24,8 +24,11 @@ from subnet.quant import (
     ggml_quantize,
     ort_block_quantize_input,
     ort_dynamic_quantize_input,
+    ort_int8_linear,
+    ort_int8_saturates,
     round_to_scales,
     training_rounder,
+    u8s8_saturation,
 )
 from subnet.spec import SubnetSpec
 from tests.conftest import tiny_model
@@ -221,12 +224,31 @@ def test_int8_matches_ort_quantize_dynamic(tmp_path):
     # the weight ORT stores, dequantized, is exactly ours
     assert not inits["W_zero_point"].any()
     assert bits_equal(inits["W_quantized"].T.astype(np.float32) * inits["W_scale"][:, None], fq)
-    # ORT's output = our weight times ORT's dynamically quantized input (tolerance: fp32 rounding)
+    # ORT's output = our weight times ORT's dynamically quantized input (tolerance: fp32 rounding),
+    # less what this CPU's kernel loses to int16 saturation (the ramp row saturates where it can)
     y = _run(tmp_path / "q.onnx", x)
-    xq = ort_dynamic_quantize_input(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(y, xq @ fq.T, rtol=0, atol=1e-5 * np.abs(y).max())
+    xt, wt, tol = torch.from_numpy(x), torch.from_numpy(w), 1e-5 * np.abs(y).max()
+    here = ort_int8_saturates()
+    np.testing.assert_allclose(y, ort_int8_linear(xt, wt, scope="tensor").numpy(), rtol=0, atol=tol)
+    assert np.abs(y - ort_int8_linear(xt, wt, scope="tensor", saturates=not here).numpy()).max() > 100 * tol
+    xq = ort_dynamic_quantize_input(xt).numpy()
+    np.testing.assert_allclose(ort_int8_linear(xt, wt, scope="tensor", saturates=False).numpy(), xq @ fq.T,
+                               rtol=0, atol=tol / 10)  # fmt: skip
     # weight-only simulation is off by the input rounding alone (step (max-min)/255)
     assert np.abs(y - x @ fq.T).max() > 1e-4 * np.abs(y).max()
+
+
+def test_u8s8_saturation_is_what_a_vpmaddubsw_kernel_loses():
+    """Adjacent pairs of uint8 x int8 products summed into a saturating int16, against a direct count."""
+    a = torch.tensor([[255.0, 255, 255, 255, 200, 10, 130, 130], [1, 2, 3, 4, 5, 6, 7, 8]])
+    b = torch.tensor([[127.0, 127, 127, -128, 100, 100, 127, 127], [-128, -128, -128, -128, 0, 0, 0, 0]])
+    pairs = (a[:, None, :] * b[None]).reshape(2, 2, 4, 2).sum(-1)
+    want = (pairs.clamp(-32768, 32767) - pairs).sum(-1).double()
+    got = u8s8_saturation(a, b)
+    assert torch.equal(got, want) and got[0, 0] == (32767 - 64770) + (32767 - 33020) and got[1].eq(0).all()
+    # measured here on ORT's MatMulInteger: row 0 of a against b[0] gives 86279, exact 118535
+    assert float((a[0] * b[0]).sum() + got[0, 0]) == 86279
+    assert torch.equal(u8s8_saturation(a[:, :7], b[:, :7]), u8s8_saturation(a[:, :7], b[:, :7], chunk=1))  # odd width
 
 
 def test_int8_token_scope_matches_ort_one_token_per_call(tmp_path):
@@ -248,7 +270,8 @@ def test_int8_token_scope_matches_ort_one_token_per_call(tmp_path):
     for i in range(len(x)):
         assert bits_equal(ours[i : i + 1], ort_dynamic_quantize_input(xt[i : i + 1]).numpy())
     row_max = np.abs(per_call).max(axis=1, keepdims=True)
-    assert (np.abs(per_call - ours @ fq.T) <= 1e-5 * row_max).all()  # fp32 accumulation order only
+    ref = ort_int8_linear(xt, torch.from_numpy(w), scope="token").numpy()  # ours @ fq.T, less saturation
+    assert (np.abs(per_call - ref) <= 1e-5 * row_max).all()  # fp32 accumulation order only
     assert not ours[3].any()
     whole = ort_dynamic_quantize_input(xt, "tensor").numpy() @ fq.T
     assert np.abs(whole[1:] - per_call[1:]).max() > 0.1 * np.abs(per_call[1:]).max()  # the old simulation
@@ -390,12 +413,15 @@ def test_fake_quantize_model_int8_quantizes_inputs_and_runs():
     sim = fake_quantize_model(model, spec)
     lin = _linear(sim, 1, "up_proj")  # int8: ORT also quantizes its input
     x = torch.randn(2, 3, lin.in_features)
+    w = _linear(model, 1, "up_proj").weight  # the float weight the int8 one is rounded from
     with torch.no_grad():
         y = lin(x)
-        expect = ort_dynamic_quantize_input(x, "token") @ lin.weight.T  # default: one range per token
+        expect = ort_int8_linear(x, w, scope="token")  # default: one range per token
         assert torch.allclose(y, expect, atol=1e-6)
+        plain = ort_dynamic_quantize_input(x, "token") @ lin.weight.T  # without this CPU's saturation
+        assert torch.allclose(plain, ort_int8_linear(x, w, scope="token", saturates=False), atol=1e-6)
         whole = _linear(fake_quantize_model(model, spec, int8_scope="tensor"), 1, "up_proj")
-        assert torch.allclose(whole(x), ort_dynamic_quantize_input(x) @ lin.weight.T, atol=1e-6)
+        assert torch.allclose(whole(x), ort_int8_linear(x, w, scope="tensor"), atol=1e-6)
         assert not torch.allclose(y, x @ lin.weight.T, atol=1e-6)
         weights_only = fake_quantize_model(model, spec, activations=False)
         assert torch.allclose(_linear(weights_only, 1, "up_proj")(x), x @ lin.weight.T, atol=1e-6)
