@@ -84,6 +84,7 @@ class Problem:
         base_ppl: float | None = None,
     ):
         self.space, self.supernet, self.cost_fn = space, supernet, cost_fn
+        supernet.prepare(space.formats)
         self.eval_blocks, self.calib_blocks = eval_blocks, calib_blocks
         self.budgets = budgets or Budgets()
         self.cache: dict[tuple, Evaluation] = {}

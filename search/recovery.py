@@ -36,7 +36,7 @@ from rich.progress import (
 )
 
 from search.evaluate import perplexity
-from subnet.arch import ATTN_LINEARS, LINEARS
+from subnet.arch import LINEARS, linear_of
 from subnet.quant import fake_quantize, fake_quantize_model, input_quantizer, training_rounder
 from subnet.spec import SubnetSpec
 from targets.backend import atomic_output
@@ -202,7 +202,7 @@ def _enable_qat(peft_model, spec: SubnetSpec) -> dict:
     saved = {}
     for layer, ly in zip(inner.model.layers, spec.layers):
         for name in LINEARS:
-            mod = getattr(layer.self_attn if name in ATTN_LINEARS else layer.mlp, name)
+            mod = linear_of(layer, name)
             fmt = ly.formats[name]
             if fmt == "f32":
                 continue

@@ -133,6 +133,12 @@ class SearchSpace:
         return len(self.vars)
 
     @property
+    def formats(self) -> list[str]:
+        """Every weight format the space offers (attention, MLP, embedding), each once."""
+        c = self.config
+        return list(dict.fromkeys(c.attn_formats + c.mlp_formats + c.embed_formats))
+
+    @property
     def sizes(self) -> list[int]:
         return [v.size for v in self.vars]
 

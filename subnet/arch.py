@@ -15,6 +15,11 @@ ATTN_LINEARS = LINEARS[:4]
 MLP_LINEARS = LINEARS[4:]
 
 
+def linear_of(layer, name: str):
+    """The linear called ``name`` (one of ``LINEARS``) of an HF decoder layer."""
+    return getattr(layer.self_attn if name in ATTN_LINEARS else layer.mlp, name)
+
+
 class UnsupportedArchitecture(ValueError):
     pass
 

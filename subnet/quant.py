@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from subnet.arch import ATTN_LINEARS, LINEARS
+from subnet.arch import LINEARS, linear_of
 from subnet.formats import get_format
 
 
@@ -151,15 +151,15 @@ def _check_2d_torch(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     return weight.detach().to(torch.float32)
 
 
-def _by_row_chunks(fast, w: torch.Tensor, rows: int = 256, out_cols: int | None = None) -> torch.Tensor:
-    """``fast(w)`` computed ``rows`` rows at a time into one output (every format rounds rows
+def _by_row_chunks(fast, w: torch.Tensor, *more: torch.Tensor, rows: int = 256, out_cols: int | None = None):
+    """``fast(w, *more)`` computed ``rows`` rows at a time into one output (every format rounds rows
     independently), so its temporaries, and the copy of a sliced non-contiguous ``w``, stay chunk-sized.
-    ``out_cols``: the width of ``fast``'s output when it is not ``w``'s."""
+    ``more``: tensors whose rows go with ``w``'s; ``out_cols``: the output's width when it is not ``w``'s."""
     if w.shape[0] <= rows:
-        return fast(w)
+        return fast(w, *more)
     out = torch.empty((w.shape[0], w.shape[1] if out_cols is None else out_cols), dtype=torch.float32)
     for r in range(0, w.shape[0], rows):
-        out[r : r + rows] = fast(w[r : r + rows])
+        out[r : r + rows] = fast(w[r : r + rows], *(m[r : r + rows] for m in more))
     return out
 
 
@@ -345,7 +345,7 @@ def block_scales(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     if fmt not in SCALE_SEARCH_FORMATS:
         raise QuantError(f"format {fmt!r} has no block-scale search; those that do: {SCALE_SEARCH_FORMATS}")
     w = _check_2d_torch(weight, fmt)
-    return _by_row_chunks(_iq4_nl_block_scales, w, out_cols=w.shape[1] // get_format(fmt).block)
+    return _by_row_chunks(_iq4_nl_block_scales, w, rows=1024, out_cols=w.shape[1] // get_format(fmt).block)
 
 
 def round_to_scales(weight: torch.Tensor, scales: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -355,7 +355,7 @@ def round_to_scales(weight: torch.Tensor, scales: torch.Tensor, fmt: str) -> tor
     w = _check_2d_torch(weight, fmt)
     if scales.shape != (w.shape[0], w.shape[1] // get_format(fmt).block):
         raise QuantError(f"{fmt} scales of shape {tuple(scales.shape)} do not fit a weight of shape {tuple(w.shape)}")
-    return _iq4_nl_round(w, scales.to(torch.float32))
+    return _by_row_chunks(_iq4_nl_round, w, scales.to(torch.float32))
 
 
 def training_rounder(weight: torch.Tensor, fmt: str):
@@ -530,10 +530,6 @@ def input_quantizer(fmt: str, accuracy_level: int | None, int8_scope: str = "tok
     return None
 
 
-def _linear(layer, name: str):
-    return getattr(layer.self_attn if name in ATTN_LINEARS else layer.mlp, name)
-
-
 def _plan(model, spec) -> list[tuple[str, object, str]]:
     """(module name, module, format) of every weight the spec rounds (f32 ones left out)."""
     layers = model.model.layers
@@ -543,7 +539,7 @@ def _plan(model, spec) -> list[tuple[str, object, str]]:
             f"pass the model extracted from this spec (subnet.extract.extract(model, spec))"
         )
     names = {id(m): n for n, m in model.named_modules()}
-    todo = [(_linear(layer, name), ly.formats[name]) for layer, ly in zip(layers, spec.layers) for name in LINEARS]
+    todo = [(linear_of(layer, name), ly.formats[name]) for layer, ly in zip(layers, spec.layers) for name in LINEARS]
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     todo.append((embed, spec.embed_format))
     if head is not None and head.weight is not embed.weight:  # a tied lm_head shares embed_format

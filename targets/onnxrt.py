@@ -138,7 +138,7 @@ PARITY_BOUNDS = {  # format class -> (max relative error of one linear, min logi
 
 
 def _linear_weight_and_format(model, spec: SubnetSpec, key: str):
-    from subnet.arch import ATTN_LINEARS
+    from subnet.arch import linear_of
 
     if key == "lm_head":
         head = model.get_output_embeddings()
@@ -146,7 +146,7 @@ def _linear_weight_and_format(model, spec: SubnetSpec, key: str):
         return head.weight, spec.embed_format if tied else spec.lm_head_format
     _, i, name = key.split(".")
     layer = model.model.layers[int(i)]
-    return getattr(layer.self_attn if name in ATTN_LINEARS else layer.mlp, name).weight, spec.layers[int(i)].formats[name]
+    return linear_of(layer, name).weight, spec.layers[int(i)].formats[name]
 
 
 def linear_parity(artifact, model, spec: SubnetSpec, token_ids, linear_io: dict[str, list[str]]) -> dict:

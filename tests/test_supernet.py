@@ -69,6 +69,9 @@ def test_supernet_iq4_nl_matches_extracted_and_searches_scales_once():
         assert (net.activate(spec).logits(IDS) - want).abs().max() <= 1e-4
     cached = dict(net._scales)
     assert cached  # scales of whole base weights, one entry per (weight, format)
+    net.prepare(["q8_0", "iq4_nl"])  # every weight's scales now, once: 4 layers x 7 linears + the tied embedding
+    assert len(net._scales) == 4 * 7 + 1 and all(net._scales[k][1] is v[1] for k, v in cached.items())
+    cached = dict(net._scales)
     net.activate(prefix).logits(IDS)
     assert all(net._scales[k][1] is v[1] for k, v in cached.items())  # reused, not searched again
     with torch.no_grad():
