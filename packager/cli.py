@@ -120,9 +120,10 @@ def _sorted_base(model, allow_pickle, calib_blocks=16):
     return loaded, sort_model(loaded.model, calib), calib
 
 
-def _search_problem(model, target, runtime, mode, budgets, allow_pickle, eval_blocks=8, calib_blocks=16, adapter=None):
+def _search_problem(model, target, runtime, mode, budgets, allow_pickle, strategy="nsga2", eval_blocks=8, calib_blocks=16,
+                    adapter=None):  # fmt: skip
     """Load, importance-sort (and merge a supernet adapter into) a model; wrap it as a search problem on ``target``."""
-    from packager.pack import cost_fn, search_space
+    from packager.pack import cost_fn, rank_quantization, search_space
     from search.problem import Problem
     from search.supernet_tuning import load_supernet_adapter
     from search.text import token_blocks
@@ -134,7 +135,7 @@ def _search_problem(model, target, runtime, mode, budgets, allow_pickle, eval_bl
     loaded, imp, calib = _sorted_base(model, allow_pickle, calib_blocks)
     if adapter:
         load_supernet_adapter(loaded.model, adapter)
-    space = search_space(loaded.arch, tgt, rt, mode, imp.layer_rank)
+    space = search_space(loaded.arch, tgt, rt, mode, rank_quantization(imp, loaded.model, calib, tgt, rt, mode, strategy))
     evals = token_blocks(loaded.tokenizer, "evaluation", 256, eval_blocks)
     return Problem(space, Supernet(loaded.model), evals, calib, cost_fn(tgt, rt), budgets)
 
@@ -166,7 +167,7 @@ def search(model, target, runtime, strategy, mode, budget, latency_ms, memory_mb
     from search.run import plot_front, require_feasible, run_search
 
     budgets = Budgets(latency_ms=latency_ms, memory_mb=memory_mb, size_mb=size_mb, max_ppl_increase=accuracy_floor)
-    problem = _search_problem(model, target, runtime, mode, budgets, allow_pickle, adapter=supernet_adapter)
+    problem = _search_problem(model, target, runtime, mode, budgets, allow_pickle, strategy, adapter=supernet_adapter)
     res = run_search(problem, strategy, budget, seed, out=Path(out), resume=resume)
     plot_front({strategy: res}, Path(out) / "front.png", f"{strategy} on {target}")
     best = require_feasible(res, problem)
@@ -203,7 +204,7 @@ def tune_supernet_cmd(model, target, runtime, mode, steps, calib_blocks, seed, o
 
     tgt = get_target(target)
     loaded, imp, _ = _sorted_base(model, allow_pickle)
-    space = search_space(loaded.arch, tgt, tgt.runtime(runtime), mode, imp.layer_rank)
+    space = search_space(loaded.arch, tgt, tgt.runtime(runtime), mode, imp)
     text = token_blocks(loaded.tokenizer, "calibration", 256, calib_blocks)
     path = tune_supernet(loaded.model, space, text, SupernetTuningConfig(steps=steps, seed=seed), out, force=force)
     click.echo(f"{tuning_summary(path)} → {out}")

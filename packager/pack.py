@@ -19,11 +19,12 @@ from rich.console import Console
 from packager.bundle import make_tarball, write_manifest
 from packager.scorecard import figure, write_all
 from profiles.costmodel import CostModelError, predict
-from search.importance import Importance, sort_model
+from search.importance import Importance, quantization_rank, sort_model
 from search.problem import Budgets, Evaluation, Problem, pareto_front
 from search.run import infeasible, plot_front, require_feasible, run_search
 from search.space import DEFAULT_FORMATS, SearchSpace, SpaceConfig
 from search.text import token_blocks
+from subnet.arch import ATTN_LINEARS, MLP_LINEARS
 from subnet.extract import extract
 from subnet.loading import LoadedModel, load_model
 from subnet.spec import SubnetSpec, retarget_formats
@@ -132,18 +133,20 @@ class Pack:
         return token_blocks(self.base().tokenizer, split, 256, n)
 
     def space(self, importance: Importance) -> SearchSpace:
-        return search_space(self.base().arch, self.target, self.search_runtime, self.cfg.mode, importance.layer_rank)
+        return search_space(self.base().arch, self.target, self.search_runtime, self.cfg.mode, importance)
 
     # ---- stages ------------------------------------------------------------------------------
     def stage_prepare(self) -> dict:
         loaded = self.base()
         model = loaded.model
-        imp = sort_model(model, self.blocks("calibration", self.cfg.calib_blocks))
+        calib = self.blocks("calibration", self.cfg.calib_blocks)
+        imp = sort_model(model, calib)
+        rank_quantization(imp, model, calib, self.target, self.search_runtime, self.cfg.mode, self.cfg.strategy)
         save_model(model, self.work / "sorted", loaded.tokenizer)
         imp.save(self.work / "importance.json")
         self._loaded = None  # the in-memory model is now permuted: reload the untouched one when needed
         return {"layer_rank": imp.layer_rank, "calibration_tokens": imp.calibration_tokens,
-                "unit_method": imp.unit_method, "layer_method": imp.layer_method}  # fmt: skip
+                "unit_method": imp.unit_method, "layer_method": imp.layer_method, "quant_rank": imp.quant_rank}  # fmt: skip
 
     def problem(self, model, max_ppl_increase: float) -> Problem:
         """The search problem on the sorted ``model``, with that accuracy floor (before recovery)."""
@@ -388,10 +391,29 @@ def runtime_formats(target: Target, runtime: str) -> list[str]:
     return [f for f in DEFAULT_FORMATS.get(runtime, []) if f in held] or held
 
 
-def search_space(arch, target: Target, runtime: str, mode: str, layer_rank) -> SearchSpace:
-    """The joint space for ``target``/``runtime`` with that runtime's default formats."""
+def search_space(arch, target: Target, runtime: str, mode: str, importance: Importance) -> SearchSpace:
+    """The joint space for ``target``/``runtime`` with that runtime's default formats (and, in uniform
+    mode with a quantization ranking, format shares)."""
     fmts = runtime_formats(target, runtime)
-    return SearchSpace(arch, runtime, SpaceConfig(mode=mode, attn_formats=fmts, mlp_formats=fmts), layer_rank)
+    quant_rank = importance.quant_rank if mode == "uniform" else None
+    return SearchSpace(arch, runtime, SpaceConfig(mode=mode, attn_formats=fmts, mlp_formats=fmts),
+                       importance.layer_rank, quant_rank)  # fmt: skip
+
+
+QUANT_RANK_BLOCKS = 4  # x 256 calibration tokens per block-sensitivity evaluation (30 of them on SmolLM2)
+
+
+def rank_quantization(importance: Importance, model, calib: torch.Tensor, target: Target, runtime: str,
+                      mode: str, strategy: str) -> Importance:  # fmt: skip
+    """Add the blocks' sensitivity to rounding (narrowest vs widest search format) to ``importance``
+    where the search uses it: format shares, i.e. uniform mode and a strategy other than the
+    sequential baseline (uniform quantization) and the differentiable search (per-block pricing)."""
+    if mode != "uniform" or strategy in ("sequential", "differentiable"):
+        return importance
+    fmts = runtime_formats(target, runtime)
+    importance.quant_rank, importance.quant_scores = quantization_rank(model, calib[:QUANT_RANK_BLOCKS], fmts[-1], fmts[0])
+    importance.quant_formats = [fmts[-1], fmts[0]]
+    return importance
 
 
 def cost_fn(target: Target, runtime: str):
@@ -448,12 +470,26 @@ def _versions() -> dict:
 
 
 def _spec_summary(spec: SubnetSpec) -> str:
-    fmts = sorted(spec.formats_used())
     shapes = sorted({(ly.heads, ly.kv_heads, ly.mlp) for ly in spec.layers})
     shape = (f"{shapes[0][0]}/{shapes[0][1]} heads, MLP {shapes[0][2]}" if len(shapes) == 1
              else f"{len(shapes)} layer shapes (heterogeneous)")  # fmt: skip
     return (f"{len(spec.layers)}/{spec.base.num_layers} layers, hidden {spec.hidden_size}, {shape}; "
-            f"formats {', '.join(fmts)}; {spec.num_params() / 1e6:.1f}M parameters")  # fmt: skip
+            f"formats {_formats_summary(spec)}; {spec.num_params() / 1e6:.1f}M parameters")  # fmt: skip
+
+
+def _formats_summary(spec: SubnetSpec) -> str:
+    """Formats by role, with block counts where blocks differ: 'attention q8_0, MLP q4_0 x24 + q8_0 x6, embedding q8_0'."""
+    from collections import Counter
+
+    parts = []
+    for role, names in (("attention", ATTN_LINEARS), ("MLP", MLP_LINEARS)):
+        counts = Counter("/".join(dict.fromkeys(ly.formats[n] for n in names)) for ly in spec.layers)
+        parts.append(f"{role} " + (next(iter(counts)) if len(counts) == 1 else
+                                   " + ".join(f"{f} x{k}" for f, k in counts.most_common())))  # fmt: skip
+    parts.append(f"embedding {spec.embed_format}")
+    if not spec.base.tie_word_embeddings:
+        parts.append(f"LM head {spec.lm_head_format}")
+    return ", ".join(parts)
 
 
 def build_card(p: Pack) -> dict:

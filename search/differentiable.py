@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from rich.progress import Progress
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from search.space import is_format_var
 from subnet.arch import ATTN_LINEARS, MLP_LINEARS
 from subnet.extract import head_rows
 from subnet.quant import fake_quantize
@@ -460,7 +461,8 @@ def _run(problem, net, tables, chunks, teacher, cfg, seed, lam, target_ms, base,
     gen = torch.Generator().manual_seed(seed)
     alphas = _init_logits(space, cfg.init_bias)
     opt = torch.optim.Adam(alphas, lr=cfg.lr)
-    frozen = {i: 0 for i, v in enumerate(space.vars) if v.size == 1}
+    # a format share is not relaxed: every block is priced and mixed at its own chosen formats (share 1.0)
+    frozen = {i: 0 for i, v in enumerate(space.vars) if v.size == 1 or v.name == "format_share"}
     frozen_at: dict[str, int] = {}
     order = torch.randperm(chunks.shape[0], generator=gen)
     snaps, trace = [], []
@@ -508,7 +510,7 @@ def _run(problem, net, tables, chunks, teacher, cfg, seed, lam, target_ms, base,
             if i not in frozen and _entropy(p.detach()) < cfg.freeze_entropy:
                 frozen[i] = int(p.argmax())
                 frozen_at[space.vars[i].name] = step
-                if "format" in space.vars[i].name:
+                if is_format_var(space.vars[i]):
                     net.release(i, space.vars[i].choices[frozen[i]])
         x = _argmax(alphas, frozen)
         if step in snap_steps:

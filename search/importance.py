@@ -5,6 +5,8 @@ blocks. Unit scores come from activation magnitude (Minitron-style) or a first-o
 |activation x gradient| (whittle / LLM-Pruner style). Blocks cannot be reordered, so their ranking is
 kept and depth choices keep the top-k blocks: "cosine" is 1 - cos(block input, block output)
 (ShortGPT's block influence); "ppl" is the perplexity increase when the block alone is dropped.
+Blocks are also ranked by how much rounding them costs (``quantization_rank``), so that a search
+can give its narrow weight formats to the least sensitive blocks first.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ class Importance:
     layer_rank: list[int]
     calibration_tokens: int
     unit_scores: dict = field(default_factory=dict)  # sorted scores per unit kind, for inspection
+    quant_rank: list[int] | None = None  # blocks least sensitive to rounding first (quantization_rank)
+    quant_scores: list[float] | None = None  # perplexity with that block alone rounded, per block
+    quant_formats: list[str] | None = None  # [narrow, wide]: what the scores rounded to and from
 
     def keep_layers(self, k: int) -> list[int]:
         """The k most important blocks, in model order."""
@@ -188,3 +193,21 @@ def sort_model(model, blocks: torch.Tensor, unit_method: str = "magnitude", laye
     rank = sorted(range(len(ls)), key=lambda i: -ls[i])
     return_freed_heap()
     return Importance(unit_method, layer_method, ls, rank, int(blocks.numel()), sorted_scores)
+
+
+def quantization_rank(model, blocks: torch.Tensor, narrow: str, wide: str) -> tuple[list[int], list[float]]:
+    """Blocks ordered from least to most sensitive to rounding, and each block's score: the perplexity
+    on ``blocks`` with that block's linears alone in ``narrow`` and every other weight in ``wide``."""
+    _check(blocks)
+    arch = arch_of(model.config)
+    net = Supernet(model).prepare([narrow, wide])
+    scores = []
+    with Progress(transient=True) as bar:
+        task = bar.add_task(f"block sensitivity to {narrow}", total=arch.num_layers)
+        for i in range(arch.num_layers):
+            spec = SubnetSpec.full(arch, wide)
+            spec.layers[i].formats = dict.fromkeys(spec.layers[i].formats, narrow)
+            scores.append(net.activate(spec).perplexity(blocks))
+            bar.advance(task)
+    return_freed_heap()
+    return sorted(range(arch.num_layers), key=lambda i: scores[i]), scores

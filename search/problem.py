@@ -127,8 +127,10 @@ class Problem:
         return v
 
     def evaluate(self, x) -> Evaluation:
-        """Evaluate a choice vector (memoized; a new one counts against the budget)."""
-        key = tuple(int(v) for v in x)
+        """Evaluate a choice vector (memoized; a new one counts against the budget). Vectors that decode to
+        the same sub-network (a dropped block's widths, a format share at the widest formats) share one
+        evaluation, memoized under the spec's own encoding."""
+        key = self.canonical(x)
         if key in self.cache:
             ev = self.cache[key]
             if key not in self.history:
@@ -148,6 +150,13 @@ class Problem:
         if self.on_evaluation:
             self.on_evaluation(ev)
         return ev
+
+    def canonical(self, x) -> tuple[int, ...]:
+        """The encoding of the spec ``x`` decodes to, where it decodes to the same spec; else ``x``."""
+        x = tuple(int(v) for v in x)
+        spec = self.space.decode(x)
+        c = tuple(self.space.encode(spec))
+        return c if c == x or self.space.decode(c).to_dict() == spec.to_dict() else x
 
     def evaluations(self) -> list[Evaluation]:
         return [self.cache[k] for k in self.history]

@@ -26,6 +26,12 @@ DEFAULT_FORMATS = {
     TENSORRT: ["f16", "int8", "int4_b128"],
 }
 DEFAULT_EMBED_FORMATS = {LLAMA_CPP: ["q8_0", "iq4_nl", "q4_0"], ONNXRUNTIME: ["f32"], TENSORRT: ["f16"]}
+DEFAULT_FORMAT_SHARES = [1.0, 0.8, 0.6, 0.4]
+
+
+def is_format_var(var) -> bool:
+    """Whether a variable picks a weight format (embed_format, attn_format[.i], mlp_format[.i])."""
+    return var.name.split(".")[0].endswith("_format")
 
 
 class SpaceError(ValueError):
@@ -45,6 +51,9 @@ class SpaceConfig:
     attn_formats: list[str] = field(default_factory=list)
     mlp_formats: list[str] = field(default_factory=list)
     embed_formats: list[str] = field(default_factory=list)
+    # uniform mode with a quantization ranking: the share of kept blocks (least sensitive first) that take
+    # the chosen attention / MLP formats, the others keeping the widest ones
+    format_shares: list[float] = field(default_factory=list)
     min_depth_fraction: float = 0.7
     mlp_fractions: tuple[float, ...] = (1.0, 0.875, 0.75, 0.625, 0.5)
 
@@ -66,12 +75,21 @@ def _align(x: float, step: int, hi: int) -> int:
 class SearchSpace:
     """Integer-encoded joint space of (depth, heads, MLP width, hidden size, per-layer formats)."""
 
-    def __init__(self, arch: ArchInfo, runtime: str = LLAMA_CPP, config: SpaceConfig | None = None, layer_rank=None):
+    def __init__(self, arch: ArchInfo, runtime: str = LLAMA_CPP, config: SpaceConfig | None = None, layer_rank=None,
+                 quant_rank=None):  # fmt: skip
         self.arch, self.runtime = arch, runtime
         c = SpaceConfig(**asdict(config)) if config else SpaceConfig()
         if c.mode not in ("uniform", "hetero"):
             raise SpaceError(f"unknown space mode {c.mode!r}: use 'uniform' or 'hetero'")
         self.layer_rank = list(layer_rank) if layer_rank is not None else None
+        self.quant_rank = list(quant_rank) if quant_rank is not None else None
+        if not c.format_shares:
+            c.format_shares = list(DEFAULT_FORMAT_SHARES) if self.quant_rank and c.mode == "uniform" else [1.0]
+        if c.format_shares != [1.0] and (self.quant_rank is None or c.mode != "uniform"):
+            raise SpaceError("format shares below 1.0 need uniform mode and a quantization ranking of the blocks "
+                             "(search.importance.quantization_rank)")  # fmt: skip
+        if c.format_shares[0] != 1.0 or not all(0 < f <= 1 for f in c.format_shares):
+            raise SpaceError(f"format shares {c.format_shares} must lie in (0, 1] and start at 1.0")
         L = arch.num_layers
         if not c.depth:
             lo = max(1, int(round(L * c.min_depth_fraction)))
@@ -124,7 +142,7 @@ class SearchSpace:
         per = [Var("attn", attn), Var("mlp", tuple(c.mlp)), Var("attn_format", tuple(c.attn_formats)),
                Var("mlp_format", tuple(c.mlp_formats))]  # fmt: skip
         if c.mode == "uniform":
-            return glob + per
+            return glob + per + ([Var("format_share", tuple(c.format_shares))] if len(c.format_shares) > 1 else [])
         return glob + [Var(f"{v.name}.{i}", v.choices) for i in range(self.arch.num_layers) for v in per]
 
     # ---- encoding -------------------------------------------------------------------------
@@ -156,14 +174,27 @@ class SearchSpace:
         g = {v.name: v.choices[x[i]] for i, v in enumerate(self.vars[:3])}
         depth = g["depth"]
         kept = sorted(self.layer_rank[:depth]) if depth < self.arch.num_layers else list(range(self.arch.num_layers))
+        share = self.vars[self._index["format_share"]].choices[x[self._index["format_share"]]] \
+            if "format_share" in self._index else 1.0  # fmt: skip
+        narrow = self.narrow_blocks(kept, share)
+        c = self.config
         layers = []
         for b in kept:
             kv, per = self._layer_value(x, "attn", b)
             af, mf = self._layer_value(x, "attn_format", b), self._layer_value(x, "mlp_format", b)
+            if b not in narrow:
+                af, mf = c.attn_formats[0], c.mlp_formats[0]
             fmts = {n: af for n in ATTN_LINEARS} | {n: mf for n in MLP_LINEARS}
             layers.append(LayerSpec(b, kv * per, kv, self._layer_value(x, "mlp", b), fmts))
         spec = SubnetSpec(self.arch, g["hidden"], layers, g["embed_format"], g["embed_format"])
         return spec.validate()
+
+    def narrow_blocks(self, kept: list[int], share: float) -> set[int]:
+        """The ``share`` of ``kept`` blocks least sensitive to rounding (all of them at share 1.0)."""
+        if share >= 1.0:
+            return set(kept)
+        order = [b for b in self.quant_rank if b in set(kept)]
+        return set(order[: int(round(share * len(kept)))])
 
     def encode(self, spec: SubnetSpec) -> list[int]:
         """The choice vector of a spec that lies in the space (nearest choice per variable otherwise)."""
@@ -178,7 +209,10 @@ class SearchSpace:
             return min(range(var.size), key=lambda i: abs(get_format(var.choices[i]).bits - get_format(value).bits))
 
         by_base = {ly.index: ly for ly in spec.layers}
-        first = spec.layers[0]
+        c = self.config
+        wide = {n: c.attn_formats[0] for n in ATTN_LINEARS} | {n: c.mlp_formats[0] for n in MLP_LINEARS}
+        narrowed = [ly for ly in spec.layers if ly.formats != wide]
+        first = narrowed[0] if narrowed and c.mode == "uniform" else spec.layers[0]  # a block with the chosen formats
         x = []
         for v in self.vars:
             name, _, layer = v.name.partition(".")
@@ -191,20 +225,29 @@ class SearchSpace:
                 "mlp": ly.mlp,
                 "attn_format": ly.formats["q_proj"],
                 "mlp_format": ly.formats["gate_proj"],
+                "format_share": len(narrowed) / len(spec.layers) if narrowed else 1.0,
             }[name]
             x.append(near(v, value))
         return x
 
     def largest(self, fmt_index: int = 0) -> list[int]:
-        """The base-sized candidate with each format variable at ``fmt_index`` (0 = the widest format)."""
-        return [fmt_index if "format" in v.name else 0 for v in self.vars]
+        """The base-sized candidate with each format variable at ``fmt_index`` (0 = the widest format;
+        a variable with fewer choices takes its last)."""
+        return [min(fmt_index, v.size - 1) if is_format_var(v) else 0 for v in self.vars]
+
+    @property
+    def n_formats(self) -> int:
+        """The most choices any format variable has."""
+        return max((v.size for v in self.vars if is_format_var(v)), default=1)
 
     def smallest(self) -> list[int]:
-        return [v.size - 1 for v in self.vars]
+        """The smallest candidate: every choice at its last (smallest) value, every block narrow (share 1.0)."""
+        return [0 if v.name == "format_share" else v.size - 1 for v in self.vars]
 
     def describe(self) -> dict:
+        shown = self.vars if self.config.mode == "uniform" else self.vars[:7]
         return {"mode": self.config.mode, "runtime": self.runtime, "n_var": self.n_var,
-                "variables": {v.name: list(v.choices) for v in self.vars[:7]}}  # fmt: skip
+                "variables": {v.name: list(v.choices) for v in shown}}  # fmt: skip
 
 
 def _held(runtime: str) -> list[str]:

@@ -10,8 +10,9 @@ through ``problem.evaluate`` until the budget is spent.
   widest format, then uniform quantization options tried on the architecture front.
 - differentiable: the relaxed joint search (search.differentiable), whose argmax candidates are evaluated.
 
-Every strategy seeds its first candidates with the base model at the widest formats and the smallest
-candidate (as whittle does), and is deterministic for a given seed.
+Every strategy seeds its first candidates with the base model at each uniform weight format (the
+widest first) and the smallest candidate (whittle seeds the largest and smallest), and is
+deterministic for a given seed.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ import math
 import numpy as np
 
 from search.problem import BudgetExhausted, Problem, pareto_front
+from search.space import is_format_var
 
 POP = 16  # NSGA-II population for the default budgets (≈ budget / 12 generations)
 
 
 def _seeds(problem: Problem) -> list[list[int]]:
+    """The base model at each of its uniform weight formats (widest first), and the smallest candidate."""
     s = problem.space
-    return [s.largest(), s.smallest()]
+    return [s.largest(k) for k in range(s.n_formats)] + [s.smallest()]
 
 
 def _random_x(space, rng: np.random.Generator) -> list[int]:
@@ -174,8 +177,9 @@ def linas_search(problem: Problem, budget: int, seed: int, pop: int = POP, inner
 def sequential_search(problem: Problem, budget: int, seed: int, pop: int = POP, arch_share: float = 0.6) -> None:
     """Prune-then-quantize baseline: architecture search at the widest formats, then quantize the front."""
     space = problem.space
-    fmt_vars = [j for j, v in enumerate(space.vars) if "format" in v.name]
-    arch_vars = [j for j in range(space.n_var) if j not in fmt_vars]
+    fmt_vars = [j for j, v in enumerate(space.vars) if is_format_var(v)]
+    # the baseline quantizes every kept block alike: a format share stays at 1.0 (choice 0)
+    arch_vars = [j for j, v in enumerate(space.vars) if j not in fmt_vars and v.name != "format_share"]
     arch_sizes = [space.sizes[j] for j in arch_vars]
 
     def full(xa, fmt_choice: dict[int, int] | None = None):

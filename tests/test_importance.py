@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from search.importance import ImportanceError, layer_scores, sort_model, unit_scores
+from search.importance import ImportanceError, layer_scores, quantization_rank, sort_model, unit_scores
 from subnet.arch import arch_of
 from subnet.spec import SubnetSpec
 from subnet.supernet import Supernet
@@ -55,6 +55,29 @@ def test_layer_scores_rank_an_identity_block_last():
         model.model.layers[2].mlp.down_proj.weight.zero_()  # block 2 passes its input through unchanged
     scores = layer_scores(model, BLOCKS, "cosine")
     assert min(range(4), key=lambda i: scores[i]) == 2
+
+
+def test_quantization_rank_orders_blocks_by_the_cost_of_rounding_them_alone():
+    """Each score is the perplexity with that block alone in the narrow format (the rest wide), as the
+    extracted model rounded by fake_quantize_model scores it; the rank sorts the scores."""
+    from search.evaluate import perplexity
+    from subnet.extract import extract
+    from subnet.quant import fake_quantize_model
+
+    model = tiny_model("llama", vocab_size=128)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(3)  # sharper predictions: rounding moves perplexity
+    rank, scores = quantization_rank(model, BLOCKS, "q4_0", "q8_0")
+    arch = arch_of(model.config)
+    for i in range(arch.num_layers):
+        spec = SubnetSpec.full(arch, "q8_0")
+        spec.layers[i].formats = dict.fromkeys(spec.layers[i].formats, "q4_0")
+        want = perplexity(fake_quantize_model(extract(model, spec), spec), BLOCKS, batch_size=4)
+        assert scores[i] == pytest.approx(want, rel=1e-4)
+    assert sorted(rank) == list(range(4)) and all(scores[a] <= scores[b] for a, b in zip(rank, rank[1:]))
+    assert len(set(scores)) == 4  # rounding one block or another is not free
+    with pytest.raises(ImportanceError, match="calibration text too short"):
+        quantization_rank(model, BLOCKS[:1, :20], "q4_0", "q8_0")
 
 
 def test_bad_input():

@@ -52,6 +52,40 @@ def test_space_grid_is_aligned_and_decodes(setup):
         SearchSpace(arch_of(model.config), "llama.cpp", SpaceConfig(mlp_formats=["q4_k"]), imp.layer_rank)
 
 
+def test_format_share_gives_the_chosen_formats_to_the_least_sensitive_blocks(setup):
+    model, imp = setup
+    arch = arch_of(model.config)
+    quant_rank = [2, 0, 3, 1]  # block 2 least sensitive, block 1 most
+    cfg = SpaceConfig(attn_formats=["q8_0", "q4_0"], mlp_formats=["q8_0", "q4_0"], format_shares=[1.0, 0.5])
+    space = SearchSpace(arch, "llama.cpp", cfg, imp.layer_rank, quant_rank)
+    names = [v.name for v in space.vars]
+    assert names[-1] == "format_share" and space.vars[-1].choices == (1.0, 0.5)
+    x = space.largest(fmt_index=1)  # every format var at q4_0, share 1.0, all 4 blocks
+    assert all(ly.formats["q_proj"] == "q4_0" for ly in space.decode(x).layers)
+    x[-1] = 1  # share 0.5: blocks 2 and 0 rounded, 3 and 1 keep the widest formats
+    spec = space.decode(x)
+    got = {ly.index: (ly.formats["o_proj"], ly.formats["down_proj"]) for ly in spec.layers}
+    assert got == {0: ("q4_0", "q4_0"), 1: ("q8_0", "q8_0"), 2: ("q4_0", "q4_0"), 3: ("q8_0", "q8_0")}
+    assert space.encode(spec) == x and space.decode(space.encode(spec)).to_dict() == spec.to_dict()
+    assert "format_share" not in [v.name for v in SearchSpace(arch, "llama.cpp", SpaceConfig(), imp.layer_rank).vars]
+    with pytest.raises(SpaceError, match="need uniform mode and a quantization ranking"):
+        SearchSpace(arch, "llama.cpp", SpaceConfig(format_shares=[1.0, 0.5]), imp.layer_rank)
+    with pytest.raises(SpaceError, match="must lie in"):
+        SearchSpace(arch, "llama.cpp", SpaceConfig(format_shares=[0.5, 1.0]), imp.layer_rank, quant_rank)
+
+
+def test_choice_vectors_of_one_sub_network_share_one_evaluation(setup):
+    """At the widest formats a format share changes nothing: the second vector costs no evaluation."""
+    model, imp = setup
+    cfg = SpaceConfig(mlp=[96, 64], format_shares=[1.0, 0.5])
+    space = SearchSpace(arch_of(model.config), "llama.cpp", cfg, imp.layer_rank, [2, 0, 3, 1])
+    problem = Problem(space, Supernet(model), BLOCKS[:4], BLOCKS[4:], fake_cost)
+    x = space.largest()
+    a = problem.evaluate(x)
+    x[-1] = 1
+    assert problem.evaluate(x) is a and problem.n_evals == 1
+
+
 @pytest.mark.parametrize("strategy", ["random", "nsga2", "linas", "sequential"])
 def test_strategies_spend_exactly_the_budget(setup, strategy, tmp_path):
     problem = make_problem(setup, mode="hetero" if strategy == "nsga2" else "uniform")
