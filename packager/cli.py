@@ -222,7 +222,7 @@ def tune_supernet_cmd(model, target, runtime, mode, steps, calib_blocks, seed, o
 @click.option("--strategy", default="nsga2", show_default=True,
               type=click.Choice(["nsga2", "linas", "random", "sequential", "differentiable"]))
 @click.option("--mode", default="uniform", show_default=True, type=click.Choice(["uniform", "hetero"]))
-@click.option("--budget", default=60, show_default=True, help="Search evaluations.")
+@click.option("--budget", default=100, show_default=True, help="Search evaluations.")
 @click.option("--recover-steps", default=120, show_default=True)
 @click.option("--shortlist", default=3, show_default=True,
               help="Faster candidates given a short recovery before choosing the winner (0: choose before recovery).")

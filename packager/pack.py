@@ -57,7 +57,7 @@ class PackConfig:
     runtimes: list[str] = field(default_factory=list)  # default: every runtime of the target
     strategy: str = "nsga2"
     mode: str = "uniform"
-    budget: int = 60
+    budget: int = 100
     seed: int = 0
     calib_blocks: int = 32  # x 256 tokens
     eval_blocks: int = 8  # x 256 tokens (search accuracy; held out)
