@@ -64,9 +64,9 @@ def default_grid(runtime: str, base: ArchInfo = SMOLLM2, formats: list[str] | No
     """A small grid covering the search space of ``base``: every format at two depths (a third of the
     base's and all of it, as a sub-network's) and two block shapes (the base's, and a small, narrow one),
     and at a model width 32 off the base's (a row tail for a 64-wide SIMD step, see costmodel.SIMD_STEP);
-    width, KV heads, model width and prompt length varied on two formats; every embedding format under
-    blocks of another format (where the runtime lets them differ); a few
-    held-out shapes (``role: holdout``) between them to report the interpolation error."""
+    width, KV heads, model width and prompt length varied on two formats; every embedding format the
+    runtime can store (any block format for llama.cpp, f32/f16 for ONNX Runtime) under blocks of
+    another format; a few held-out shapes (``role: holdout``) between them to report the interpolation error."""
     fmts = list(formats or PROFILE_FORMATS[runtime])
     embeds = EMBED_FORMATS[runtime]
 
@@ -91,8 +91,9 @@ def default_grid(runtime: str, base: ArchInfo = SMOLLM2, formats: list[str] | No
         pts.append(_point(mid, q, kv, mlp, h, f, emb(f), Workload(workload.prompt_tokens // 4, workload.gen_tokens)))
         # the long prompt at the other depth, so per-layer and per-model prompt costs are told apart
         pts.append(_point(d_hi, q, kv, mlp, h, f, emb(f), Workload(workload.prompt_tokens * 4, workload.gen_tokens)))
-    if embeds is None and len(fmts) > 1:  # every embedding / LM head format under blocks of another format,
-        for e in fmts:  # at the shallow depth, where the head is a large share: its cost is not the blocks'
+    heads = fmts if embeds is None else embeds
+    if len(fmts) > 1 and len(heads) > 1:  # every embedding / LM head format under blocks of another format,
+        for e in heads:  # at the shallow depth, where the head is a large share: its cost is not the blocks'
             pts.append(_point(d_lo, q, kv, mlp, h, a if e != a else b, e, workload))
     # held out: shapes and depths between the grid's
     f1, f2 = fmts[1 % len(fmts)], fmts[-2 if len(fmts) > 1 else 0]

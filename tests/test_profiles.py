@@ -207,6 +207,15 @@ def test_head_format_never_profiled_is_refused(fitted):
         costmodel.predict(SubnetSpec.uniform(TINY, fmt="q4_0"), "laptop-cpu", "llama.cpp", Workload(16, 8), table)
 
 
+def test_grid_measures_every_head_format_the_runtime_stores():
+    """ONNX Runtime's f16 embedding / LM head (what pack ships) is profiled, not only f32."""
+    for runtime, fmts, heads in (("llama.cpp", ["q8_0", "q4_0"], {"q8_0", "q4_0"}),
+                                 ("onnxruntime", ["int8_b32", "int4_b32"], {"f32", "f16"})):  # fmt: skip
+        grid = profiler.default_grid(runtime, TINY, fmts, Workload(16, 8))
+        assert {p["embed_format"] for p in grid} == heads
+        assert len({profiler.point_key(p) for p in grid}) == len(grid)
+
+
 def _calibration_pairs(table, depths, scale_dec, off_dec, scale_pre, off_pre):
     wl = Workload(16, 8)
     pairs = []
