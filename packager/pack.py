@@ -26,6 +26,7 @@ from search.space import DEFAULT_FORMATS, SearchSpace, SpaceConfig
 from search.text import token_blocks
 from subnet.arch import ATTN_LINEARS, MLP_LINEARS
 from subnet.extract import extract
+from subnet.formats import get_format
 from subnet.loading import LoadedModel, load_model
 from subnet.spec import SubnetSpec, retarget_formats
 from subnet.supernet import Supernet
@@ -302,6 +303,7 @@ class Pack:
         base = space.decode(space.largest())
         held = self.target.formats(runtime)
         allowed = runtime_formats(self.target, runtime)
+        allowed += [f for f in held if get_format(f).same_as and f not in allowed]  # exact twins: q4_0 -> int4s_b32
         embed = [f for f in getattr(backend(runtime), "EMBED_FORMATS", held) if f in held] or None
         return retarget_formats(spec, allowed, embed), retarget_formats(base, allowed, embed)
 

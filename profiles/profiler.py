@@ -36,7 +36,7 @@ PROFILE_WORKLOAD = Workload(prompt_tokens=64, gen_tokens=16, batch=1)
 # Default formats profiled per runtime (the search space's defaults and their neighbours)
 PROFILE_FORMATS = {
     LLAMA_CPP: ["f16", "q8_0", "q5_0", "q4_0", "iq4_nl"],
-    ONNXRUNTIME: ["f32", "int8", "int8_b32", "int4_b32"],
+    ONNXRUNTIME: ["f32", "int8", "int8_b32", "int4_b32", "int4s_b32"],
 }
 EMBED_FORMATS = {LLAMA_CPP: None, ONNXRUNTIME: ["f32", "f16"]}  # None: any format the layers use
 

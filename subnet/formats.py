@@ -24,6 +24,8 @@ class WeightFormat:
     ggml_type: str | None = None  # gguf.GGMLQuantizationType member name, for GGUF formats
     fallback: str | None = None  # what llama.cpp substitutes when the row length does not fit
     note: str = ""
+    same_as: str | None = None  # another runtime's format whose weights this one stores exactly
+
 
     @property
     def quantized(self) -> bool:
@@ -33,8 +35,8 @@ class WeightFormat:
         return row_length % self.block == 0
 
 
-def _f(name, bits, block, runtimes, ggml=None, fallback=None, note=""):
-    return WeightFormat(name, bits, block, tuple(runtimes), ggml, fallback, note)
+def _f(name, bits, block, runtimes, ggml=None, fallback=None, note="", same_as=None):
+    return WeightFormat(name, bits, block, tuple(runtimes), ggml, fallback, note, same_as)
 
 
 _ALL = (LLAMA_CPP, ONNXRUNTIME, TENSORRT)
@@ -60,6 +62,8 @@ FORMATS: dict[str, WeightFormat] = {
         _f("int8", 8.0, 1, (ONNXRUNTIME, TENSORRT), note="symmetric int8 per output channel"),
         _f("int8_b32", 9.25, 32, (ONNXRUNTIME,), note="MatMulNBits 8-bit, block 32, fp32 scale + 8-bit zero point"),
         _f("int4_b32", 5.125, 32, (ONNXRUNTIME,), note="MatMulNBits 4-bit, block 32, fp32 scale + 4-bit zero point"),
+        _f("int4s_b32", 5.0, 32, (ONNXRUNTIME,), same_as="q4_0",
+           note="MatMulNBits 4-bit symmetric, block 32, fp32 scales rounded to f16: q4_0's weights exactly"),
         _f("int4_b128", 4.28125, 128, (ONNXRUNTIME, TENSORRT), note="4-bit, block 128, scale + zero point"),
     ]
 }
@@ -91,12 +95,17 @@ def effective_format(name: str, row_length: int) -> str:
 
 
 def closest_format(name: str, allowed: list[str], row_lengths=()) -> str:
-    """The format in ``allowed`` nearest in bits per weight to ``name`` (ties: the wider one) that
-    holds every row length given; used to carry a spec from one runtime's formats to another's."""
+    """The format in ``allowed`` that stores ``name``'s weights exactly, else the one nearest in bits
+    per weight (ties: the wider one), that holds every row length given; used to carry a spec from one
+    runtime's formats to another's."""
     if name in allowed and all(get_format(name).fits(r) for r in row_lengths):
         return name
-    bits = get_format(name).bits
+    fmt = get_format(name)
     ok = [a for a in allowed if all(get_format(a).fits(r) for r in row_lengths)]
     if not ok:
         raise ValueError(f"none of the formats {allowed} holds rows of length {sorted(set(row_lengths))}")
+    twins = [a for a in ok if get_format(a).same_as == name or fmt.same_as == a]
+    if twins:
+        return twins[0]
+    bits = fmt.bits
     return min(ok, key=lambda a: (abs(get_format(a).bits - bits), -get_format(a).bits))

@@ -126,7 +126,8 @@ def fake_quantize(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     Exact numerics of the runtime that stores ``fmt``: ggml's quantizer for GGUF formats (pure-torch
     bit-identical fast paths for f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 and iq4_nl; ggml itself for
     K-quants), ONNX Runtime's weight quantizers for int8 (``quantize_dynamic(per_channel=True)``) and
-    int8_b32 / int4_b32 / int4_b128 (``MatMulNBitsQuantizer``, asymmetric RTN). f32 is the identity.
+    int8_b32 / int4_b32 / int4_b128 (``MatMulNBitsQuantizer``, asymmetric RTN); int4s_b32 stores
+    q4_0's weights exactly (symmetric MatMulNBits, f16-rounded scales). f32 is the identity.
     """
     if fmt == "f32":
         _check_2d_torch(weight, fmt)
@@ -380,10 +381,12 @@ _FAST = {
     "int8_b32": lambda w: _ort_blockwise(w, 8, 32),
     "int4_b32": lambda w: _ort_blockwise(w, 4, 32),
     "int4_b128": lambda w: _ort_blockwise(w, 4, 128),
+    "int4s_b32": lambda w: _absmax_blocks(w, 8),  # q4_0's rounding (targets.onnx_export makes it so)
     "iq4_nl": lambda w: _iq4_nl_round(w, _iq4_nl_block_scales(w)),
 }
 
 
+NBITS_FORMATS = ("int8_b32", "int4_b32", "int4s_b32", "int4_b128")  # MatMulNBits: int8 input at accuracy_level 4
 INT8_SCOPES = ("token", "tensor")  # what one DynamicQuantizeLinear range spans in the simulation
 
 
@@ -524,7 +527,7 @@ def input_quantizer(fmt: str, accuracy_level: int | None, int8_scope: str = "tok
     if fmt == "int8":
         _check_int8_scope(int8_scope)  # now, not at the first forward
         return lambda x: ort_dynamic_quantize_input(x, int8_scope)
-    if fmt in ("int8_b32", "int4_b32", "int4_b128") and accuracy_level == 4:
+    if fmt in NBITS_FORMATS and accuracy_level == 4:
         block = get_format(fmt).block
         return lambda x: ort_block_quantize_input(x, block)
     return None

@@ -9,7 +9,10 @@ layer. Weight formats are applied with ONNX Runtime's own quantizers on the grap
   MatMul (CPU EP has no fp16 MatMul, so this halves storage, not compute);
 * ``int8``: ``quantize_dynamic(per_channel=True)`` (MatMulInteger, int8 weights per output channel,
   activations quantized dynamically at run time);
-* ``int8_b32`` / ``int4_b32`` / ``int4_b128``: ``MatMulNBitsQuantizer(accuracy_level=4)``.
+* ``int8_b32`` / ``int4_b32`` / ``int4_b128``: ``MatMulNBitsQuantizer(accuracy_level=4)``;
+  ``int4s_b32``: the same, symmetric, with its scales rounded to f16 afterwards: MLAS picks q4_0's
+  codes and scale (the signed absmax / -8), and ggml stores that scale in f16, so the graph holds
+  q4_0's weights exactly and a model recovered for GGUF q4_0 keeps its accuracy here.
 
 MatMul nodes are tied to spec layers through the exporter's node metadata
 ``pkg.torch.onnx.name_scopes``. A tied lm_head exports as ``MatMul(x, Transpose(embed))``, which
@@ -38,7 +41,9 @@ from targets.onnxrt import EMBED_FORMATS
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-NBITS = {"int8_b32": (8, 32, False), "int4_b32": (4, 32, False), "int4_b128": (4, 128, False)}  # bits, block, symmetric (asymmetric RTN, as subnet.quant simulates)
+NBITS = {  # bits, block, symmetric (asymmetric RTN unless symmetric, as subnet.quant simulates)
+    "int8_b32": (8, 32, False), "int4_b32": (4, 32, False), "int4s_b32": (4, 32, True), "int4_b128": (4, 128, False),
+}  # fmt: skip
 _QUANT_SUFFIX = re.compile(r"_(quant|Q\d+)$")  # names ORT's quantizers give the node that replaces a MatMul
 _SCOPE = re.compile(r"(?:^|\.)model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)$")
 
@@ -334,7 +339,18 @@ def quantize_nbits(path: Path, fmt: str, nodes: list[str]) -> None:
         model, bits=bits, block_size=block, is_symmetric=symmetric, accuracy_level=4, nodes_to_exclude=others
     )
     quant.process()
+    if get_format(fmt).same_as:  # int4s_b32: ggml's f16 scales (MLAS keeps them in f32)
+        _round_scales_to_f16(quant.model.model, set(nodes))
     save(quant.model.model, path)
+
+
+def _round_scales_to_f16(model: onnx.ModelProto, nodes: set[str]) -> None:
+    """Round the scales of the MatMulNBits nodes that replaced ``nodes`` to f16 precision (kept f32)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits" and _QUANT_SUFFIX.sub("", node.name) in nodes:
+            t = inits[node.input[2]]
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16).astype(np.float32), t.name))
 
 
 def applied_formats(model: onnx.ModelProto, nodes: dict[str, str]) -> dict[str, str]:
@@ -348,7 +364,8 @@ def applied_formats(model: onnx.ModelProto, nodes: dict[str, str]) -> dict[str, 
             continue
         if node.op_type == "MatMulNBits":
             a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-            out[key] = f"int{a['bits']}_b{a['block_size']}"
+            symmetric = len(node.input) < 4 or not node.input[3]  # no zero points
+            out[key] = next(f for f, v in NBITS.items() if v == (a["bits"], a["block_size"], symmetric))
         elif node.op_type == "MatMulInteger":
             out[key] = "int8"
         elif node.op_type == "MatMul":

@@ -207,13 +207,13 @@ def parity(artifact, model, spec: SubnetSpec, token_ids, linear_io: dict[str, li
     """
     import torch
 
-    from subnet.quant import fake_quantize_model
+    from subnet.quant import NBITS_FORMATS, fake_quantize_model
 
     if linear_io is None and isinstance(artifact, Artifact):
         linear_io = artifact.meta.get("linear_io")
     formats = {f for ly in spec.layers for f in ly.formats.values()} | {spec.lm_head_format}
     int8 = "int8" in formats
-    blocks = bool(formats & {"int8_b32", "int4_b32", "int4_b128"})  # exported at accuracy_level 4
+    blocks = bool(formats & set(NBITS_FORMATS))  # exported at accuracy_level 4
     runner = load(artifact)
     ids = list(token_ids)
     with torch.no_grad():

@@ -11,7 +11,7 @@ from subnet.extract import extract
 from subnet.spec import SubnetSpec
 from targets import onnxrt, tensorrt
 from targets.backend import ExportError, Workload
-from targets.onnx_export import FormatNotSupported, export_onnx
+from targets.onnx_export import NBITS, FormatNotSupported, applied_formats, export_onnx, quantize_nbits
 from tests.conftest import tiny_model
 
 IDS = [5, 17, 42, 99, 3, 64, 7, 120, 33, 8, 71, 12]
@@ -80,7 +80,7 @@ def test_kv_cache_decode_matches_torch(f32_export):
 MIXED = {  # per kept layer: linear -> format (rest f32); tiny rows are 64 wide, o_proj of 2 heads 32
     0: {"q_proj": "int8", "k_proj": "int4_b32", "down_proj": "int8_b32"},
     1: {"gate_proj": "int4_b32", "up_proj": "int4_b32", "down_proj": "int8", "o_proj": "f16"},
-    2: {"v_proj": "int8_b32", "o_proj": "int8"},
+    2: {"v_proj": "int8_b32", "o_proj": "int8", "gate_proj": "int4s_b32"},
 }
 
 
@@ -112,7 +112,7 @@ def test_mixed_formats_land_on_the_right_matmuls(family, kind, tmp_path):
     want_fmts = [f for ly in spec.layers for f in ly.formats.values()]
     if not spec.base.tie_word_embeddings:
         want_fmts.append(spec.lm_head_format)
-    want = sorted({"int4_b32": (4, 32), "int8_b32": (8, 32)}[f] for f in want_fmts if f in ("int4_b32", "int8_b32"))
+    want = sorted(NBITS[f][:2] for f in want_fmts if f in NBITS)
     assert got == want
     assert sum(n.op_type == "MatMulInteger" for n in g.node) == want_fmts.count("int8")
     assert sum(i.data_type == onnx.TensorProto.FLOAT16 for i in g.initializer) == want_fmts.count("f16")
@@ -123,6 +123,34 @@ def test_mixed_formats_land_on_the_right_matmuls(family, kind, tmp_path):
     assert p["format_class"] == "dynamic_int8" and p["decode_top1_agreement"] >= 0.95
     assert p["linears"]["n_linears"] == len(art.meta["linear_io"]) >= 7 * len(spec.layers)
     assert p["linears"]["max_rel_err"] <= 1e-4 and p["within_bounds"]
+
+
+def test_int4s_b32_stores_q4_0_weights_exactly(tmp_path):
+    """The symmetric 4-bit graph holds ggml's q4_0 weights bit for bit (codes and f16 scales), so a
+    model recovered for GGUF q4_0 runs in ONNX Runtime with the same weights."""
+    from gguf import GGMLQuantizationType, quants
+    from onnx import TensorProto, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((48, 256)) * rng.uniform(0.005, 0.5, (48, 1))).astype(np.float32)  # [out, in]
+    w[0, :32], w[1, 0], w[1, 1] = 0, -1.0, 1.0  # a zero block; a +-max tie
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 48])],
+                          [numpy_helper.from_array(np.ascontiguousarray(w.T), "W")])  # fmt: skip
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    quantize_nbits(path, "int4s_b32", ["mm"])
+    model = onnx.load(str(path))
+    (node,) = model.graph.node
+    assert node.op_type == "MatMulNBits" and len(node.input) == 3  # symmetric: no zero points
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    packed, scales = inits[node.input[1]], inits[node.input[2]]  # [48, 8, 16] uint8, [48 * 8] f32
+    codes = np.stack([packed & 15, packed >> 4], -1).reshape(48, 8, 32).astype(np.float32)
+    got = ((codes - 8) * scales.reshape(48, 8, 1)).reshape(48, 256)
+    want = quants.dequantize(quants.quantize(w, GGMLQuantizationType.Q4_0), GGMLQuantizationType.Q4_0)
+    assert np.array_equal(got.view(np.uint32), want.astype(np.float32).view(np.uint32))
+    assert applied_formats(model, {"mm": "mm"}) == {"mm": "int4s_b32"}
 
 
 def test_int8_with_outlier_token_matches_decode_and_every_linear(tmp_path):

@@ -3,8 +3,8 @@
 import pytest
 
 from subnet.arch import ArchInfo
-from subnet.formats import effective_format
-from subnet.spec import LayerSpec, SpecError, SubnetSpec
+from subnet.formats import closest_format, effective_format
+from subnet.spec import LayerSpec, SpecError, SubnetSpec, retarget_formats
 
 BASE = ArchInfo("llama", num_layers=30, hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64,
                 intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)
@@ -86,3 +86,16 @@ def test_kquant_fallback_matches_llama_cpp():
 def test_layer_formats_compact_in_json():
     d = LayerSpec(3, 9, 3, 1536, {n: "q8_0" for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}).to_dict()
     assert d["formats"] == "q8_0"
+
+
+def test_retarget_prefers_a_format_with_the_same_weights():
+    """q4_0 goes to ONNX Runtime as int4s_b32 (its exact twin), other formats to the nearest in bits."""
+    spec = SubnetSpec.full(BASE, "q8_0")
+    spec.layers[0].formats.update(gate_proj="q4_0", up_proj="q5_0", down_proj="iq4_nl")
+    ort = ["f32", "int8_b32", "int4_b32", "int4s_b32"]
+    out = retarget_formats(spec, ort, ["f32", "f16"])
+    f = out.layers[0].formats
+    assert (f["gate_proj"], f["up_proj"], f["q_proj"]) == ("int4s_b32", "int4_b32", "int8_b32")
+    assert closest_format("int4s_b32", ["q8_0", "q5_0", "q4_0"]) == "q4_0"
+    assert closest_format("q4_0", ["int8_b32", "int4_b32"]) == "int4_b32"  # no twin: nearest in bits
+    assert out.embed_format == "f16"
