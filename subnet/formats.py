@@ -26,7 +26,6 @@ class WeightFormat:
     note: str = ""
     same_as: str | None = None  # another runtime's format whose weights this one stores exactly
 
-
     @property
     def quantized(self) -> bool:
         return self.bits < 16
