@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -481,8 +482,6 @@ def _spec_summary(spec: SubnetSpec) -> str:
 
 def _formats_summary(spec: SubnetSpec) -> str:
     """Formats by role, with block counts where blocks differ: 'attention q8_0, MLP q4_0 x24 + q8_0 x6, embedding q8_0'."""
-    from collections import Counter
-
     parts = []
     for role, names in (("attention", ATTN_LINEARS), ("MLP", MLP_LINEARS)):
         counts = Counter("/".join(dict.fromkeys(ly.formats[n] for n in names)) for ly in spec.layers)

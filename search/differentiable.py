@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from rich.progress import Progress
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from search.space import is_format_var
+from search.space import FORMAT_SHARE, is_format_var
 from subnet.arch import ATTN_LINEARS, MLP_LINEARS
 from subnet.extract import head_rows
 from subnet.quant import fake_quantize
@@ -462,7 +462,7 @@ def _run(problem, net, tables, chunks, teacher, cfg, seed, lam, target_ms, base,
     alphas = _init_logits(space, cfg.init_bias)
     opt = torch.optim.Adam(alphas, lr=cfg.lr)
     # a format share is not relaxed: every block is priced and mixed at its own chosen formats (share 1.0)
-    frozen = {i: 0 for i, v in enumerate(space.vars) if v.size == 1 or v.name == "format_share"}
+    frozen = {i: 0 for i, v in enumerate(space.vars) if v.size == 1 or v.name == FORMAT_SHARE}
     frozen_at: dict[str, int] = {}
     order = torch.randperm(chunks.shape[0], generator=gen)
     snaps, trace = [], []

@@ -27,6 +27,7 @@ DEFAULT_FORMATS = {
 }
 DEFAULT_EMBED_FORMATS = {LLAMA_CPP: ["q8_0", "iq4_nl", "q4_0"], ONNXRUNTIME: ["f32"], TENSORRT: ["f16"]}
 DEFAULT_FORMAT_SHARES = [1.0, 0.8, 0.6, 0.4]
+FORMAT_SHARE = "format_share"  # uniform-mode variable: the share of kept blocks that take the chosen formats
 
 
 def is_format_var(var) -> bool:
@@ -142,7 +143,7 @@ class SearchSpace:
         per = [Var("attn", attn), Var("mlp", tuple(c.mlp)), Var("attn_format", tuple(c.attn_formats)),
                Var("mlp_format", tuple(c.mlp_formats))]  # fmt: skip
         if c.mode == "uniform":
-            return glob + per + ([Var("format_share", tuple(c.format_shares))] if len(c.format_shares) > 1 else [])
+            return glob + per + ([Var(FORMAT_SHARE, tuple(c.format_shares))] if len(c.format_shares) > 1 else [])
         return glob + [Var(f"{v.name}.{i}", v.choices) for i in range(self.arch.num_layers) for v in per]
 
     # ---- encoding -------------------------------------------------------------------------
@@ -174,8 +175,8 @@ class SearchSpace:
         g = {v.name: v.choices[x[i]] for i, v in enumerate(self.vars[:3])}
         depth = g["depth"]
         kept = sorted(self.layer_rank[:depth]) if depth < self.arch.num_layers else list(range(self.arch.num_layers))
-        share = self.vars[self._index["format_share"]].choices[x[self._index["format_share"]]] \
-            if "format_share" in self._index else 1.0  # fmt: skip
+        j = self._index.get(FORMAT_SHARE)
+        share = 1.0 if j is None else self.vars[j].choices[x[j]]
         narrow = self.narrow_blocks(kept, share)
         c = self.config
         layers = []
@@ -225,7 +226,7 @@ class SearchSpace:
                 "mlp": ly.mlp,
                 "attn_format": ly.formats["q_proj"],
                 "mlp_format": ly.formats["gate_proj"],
-                "format_share": len(narrowed) / len(spec.layers) if narrowed else 1.0,
+                FORMAT_SHARE: len(narrowed) / len(spec.layers) if narrowed else 1.0,
             }[name]
             x.append(near(v, value))
         return x
@@ -242,7 +243,7 @@ class SearchSpace:
 
     def smallest(self) -> list[int]:
         """The smallest candidate: every choice at its last (smallest) value, every block narrow (share 1.0)."""
-        return [0 if v.name == "format_share" else v.size - 1 for v in self.vars]
+        return [0 if v.name == FORMAT_SHARE else v.size - 1 for v in self.vars]
 
     def describe(self) -> dict:
         shown = self.vars if self.config.mode == "uniform" else self.vars[:7]

@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from search.problem import BudgetExhausted, Problem, pareto_front
-from search.space import is_format_var
+from search.space import FORMAT_SHARE, is_format_var
 
 POP = 16  # NSGA-II population for the default budgets (≈ budget / 12 generations)
 
@@ -179,7 +179,7 @@ def sequential_search(problem: Problem, budget: int, seed: int, pop: int = POP, 
     space = problem.space
     fmt_vars = [j for j, v in enumerate(space.vars) if is_format_var(v)]
     # the baseline quantizes every kept block alike: a format share stays at 1.0 (choice 0)
-    arch_vars = [j for j, v in enumerate(space.vars) if j not in fmt_vars and v.name != "format_share"]
+    arch_vars = [j for j, v in enumerate(space.vars) if j not in fmt_vars and v.name != FORMAT_SHARE]
     arch_sizes = [space.sizes[j] for j in arch_vars]
 
     def full(xa, fmt_choice: dict[int, int] | None = None):
