@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections import Counter
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 

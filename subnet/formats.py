@@ -25,6 +25,8 @@ class WeightFormat:
     fallback: str | None = None  # what llama.cpp substitutes when the row length does not fit
     note: str = ""
     same_as: str | None = None  # another runtime's format whose weights this one stores exactly
+    nbits: int | None = None  # ONNX Runtime MatMulNBits code width, for its block formats
+    symmetric: bool = False  # MatMulNBits without zero points (asymmetric RTN otherwise)
 
     @property
     def quantized(self) -> bool:
@@ -34,8 +36,8 @@ class WeightFormat:
         return row_length % self.block == 0
 
 
-def _f(name, bits, block, runtimes, ggml=None, fallback=None, note="", same_as=None):
-    return WeightFormat(name, bits, block, tuple(runtimes), ggml, fallback, note, same_as)
+def _f(name, bits, block, runtimes, ggml=None, fallback=None, note="", same_as=None, nbits=None, symmetric=False):
+    return WeightFormat(name, bits, block, tuple(runtimes), ggml, fallback, note, same_as, nbits, symmetric)
 
 
 _ALL = (LLAMA_CPP, ONNXRUNTIME, TENSORRT)
@@ -59,13 +61,17 @@ FORMATS: dict[str, WeightFormat] = {
         _f("q2_k", 2.625, 256, (LLAMA_CPP,), "Q2_K", fallback="q4_0"),
         # ONNX Runtime / TensorRT weight formats
         _f("int8", 8.0, 1, (ONNXRUNTIME, TENSORRT), note="symmetric int8 per output channel"),
-        _f("int8_b32", 9.25, 32, (ONNXRUNTIME,), note="MatMulNBits 8-bit, block 32, fp32 scale + 8-bit zero point"),
-        _f("int4_b32", 5.125, 32, (ONNXRUNTIME,), note="MatMulNBits 4-bit, block 32, fp32 scale + 4-bit zero point"),
-        _f("int4s_b32", 5.0, 32, (ONNXRUNTIME,), same_as="q4_0",
+        _f("int8_b32", 9.25, 32, (ONNXRUNTIME,), nbits=8,
+           note="MatMulNBits 8-bit, block 32, fp32 scale + 8-bit zero point"),
+        _f("int4_b32", 5.125, 32, (ONNXRUNTIME,), nbits=4,
+           note="MatMulNBits 4-bit, block 32, fp32 scale + 4-bit zero point"),
+        _f("int4s_b32", 5.0, 32, (ONNXRUNTIME,), same_as="q4_0", nbits=4, symmetric=True,
            note="MatMulNBits 4-bit symmetric, block 32, fp32 scales rounded to f16: q4_0's weights exactly"),
-        _f("int4_b128", 4.28125, 128, (ONNXRUNTIME, TENSORRT), note="4-bit, block 128, scale + zero point"),
+        _f("int4_b128", 4.28125, 128, (ONNXRUNTIME, TENSORRT), nbits=4, note="4-bit, block 128, scale + zero point"),
     ]
 }
+
+NBITS_FORMATS = tuple(n for n, f in FORMATS.items() if f.nbits)  # ONNX Runtime's MatMulNBits block formats
 
 
 def get_format(name: str) -> WeightFormat:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from subnet.arch import LINEARS, linear_of
-from subnet.formats import get_format
+from subnet.formats import NBITS_FORMATS, get_format
 
 
 class QuantError(ValueError):
@@ -386,7 +386,6 @@ _FAST = {
 }
 
 
-NBITS_FORMATS = ("int8_b32", "int4_b32", "int4s_b32", "int4_b128")  # MatMulNBits: int8 input at accuracy_level 4
 INT8_SCOPES = ("token", "tensor")  # what one DynamicQuantizeLinear range spans in the simulation
 
 

@@ -34,7 +34,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from subnet.arch import LINEARS
-from subnet.formats import ONNXRUNTIME, get_format
+from subnet.formats import NBITS_FORMATS, ONNXRUNTIME, get_format
 from subnet.spec import SubnetSpec
 from targets.backend import Artifact, ExportError, atomic_output
 from targets.onnxrt import EMBED_FORMATS
@@ -42,8 +42,8 @@ from targets.onnxrt import EMBED_FORMATS
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 NBITS = {  # bits, block, symmetric (asymmetric RTN unless symmetric, as subnet.quant simulates)
-    "int8_b32": (8, 32, False), "int4_b32": (4, 32, False), "int4s_b32": (4, 32, True), "int4_b128": (4, 128, False),
-}  # fmt: skip
+    n: (get_format(n).nbits, get_format(n).block, get_format(n).symmetric) for n in NBITS_FORMATS
+}
 _QUANT_SUFFIX = re.compile(r"_(quant|Q\d+)$")  # names ORT's quantizers give the node that replaces a MatMul
 _SCOPE = re.compile(r"(?:^|\.)model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)$")
 

@@ -207,7 +207,8 @@ def parity(artifact, model, spec: SubnetSpec, token_ids, linear_io: dict[str, li
     """
     import torch
 
-    from subnet.quant import NBITS_FORMATS, fake_quantize_model
+    from subnet.formats import NBITS_FORMATS
+    from subnet.quant import fake_quantize_model
 
     if linear_io is None and isinstance(artifact, Artifact):
         linear_io = artifact.meta.get("linear_io")
