@@ -1,0 +1,125 @@
+"""Format mixes on a packed model's importance-sorted base: perplexity before recovery, size, decode.
+
+Reads a pack work folder (its ``sorted/`` model and ``importance.json``), builds each mix the way the
+uniform search space does (the chosen formats go to the ``share`` of blocks least sensitive to
+rounding, the rest keep the widest format), and prints its simulated held-out perplexity next to
+the target's cost-model size and decode prediction. Shows which format levers exist before recovery.
+
+    .venv/bin/python benchmarks/bench_format_mixes.py --work out/smollm2-laptop-cpu.work \\
+        [--mix q8_0,q4_0,q4_k:1.0:q8_0 ...] [--eval-blocks 8]
+
+A mix is ``ATTN,MLP[,DOWN]:SHARE:EMBED`` (DOWN overrides down_proj's format; EMBED is the tied
+embedding / LM head). Torch-only: other load slows it but does not change its figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import track  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from packager.pack import cost_fn  # noqa: E402
+from profiles.costmodel import CostModelError  # noqa: E402
+from search.importance import Importance  # noqa: E402
+from search.space import SearchSpace, SpaceConfig  # noqa: E402
+from search.text import token_blocks  # noqa: E402
+from subnet.arch import ATTN_LINEARS, MLP_LINEARS  # noqa: E402
+from subnet.spec import SubnetSpec  # noqa: E402
+from subnet.supernet import Supernet  # noqa: E402
+from targets.registry import get_target  # noqa: E402
+
+DEFAULT_MIXES = [
+    "q8_0,q8_0:1.0:q8_0",  # the base at the widest format
+    "q8_0,q4_0:0.8:q8_0",
+    "q8_0,q4_0:0.8:q5_0",
+    "q8_0,q4_0:0.8:iq4_nl",
+    "q8_0,q4_0:0.8:q4_0",
+    "q8_0,q4_0:1.0:q8_0",
+    "q8_0,q4_0:1.0:q5_0",
+    "q8_0,iq4_nl:1.0:q5_0",
+    "q5_0,q4_0:0.8:q5_0",
+    "q8_0,q4_0,q4_k:1.0:q8_0",
+    "q8_0,q4_0,q5_0:1.0:q8_0",
+    "q8_0,q4_0,q6_k:1.0:q8_0",
+]
+
+
+def parse_mix(text: str) -> tuple[str, str, str | None, float, str]:
+    """(attention, MLP, down_proj or None, share, embedding) of ``ATTN,MLP[,DOWN]:SHARE:EMBED``."""
+    try:
+        fmts, share, emb = text.split(":")
+        parts = fmts.split(",")
+        if len(parts) not in (2, 3):
+            raise ValueError
+        return parts[0], parts[1], parts[2] if len(parts) == 3 else None, float(share), emb
+    except ValueError:
+        raise SystemExit(f"bad --mix {text!r}: write ATTN,MLP[,DOWN]:SHARE:EMBED, e.g. q8_0,q4_0:0.8:q8_0") from None
+
+
+def mix_spec(space: SearchSpace, text: str, wide: str) -> SubnetSpec:
+    """The full-size spec of one mix; blocks outside its share keep ``wide``."""
+    attn, mlp, down, share, emb = parse_mix(text)
+    arch = space.arch
+    spec = SubnetSpec.uniform(arch, fmt=wide, embed_format=emb)
+    narrow = space.narrow_blocks(list(range(arch.num_layers)), share)
+    for ly in spec.layers:
+        if ly.index in narrow:
+            ly.formats = {n: attn for n in ATTN_LINEARS} | {n: mlp for n in MLP_LINEARS}
+            if down:
+                ly.formats["down_proj"] = down
+    return spec.validate(arch)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("out/smollm2-laptop-cpu.work"), help="a pack work folder")
+    ap.add_argument("--mix", action="append", default=None, help="ATTN,MLP[,DOWN]:SHARE:EMBED (repeatable)")
+    ap.add_argument("--target", default="laptop-cpu")
+    ap.add_argument("--runtime", default="llama.cpp")
+    ap.add_argument("--eval-blocks", type=int, default=8, help="x 256 held-out tokens (the search's evaluation split)")
+    a = ap.parse_args(argv)
+    if not (a.work / "sorted").is_dir() or not (a.work / "importance.json").is_file():
+        raise SystemExit(f"{a.work} has no sorted/ model and importance.json: pass a pack work folder past its prepare stage")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(a.work / "sorted", dtype=torch.float32).eval()
+    blocks = token_blocks(AutoTokenizer.from_pretrained(a.work / "sorted"), "evaluation", 256, a.eval_blocks)
+    imp = Importance.load(a.work / "importance.json")
+    net = Supernet(model)
+    space = SearchSpace(net.arch, a.runtime, SpaceConfig(mode="uniform"), imp.layer_rank, imp.quant_rank)
+    cost = cost_fn(get_target(a.target), a.runtime)
+    wide = space.config.attn_formats[0]
+    specs = {m: mix_spec(space, m, wide) for m in a.mix or DEFAULT_MIXES}
+    net.prepare({f for s in specs.values() for f in s.formats_used()})
+    t = Table(title=f"format mixes on {a.work / 'sorted'} ({blocks.numel()} held-out tokens, formats simulated; "
+                    f"size and decode: {a.target}/{a.runtime} cost model)")  # fmt: skip
+    for col in ("mix", "ppl before recovery", "vs first", "size MiB", "x smaller",
+                "decode ms (predicted)", "x faster", "eval s"):  # fmt: skip
+        t.add_column(col, justify="right")
+    first = None
+    for m, spec in track(specs.items(), description="mixes", console=Console(stderr=True)):
+        t0 = time.perf_counter()
+        ppl = net.activate(spec).perplexity(blocks)
+        try:
+            c = cost(spec)
+        except CostModelError as e:  # a format the table does not cover
+            c = {"size_mb": spec.weight_bytes() / 2**20, "decode_ms": float("nan")}
+            print(f"{m}: no decode prediction ({e}); size is the weights alone", file=sys.stderr)
+        first = first or (ppl, c)
+        t.add_row(m, f"{ppl:.2f}", f"{100 * (ppl / first[0] - 1):+.1f}%", f"{c['size_mb']:.1f}",
+                  f"{first[1]['size_mb'] / c['size_mb']:.2f}", f"{c['decode_ms']:.2f}",
+                  f"{first[1]['decode_ms'] / c['decode_ms']:.2f}", f"{time.perf_counter() - t0:.0f}")  # fmt: skip
+    Console(width=200).print(t)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
