@@ -64,11 +64,11 @@ def parse_mix(text: str) -> tuple[str, str, str | None, float, str]:
         raise SystemExit(f"bad --mix {text!r}: write ATTN,MLP[,DOWN]:SHARE:EMBED, e.g. q8_0,q4_0:0.8:q8_0") from None
 
 
-def mix_spec(space: SearchSpace, text: str, wide: str) -> SubnetSpec:
-    """The full-size spec of one mix; blocks outside its share keep ``wide``."""
+def mix_spec(space: SearchSpace, text: str) -> SubnetSpec:
+    """The full-size spec of one mix; blocks outside its share keep the space's widest format."""
     attn, mlp, down, share, emb = parse_mix(text)
     arch = space.arch
-    spec = SubnetSpec.uniform(arch, fmt=wide, embed_format=emb)
+    spec = SubnetSpec.uniform(arch, fmt=space.config.attn_formats[0], embed_format=emb)
     narrow = space.narrow_blocks(list(range(arch.num_layers)), share)
     for ly in spec.layers:
         if ly.index in narrow:
@@ -96,8 +96,7 @@ def main(argv=None) -> int:
     net = Supernet(model)
     space = SearchSpace(net.arch, a.runtime, SpaceConfig(mode="uniform"), imp.layer_rank, imp.quant_rank)
     cost = cost_fn(get_target(a.target), a.runtime)
-    wide = space.config.attn_formats[0]
-    specs = {m: mix_spec(space, m, wide) for m in a.mix or DEFAULT_MIXES}
+    specs = {m: mix_spec(space, m) for m in a.mix or DEFAULT_MIXES}
     net.prepare({f for s in specs.values() for f in s.formats_used()})
     t = Table(title=f"format mixes on {a.work / 'sorted'} ({blocks.numel()} held-out tokens, formats simulated; "
                     f"size and decode: {a.target}/{a.runtime} cost model)")  # fmt: skip
