@@ -6,7 +6,8 @@ student's next-token distributions at temperature T (times T^2), optionally plus
 LM cross-entropy. With ``qat`` the student's forward sees the spec's simulated weight formats: each
 linear uses fake_quantize(W + BA) with a straight-through estimator, so the adapters learn to
 compensate the rounding the runtime will apply (iq4_nl keeps the block scales ggml picks for W, see
-``subnet.quant.training_rounder``; the final perplexity is scored with the exact rounding). Training evaluates held-out perplexity every
+``subnet.quant.TrainingRounder``; the result carries them, the final perplexity is scored at them and
+the GGUF exporter writes the weights with them). Training evaluates held-out perplexity every
 ``eval_every`` steps, keeps the best adapters, stops early, writes resumable checkpoints, and finally
 merges the adapters into the weights (``merge_and_unload``): the result is a plain HF model of the
 sub-network's class and shapes, ready for quantization and export.
@@ -22,7 +23,7 @@ import random
 import shutil
 import time
 import types
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -37,7 +38,7 @@ from rich.progress import (
 
 from search.evaluate import perplexity
 from subnet.arch import LINEARS, linear_of
-from subnet.quant import fake_quantize, fake_quantize_model, input_quantizer, training_rounder
+from subnet.quant import TrainingRounder, fake_quantize, fake_quantize_model, input_quantizer
 from subnet.spec import SubnetSpec
 from targets.backend import atomic_output
 
@@ -105,9 +106,11 @@ class RecoveryResult:
     wall_s: float
     stopped_reason: str
     history: list[dict] = field(default_factory=list)
+    # module name -> the block scales QAT rounded a scale-search weight at (export it with them)
+    block_scales: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def summary(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("model", "history")}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("model", "history", "block_scales")}
 
 
 # ---- checks ---------------------------------------------------------------------------------
@@ -183,7 +186,7 @@ def _ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def _qat_forward(self, x, *args, **kwargs):
     """A peft lora.Linear forward on W + scale * B @ A rounded through the spec format (its
-    ``training_rounder``), with straight-through gradients."""
+    ``TrainingRounder``), with straight-through gradients."""
     base = self.base_layer
     w = base.weight
     for name in self.active_adapters:
@@ -195,11 +198,13 @@ def _qat_forward(self, x, *args, **kwargs):
     return F.linear(x, w.to(x.dtype), base.bias)
 
 
-def _enable_qat(peft_model, spec: SubnetSpec) -> dict:
+def _enable_qat(peft_model, spec: SubnetSpec) -> tuple[dict, dict[str, torch.Tensor]]:
     """Route every LoRA linear through _qat_forward with its spec format; fake-quantize the (frozen)
-    embedding / lm_head in place. Returns the original embedding weights to restore before merging."""
+    embedding / lm_head in place. Returns the original embedding weights to restore before merging,
+    and the block scales the scale-search linears are rounded at (by module name)."""
     inner = peft_model.get_base_model()
-    saved = {}
+    names = {id(m): n for n, m in inner.named_modules()}
+    saved, kept = {}, {}
     for layer, ly in zip(inner.model.layers, spec.layers):
         for name in LINEARS:
             mod = linear_of(layer, name)
@@ -211,7 +216,9 @@ def _enable_qat(peft_model, spec: SubnetSpec) -> dict:
                 mod.weight.data.copy_(fake_quantize(mod.weight.data, fmt))
                 continue
             mod._packager_fmt, mod._packager_act = fmt, input_quantizer(fmt, 4)
-            mod._packager_round = training_rounder(mod.base_layer.weight, fmt)
+            mod._packager_round = TrainingRounder(mod.base_layer.weight, fmt)
+            if mod._packager_round.scales is not None:
+                kept[names[id(mod)]] = mod._packager_round.scales
             mod.forward = types.MethodType(_qat_forward, mod)
     embed, head = inner.get_input_embeddings(), inner.get_output_embeddings()
     pairs = [(embed, spec.embed_format)]
@@ -221,7 +228,7 @@ def _enable_qat(peft_model, spec: SubnetSpec) -> dict:
         if fmt != "f32":
             saved[mod] = mod.weight.data.clone()
             mod.weight.data.copy_(fake_quantize(mod.weight.data, fmt))
-    return saved
+    return saved, kept
 
 
 def _disable_qat(peft_model, saved: dict) -> None:
@@ -339,7 +346,7 @@ def recover(
                       target_modules=list(config.targets), bias="none")  # fmt: skip
     student = get_peft_model(copy.deepcopy(sub_model), lora)
     teacher = base_model.eval()
-    saved_embed = _enable_qat(student, spec) if config.qat else {}
+    saved_embed, kept_scales = _enable_qat(student, spec) if config.qat else ({}, {})
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config))
@@ -437,7 +444,7 @@ def recover(
     merged = student.merge_and_unload().eval()
     for p in merged.parameters():
         p.requires_grad_(False)
-    scored = fake_quantize_model(merged, spec) if config.qat else merged
+    scored = fake_quantize_model(merged, spec, block_scales=kept_scales) if config.qat else merged
     ppl_after = perplexity(scored, val_blocks, batch_size=config.eval_batch_size)
     return RecoveryResult(
         model=merged,
@@ -448,4 +455,5 @@ def recover(
         wall_s=time.perf_counter() - t0,
         stopped_reason=reason,
         history=state["history"],
+        block_scales=kept_scales,
     )

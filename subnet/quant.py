@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import importlib.util
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -277,24 +278,33 @@ SCALE_SEARCH_FORMATS = ("iq4_nl",)  # formats whose block scales come from a sea
 
 
 @lru_cache(maxsize=1)
-def _iq4_nl_cells() -> torch.Tensor:
-    """The iq4_nl level nearest to each half-unit cell [c/2, (c+1)/2), c in [-255, 227]: level midpoints
-    are multiples of 1/2, so one cell never straddles one, and a midpoint starts the cell of the upper
-    level (ggml ``best_index_int8``: ``x - lo < hi - x ? lo : hi``)."""
+def _iq4_nl_cell_codes() -> torch.Tensor:
+    """The index of the iq4_nl level nearest to each half-unit cell [c/2, (c+1)/2), c in [-255, 227]:
+    level midpoints are multiples of 1/2, so one cell never straddles one, and a midpoint starts the
+    cell of the upper level (ggml ``best_index_int8``: ``x - lo < hi - x ? lo : hi``)."""
     levels = torch.tensor(IQ4_NL_LEVELS, dtype=torch.float32)
     mids = (levels[:-1] + levels[1:]) / 2
     starts = torch.arange(_CELL_LO, _CELL_HI + 1, dtype=torch.float32) / 2
-    return levels[torch.bucketize(starts, mids, right=True)]
+    return torch.bucketize(starts, mids, right=True)
+
+
+@lru_cache(maxsize=1)
+def _iq4_nl_cells() -> torch.Tensor:
+    """The iq4_nl level (a float) nearest to each half-unit cell (see ``_iq4_nl_cell_codes``)."""
+    return torch.tensor(IQ4_NL_LEVELS, dtype=torch.float32)[_iq4_nl_cell_codes()]
 
 
 _CELL_LO, _CELL_HI = 2 * IQ4_NL_LEVELS[0] - 1, 2 * IQ4_NL_LEVELS[-1] + 1  # beyond them: the end levels
 
 
+def _cell(x: torch.Tensor) -> torch.Tensor:
+    """The half-unit cell of each element of ``x`` (2x is exact, so the cell is too), as a table index."""
+    return (x * 2).floor_().clamp_(_CELL_LO, _CELL_HI).to(torch.int32).sub_(_CELL_LO)
+
+
 def _nearest_level(x: torch.Tensor) -> torch.Tensor:
-    """The iq4_nl level (a float) nearest to each element of ``x``, as ggml's ``best_index_int8`` picks it:
-    a lookup by the half-unit cell of ``x`` (2x is exact, so the cell is too)."""
-    cell = (x * 2).floor_().clamp_(_CELL_LO, _CELL_HI).to(torch.int32).sub_(_CELL_LO)
-    return _iq4_nl_cells()[cell]
+    """The iq4_nl level (a float) nearest to each element of ``x``, as ggml's ``best_index_int8`` picks it."""
+    return _iq4_nl_cells()[_cell(x)]
 
 
 def _iq4_nl_block_scales(w: torch.Tensor) -> torch.Tensor:
@@ -349,24 +359,52 @@ def block_scales(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     return _by_row_chunks(_iq4_nl_block_scales, w, rows=1024, out_cols=w.shape[1] // get_format(fmt).block)
 
 
+def _check_scales(w: torch.Tensor, scales: torch.Tensor, fmt: str) -> torch.Tensor:
+    if scales.shape != (w.shape[0], w.shape[1] // get_format(fmt).block):
+        raise QuantError(f"{fmt} scales of shape {tuple(scales.shape)} do not fit a weight of shape {tuple(w.shape)}")
+    return scales.to(torch.float32)
+
+
 def round_to_scales(weight: torch.Tensor, scales: torch.Tensor, fmt: str) -> torch.Tensor:
     """``weight`` rounded through ``fmt`` with given block ``scales`` (from ``block_scales``): exactly
     ``fake_quantize`` when they are the weight's own scales; with the scales of a nearby weight (a
     LoRA-updated one), the cheap rounding that quantization-aware training runs every step."""
     w = _check_2d_torch(weight, fmt)
-    if scales.shape != (w.shape[0], w.shape[1] // get_format(fmt).block):
-        raise QuantError(f"{fmt} scales of shape {tuple(scales.shape)} do not fit a weight of shape {tuple(w.shape)}")
-    return _by_row_chunks(_iq4_nl_round, w, scales.to(torch.float32))
+    return _by_row_chunks(_iq4_nl_round, w, _check_scales(w, scales, fmt))
 
 
-def training_rounder(weight: torch.Tensor, fmt: str):
+def encode_to_scales(weight: torch.Tensor, scales: torch.Tensor, fmt: str) -> np.ndarray:
+    """The raw ggml blocks of ``weight`` in ``fmt`` at given block ``scales``, uint8 (rows, row_bytes)
+    as ``ggml_quantize`` returns them: ggml's own bytes when the scales are the weight's (``block_scales``),
+    and with the scales quantization-aware training kept, the weight it trained against (``round_to_scales``).
+
+    An iq4_nl block is ggml's ``block_iq4_nl``: the fp16 scale, then 16 bytes holding the level index
+    of element j in the low nibble of byte j and that of element j + 16 in its high nibble.
+    """
+    w = _check_2d_torch(weight, fmt)
+    s = _check_scales(w, scales, fmt).unsqueeze(-1)
+    codes = _iq4_nl_cell_codes().to(torch.uint8)[_cell(_blocks(w, 32) * _recip(s))]
+    packed = codes[..., :16] | (codes[..., 16:] << 4)
+    d = s.to(torch.float16).view(torch.uint8)  # the fp16 bytes, little-endian like ggml's
+    if sys.byteorder != "little":
+        d = d.flip(-1)
+    return torch.cat([d, packed], dim=-1).reshape(w.shape[0], -1).numpy()
+
+
+class TrainingRounder:
     """How quantization-aware training rounds a weight that starts as ``weight`` and drifts from it:
     ``fake_quantize`` for formats with a cheap exact rounding; for scale-search formats, the nearest
-    level at the starting weight's block scales (exact at the start, a search-free step after)."""
-    if fmt not in SCALE_SEARCH_FORMATS:
-        return lambda w: fake_quantize(w, fmt)
-    scales = block_scales(weight, fmt)
-    return lambda w: round_to_scales(w, scales, fmt).to(dtype=w.dtype)
+    level at the starting weight's block ``scales`` (exact at the start, a search-free step after).
+    Those scales are what the trained weight is exact at: ``encode_to_scales`` exports it with them."""
+
+    def __init__(self, weight: torch.Tensor, fmt: str):
+        self.fmt = fmt
+        self.scales = block_scales(weight, fmt) if fmt in SCALE_SEARCH_FORMATS else None
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        if self.scales is None:
+            return fake_quantize(w, self.fmt)
+        return round_to_scales(w, self.scales, self.fmt).to(dtype=w.dtype)
 
 
 _FAST = {
@@ -551,7 +589,7 @@ def _plan(model, spec) -> list[tuple[str, object, str]]:
 
 def fake_quantize_model(
     model, spec, inplace: bool = False, activations: bool = True, ort_accuracy_level: int | None = 4,
-    int8_scope: str = "token",
+    int8_scope: str = "token", block_scales: dict[str, torch.Tensor] | None = None,
 ):
     """``model`` (an extracted sub-network of ``spec``) with every weight rounded through its spec format.
 
@@ -564,20 +602,29 @@ def fake_quantize_model(
     ``ort_accuracy_level`` is 4 (int8 compute, the fast setting), the MatMulNBits formats (int8 per
     token and block). ``int8_scope`` is the range one ORT int8 input quantization spans (see
     ``input_quantizer``): "token" (default) simulates decoding; "tensor" one call on the whole input.
+    ``block_scales`` (module name -> scales, from ``TrainingRounder``) rounds those scale-search weights
+    at the scales training kept instead of searching them again, as the GGUF exporter writes them.
     Returns the model (a copy unless ``inplace``).
     """
     plan = _plan(model, spec)
+    kept = block_scales or {}
+
+    def rounded(name: str, w: torch.Tensor, fmt: str) -> torch.Tensor:
+        if name in kept and fmt in SCALE_SEARCH_FORMATS:
+            return round_to_scales(w, kept[name], fmt).to(dtype=w.dtype)
+        return fake_quantize(w, fmt)
+
     saturates = activations and any(fmt == "int8" for *_, fmt in plan) and ort_int8_saturates()
     int8_weights = {name: ort_int8_weight(m.weight) for name, m, fmt in plan if fmt == "int8" and saturates}
     with torch.no_grad():
         if inplace:
-            for _, m, fmt in plan:
-                m.weight.copy_(fake_quantize(m.weight, fmt))
+            for name, m, fmt in plan:
+                m.weight.copy_(rounded(name, m.weight, fmt))
         else:  # copy everything else once; the rounded weights go straight into the copy
             memo = {}
-            for _, m, fmt in plan:
+            for name, m, fmt in plan:
                 w = m.weight
-                memo[id(w)] = torch.nn.Parameter(fake_quantize(w, fmt), requires_grad=w.requires_grad)
+                memo[id(w)] = torch.nn.Parameter(rounded(name, w, fmt), requires_grad=w.requires_grad)
             model = copy.deepcopy(model, memo)
     for name, m, fmt in plan:
         quant = input_quantizer(fmt, ort_accuracy_level, int8_scope)

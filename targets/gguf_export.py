@@ -3,8 +3,10 @@
 Written with the ``gguf`` package's ``GGUFWriter`` (no converter script). Uniform sub-networks use the
 ``llama`` architecture (``qwen2`` for Qwen2); heterogeneous ones use ``deci``, which reads per-layer
 head counts and FFN widths. Each weight is quantized by ggml itself (``subnet.quant.ggml_quantize``)
-in the format the spec names; a K-quant on a row it cannot hold gets llama.cpp's own fallback
-(``subnet.formats.effective_format``), and every substitution is recorded.
+in the format the spec names, except a scale-search weight (iq4_nl) that quantization-aware recovery
+trained at kept block scales: it is written at those (``subnet.quant.encode_to_scales``). A K-quant
+on a row it cannot hold gets llama.cpp's own fallback (``subnet.formats.effective_format``), and every
+substitution is recorded.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 
 from subnet.arch import LINEARS
 from subnet.formats import LLAMA_CPP, effective_format, formats_for, get_format
+from subnet.quant import SCALE_SEARCH_FORMATS, encode_to_scales, ggml_qtype, ggml_quantize
 from subnet.spec import SubnetSpec
 from targets.backend import Artifact, ExportError
 
@@ -237,6 +240,11 @@ def _rope_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _rope_permuted(t, n_heads: int):
+    """``_rope_permute`` of a torch tensor (None stays None)."""
+    return None if t is None else torch_from(_rope_permute(t.float().numpy(), n_heads))
+
+
 def _rope_theta(config) -> float:
     params = getattr(config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", "default")
@@ -277,10 +285,11 @@ def atomic_file(final: str | os.PathLike, force: bool = False):
         tmp.unlink(missing_ok=True)
 
 
-def _tensor_bytes(weight, fmt: str):
-    """(array, raw_dtype) for GGUFWriter.add_tensor: float32 as is, other formats as raw ggml bytes."""
-    from subnet.quant import ggml_qtype, ggml_quantize
-
+def _tensor_bytes(weight, fmt: str, scales=None):
+    """(array, raw_dtype) for GGUFWriter.add_tensor: float32 as is, other formats as raw ggml bytes
+    (at the given block ``scales`` of a scale-search format, else ggml's own)."""
+    if scales is not None and fmt in SCALE_SEARCH_FORMATS:
+        return encode_to_scales(weight.detach().float().cpu(), scales, fmt), ggml_qtype(fmt)
     w = np.ascontiguousarray(weight.detach().float().cpu().numpy())
     if fmt == "f32":
         return w, None
@@ -304,12 +313,16 @@ def _check_model(model, spec: SubnetSpec) -> None:
                 )
 
 
-def write_gguf(model, tokenizer, spec: SubnetSpec, out_path: str | os.PathLike, force: bool = False) -> Artifact:
+def write_gguf(
+    model, tokenizer, spec: SubnetSpec, out_path: str | os.PathLike, force: bool = False, block_scales=None,
+) -> Artifact:
     """Write an extracted sub-network (``subnet.extract.extract(base, spec)``) as a GGUF file.
 
     ``spec.layers[i]`` describes ``model.model.layers[i]``. Weights are stored in the spec's formats
     (K-quant fallbacks recorded in ``meta["fallbacks"]`` and the ``packager.fallbacks`` key), norms and
-    biases in F32; the tokenizer and chat template are carried. The file appears only when complete.
+    biases in F32; the tokenizer and chat template are carried. ``block_scales`` (module name -> scales,
+    from ``search.recovery``'s result) are the scales a scale-search weight is written at; the count
+    written so is ``meta["kept_scales"]``. The file appears only when complete.
     """
     import gguf
 
@@ -328,10 +341,15 @@ def write_gguf(model, tokenizer, spec: SubnetSpec, out_path: str | os.PathLike, 
     weights: dict[str, int] = {}  # format -> number of weights, for general.file_type
     tensors = []  # (name, array, raw_dtype)
 
-    def add(name, tensor, fmt):
-        arr, qtype = _tensor_bytes(tensor, fmt)
+    scales = block_scales or {}
+    kept = []  # tensors written at kept block scales
+
+    def add(name, tensor, fmt, scale=None):
+        arr, qtype = _tensor_bytes(tensor, fmt, scale)
         tensors.append((name, arr, qtype))
         weights[fmt] = weights.get(fmt, 0) + tensor.numel()
+        if scale is not None and fmt in SCALE_SEARCH_FORMATS:
+            kept.append(name)
 
     add("token_embd.weight", state["model.embed_tokens.weight"], eff.embed_format)
     add("output_norm.weight", state["model.norm.weight"], "f32")
@@ -342,11 +360,10 @@ def write_gguf(model, tokenizer, spec: SubnetSpec, out_path: str | os.PathLike, 
         heads = {"q_proj": ly.heads, "k_proj": ly.kv_heads}
         for name in LINEARS:
             key = f"{p}{HF_MODULE[name]}.{name}"
-            w, b = state[key + ".weight"], state.get(key + ".bias")
-            if permute and name in heads:
-                w = torch_from(_rope_permute(w.float().numpy(), heads[name]))
-                b = None if b is None else torch_from(_rope_permute(b.float().numpy(), heads[name]))
-            add(f"blk.{i}.{GGUF_LINEAR[name]}.weight", w, ly.formats[name])
+            w, b, s = state[key + ".weight"], state.get(key + ".bias"), scales.get(key)
+            if permute and name in heads:  # rows move, each with its block scales
+                w, b, s = (_rope_permuted(t, heads[name]) for t in (w, b, s))
+            add(f"blk.{i}.{GGUF_LINEAR[name]}.weight", w, ly.formats[name], s)
             if b is not None:
                 add(f"blk.{i}.{GGUF_LINEAR[name]}.bias", b, "f32")
         for hf, gg in GGUF_NORM.items():
@@ -396,6 +413,7 @@ def write_gguf(model, tokenizer, spec: SubnetSpec, out_path: str | os.PathLike, 
         "arch": arch,
         "file_type": file_type.name,
         "fallbacks": fallbacks,
+        "kept_scales": len(kept),
         "tensor_types": counts,
         "spec": spec.to_dict(),
         "effective_spec": eff.to_dict(),

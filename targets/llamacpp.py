@@ -129,11 +129,12 @@ def load(artifact_or_path, n_ctx: int = 512, threads: int | None = None, f32_kv:
 
 
 # ---- parity -----------------------------------------------------------------------------------
-def parity(artifact: Artifact, model, token_ids) -> dict:
+def parity(artifact: Artifact, model, token_ids, block_scales=None) -> dict:
     """Compare llama.cpp's logits with the torch model under the same simulated weight quantization.
 
     ``model`` is the extracted (unquantized) sub-network the artifact was written from; it is copied
-    and fake-quantized with the formats really written (fallbacks included).
+    and fake-quantized with the formats really written (fallbacks included), at the ``block_scales``
+    it was written with.
     """
     import torch
 
@@ -144,7 +145,7 @@ def parity(artifact: Artifact, model, token_ids) -> dict:
     if eff is None:
         raise LlamaCppError(f"{artifact.path}: artifact meta has no effective_spec; re-export with targets.llamacpp")
     ids = [int(t) for t in token_ids]
-    ref_model = fake_quantize_model(model, eff, inplace=False)
+    ref_model = fake_quantize_model(model, eff, inplace=False, block_scales=block_scales)
     with torch.no_grad():
         ref = ref_model(torch.tensor([ids])).logits[0].float().numpy()
     runner = load(artifact, n_ctx=max(len(ids), 16))
@@ -182,17 +183,18 @@ def parity_ok(result: dict) -> bool:
     )
 
 
-def export(model, tokenizer, spec, out, force: bool = False, parity_tokens=None) -> Artifact:
+def export(model, tokenizer, spec, out, force: bool = False, parity_tokens=None, block_scales=None) -> Artifact:
     """Write the GGUF (``targets.gguf_export.write_gguf``) and record parity vs torch in meta["parity"].
 
-    ``parity_tokens`` are the ids compared (default: the tokenizer's encoding of a fixed sentence).
+    ``parity_tokens`` are the ids compared (default: the tokenizer's encoding of a fixed sentence);
+    ``block_scales`` as ``write_gguf`` takes them.
     """
     from targets.gguf_export import write_gguf
 
-    art = write_gguf(model, tokenizer, spec, out, force=force)
+    art = write_gguf(model, tokenizer, spec, out, force=force, block_scales=block_scales)
     if parity_tokens is None:
         parity_tokens = tokenizer.encode(PARITY_TEXT, add_special_tokens=False)[:64]
-    art.meta["parity"] = parity(art, model, parity_tokens)
+    art.meta["parity"] = parity(art, model, parity_tokens, block_scales)
     art.meta["parity"]["within_bounds"] = parity_ok(art.meta["parity"])
     art.meta["llama_cpp_version"] = version()
     return art

@@ -124,6 +124,40 @@ def test_mixed_formats_parity(tmp_path, tokenizer):
         runner.close()
 
 
+def test_iq4_nl_written_at_kept_block_scales(tmp_path, tokenizer):
+    """Scales kept from the weights before a (simulated) recovery step: every iq4_nl tensor is written at
+    them, q/k rows moved with their scales by the rope permutation, and llama.cpp runs what torch
+    simulates at those scales."""
+    from subnet.quant import TrainingRounder, fake_quantize_model, ggml_dequantize
+    from targets.gguf_export import GGUF_LINEAR, HF_MODULE, _rope_permute
+
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    spec = SubnetSpec.uniform(arch_of(model.config), fmt="iq4_nl", embed_format="q8_0")
+    sub = extract(model, spec)
+    names = [n for n, m in sub.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
+    scales = {n: TrainingRounder(sub.get_submodule(n).weight, "iq4_nl").scales for n in names}
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # what recovery does to the weights: a small move away from where the scales were found
+        for n in names:
+            w = sub.get_submodule(n).weight
+            w.add_(0.05 * w.std() * torch.randn(w.shape, generator=gen))
+    art = llamacpp.export(sub, tokenizer, spec, tmp_path / "m.gguf", parity_tokens=ids_of(tokenizer), block_scales=scales)
+    assert art.meta["kept_scales"] == len(names) == 28
+    sim = fake_quantize_model(sub, spec, activations=False, block_scales=scales)
+    tensors = {t.name: t for t in gguf.GGUFReader(art.path).tensors}
+    for layer, name, heads in ((2, "k_proj", 2), (1, "down_proj", None)):
+        want = sim.get_submodule(f"model.layers.{layer}.{HF_MODULE[name]}.{name}").weight.detach().numpy()
+        want = _rope_permute(want, heads) if heads else want
+        t = tensors[f"blk.{layer}.{GGUF_LINEAR[name]}.weight"]
+        assert t.tensor_type.name == "IQ4_NL"
+        assert np.array_equal(ggml_dequantize(np.asarray(t.data), "iq4_nl", want.shape), want)
+    assert art.meta["parity"]["within_bounds"], art.meta["parity"]
+    again = write_gguf(sub, tokenizer, spec, tmp_path / "searched.gguf")  # no kept scales: ggml searches them
+    assert again.meta["kept_scales"] == 0
+    assert gguf_types(again.path) == gguf_types(art.path)
+    assert (tmp_path / "searched.gguf").read_bytes() != (tmp_path / "m.gguf").read_bytes()
+
+
 def test_kquant_fallback_recorded(tmp_path, tokenizer):
     """q4_k everywhere on hidden 256: 256-long rows keep Q4_K, the 64/96-long ones fall back to Q5_0."""
     model = tiny_model("llama", vocab_size=len(tokenizer), hidden_size=256)

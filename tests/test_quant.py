@@ -14,8 +14,10 @@ from subnet.formats import FORMATS
 from subnet.quant import (
     _FAST,
     QuantError,
+    TrainingRounder,
     _ggml,
     block_scales,
+    encode_to_scales,
     fake_quantize,
     fake_quantize_ggml,
     fake_quantize_model,
@@ -27,7 +29,6 @@ from subnet.quant import (
     ort_int8_linear,
     ort_int8_saturates,
     round_to_scales,
-    training_rounder,
     u8s8_saturation,
 )
 from subnet.spec import SubnetSpec
@@ -134,15 +135,29 @@ def test_iq4_nl_scales_of_a_slice_are_a_slice_of_the_scales():
 
 def test_training_rounder_is_exact_at_the_start_and_close_after_a_step():
     w = torch.from_numpy(weight(rows=64, cols=512, seed=6)[6:])
-    rnd = training_rounder(w, "iq4_nl")
+    rnd = TrainingRounder(w, "iq4_nl")
     assert bits_equal(rnd(w).numpy(), fake_quantize_ggml(w, "iq4_nl").numpy())
     moved = w + 1e-3 * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
     exact = fake_quantize(moved, "iq4_nl")
     err_fixed = (rnd(moved) - moved).pow(2).mean().item()
     err_exact = (exact - moved).pow(2).mean().item()
     assert err_exact <= err_fixed <= 1.01 * err_exact  # the kept scales are still almost the best ones
-    q = training_rounder(w, "q8_0")
-    assert bits_equal(q(moved).numpy(), fake_quantize(moved, "q8_0").numpy())
+    q = TrainingRounder(w, "q8_0")
+    assert q.scales is None and bits_equal(q(moved).numpy(), fake_quantize(moved, "q8_0").numpy())
+
+
+def test_encode_to_scales_writes_ggml_blocks_at_kept_scales():
+    """At the weight's own scales the bytes are ggml's, bit for bit (an all-zero row included); at the
+    scales training kept, ggml decodes them to exactly what training rounded the moved weight to."""
+    w = torch.from_numpy(weight(rows=48, cols=256, seed=7))
+    w[3] = 0.0
+    rnd = TrainingRounder(w, "iq4_nl")
+    raw = encode_to_scales(w, rnd.scales, "iq4_nl")
+    assert raw.dtype == np.uint8 and np.array_equal(raw, ggml_quantize(w.numpy(), "iq4_nl"))
+    moved = w + 3e-3 * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
+    kept = encode_to_scales(moved, rnd.scales, "iq4_nl")
+    assert not np.array_equal(kept, ggml_quantize(moved.numpy(), "iq4_nl"))  # ggml would search again
+    assert bits_equal(ggml_dequantize(kept, "iq4_nl", tuple(w.shape)), rnd(moved).numpy())
 
 
 def test_scale_search_bad_inputs():

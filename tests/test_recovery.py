@@ -146,6 +146,12 @@ def test_qat_trains_against_the_quantized_forward(teacher_and_text, fmt):
     from subnet.quant import fake_quantize
 
     assert not torch.equal(w, fake_quantize(w, fmt))
+    # iq4_nl: the scales training rounded at come back, one per linear; the final score is taken at them,
+    # so it is the held-out perplexity training saw at its best step
+    assert sorted(res.block_scales) == ([] if fmt == "q4_0" else sorted(
+        n for n, m in res.model.named_modules() if type(m) is torch.nn.Linear and n.startswith("model.layers.")))
+    best = min(h["val_ppl"] for h in res.history if "val_ppl" in h)
+    assert res.ppl_after == pytest.approx(best, rel=1e-4)
 
 
 def test_supernet_tuning_saves_and_merges(teacher_and_text, tmp_path):
