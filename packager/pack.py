@@ -29,11 +29,13 @@ from subnet.arch import ATTN_LINEARS, MLP_LINEARS
 from subnet.extract import extract
 from subnet.formats import get_format
 from subnet.loading import LoadedModel, load_model
+from subnet.quant import SCALE_SEARCH_FORMATS
 from subnet.spec import SubnetSpec, retarget_formats
 from subnet.supernet import Supernet
 from targets.backend import atomic_output, backend, fingerprint, runner_perplexity
 from targets.registry import Target, get_target
 
+BLOCK_SCALES = "block_scales.safetensors"  # beside a recovered model: its scale-search weights' kept scales
 STAGES = ("prepare", "search", "select", "recover", "export", "measure", "scorecard", "bundle")
 console = Console(stderr=True)
 
@@ -175,8 +177,9 @@ class Pack:
         """Pick the winner: the fastest candidate whose perplexity meets the floor after recovery.
 
         The fallback is the fastest candidate meeting every budget before recovery. Up to ``shortlist``
-        faster front candidates get a short recovery (LoRA + distillation, formats simulated); the
-        fastest of them whose recovered perplexity meets the floor on held-out calibration text wins.
+        faster front candidates, one per format family (``shortlist_by_family``), get a short recovery
+        (LoRA + distillation, formats simulated); the fastest of them whose recovered perplexity meets
+        the floor on held-out calibration text wins.
         """
         evals = [Evaluation(**e) for e in json.loads((self.work / "evaluations.json").read_text())]
         base_ev = Evaluation(**self.result("search")["base"])
@@ -187,7 +190,7 @@ class Pack:
         feasible = [e for e in strict if e.feasible]
         fallback = min(feasible, key=lambda e: (e.decode_ms, e.ppl)) if feasible else None
         faster = [e for e in pareto_front(evals) if fallback is None or e.decode_ms < fallback.decode_ms]
-        shortlist = spread(faster, self.cfg.shortlist) if self.cfg.shortlist else []
+        shortlist = shortlist_by_family(faster, self.cfg.shortlist)
         tried = self.short_recoveries(problem.supernet, base_ev, shortlist)
         passing = [t for t in tried if t["meets_floor"]]
         promoted = None if passing else self.promotion(model, tried)
@@ -225,10 +228,10 @@ class Pack:
         calib, val = self.recovery_blocks()
         console.print(f"  promoted to full recovery: {_spec_summary(spec)}")
         res = recover(model, extract(model, spec), spec, calib, val, self.recovery_config(),
-                      out_dir=self.work / "promotion", resume=True)  # fmt: skip
+                      out_dir=self.work / "promotion" / candidate_key(t["evaluation"]["x"]), resume=True)  # fmt: skip
         ok = res.ppl_after <= t["val_ppl_limit"]
         if ok:
-            save_model(res.model, self.work / "recovered")
+            save_model(res.model, self.work / "recovered", block_scales=res.block_scales)
         console.print(f"  promoted: held-out ppl {res.ppl_before:.2f} → {res.ppl_after:.2f} after {res.steps_run} "
                       f"steps (limit {t['val_ppl_limit']:.2f}): {'meets' if ok else 'misses'} the floor")  # fmt: skip
         return {"evaluation": t["evaluation"], "recovery": res.summary(), "val_ppl_limit": t["val_ppl_limit"],
@@ -248,7 +251,7 @@ class Pack:
         limit = net.activate(base_ev.spec_obj()).perplexity(val) * (1 + self.cfg.accuracy_floor)
         done_path = self.work / "shortlist.json"
         done = json.loads(done_path.read_text()) if done_path.exists() else {}
-        keys = [",".join(map(str, e.x)) for e in candidates]
+        keys = [candidate_key(e.x) for e in candidates]
         for key, e in zip(keys, candidates):
             if key in done:
                 continue
@@ -288,13 +291,17 @@ class Pack:
             return {"skipped": why}
         calib, val = self.recovery_blocks()
         res = recover(model, sub, spec, calib, val, self.recovery_config(), out_dir=self.work / "recovery", resume=True)
-        save_model(res.model, self.work / "recovered")
+        save_model(res.model, self.work / "recovered", block_scales=res.block_scales)
         return res.summary()
 
-    def _recovered(self):
+    def _recovered(self) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+        """The recovered model and the block scales its scale-search weights were trained at."""
+        from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(self.work / "recovered", dtype=torch.float32).eval()
+        folder = self.work / "recovered"
+        scales = load_file(folder / BLOCK_SCALES) if (folder / BLOCK_SCALES).exists() else {}
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), scales
 
     def runtime_specs(self, runtime: str) -> tuple[SubnetSpec, SubnetSpec]:
         """(packaged, base) specs in ``runtime``'s formats: the base at the search's widest formats."""
@@ -317,7 +324,10 @@ class Pack:
             spec, base_spec = self.runtime_specs(rt)
             folder = self.work / "artifacts" / rt
             folder.mkdir(parents=True, exist_ok=True)
-            packed = mod.export(self._recovered(), tok, spec, folder / _artifact_name(rt, "packaged"), force=True)
+            model, scales = self._recovered()
+            # the weights recovery trained at kept block scales are written with them (llama.cpp's iq4_nl)
+            kept = {"block_scales": scales} if scales and spec.formats_used() & set(SCALE_SEARCH_FORMATS) else {}
+            packed = mod.export(model, tok, spec, folder / _artifact_name(rt, "packaged"), force=True, **kept)
             sorted_model = sorted_model or self.sorted_model()
             base = mod.export(extract(sorted_model, base_spec), tok, base_spec, folder / _artifact_name(rt, "base"), force=True)
             arts[rt] = {"packaged": packed.to_dict(), "base": base.to_dict(),
@@ -380,12 +390,17 @@ class Pack:
         return {"files": len(manifest["files"])}
 
 
-def save_model(model, folder: Path, tokenizer=None) -> None:
-    """Save ``model`` (safetensors) to ``folder`` through a temporary sibling, so it is never half-written."""
+def save_model(model, folder: Path, tokenizer=None, block_scales: dict[str, torch.Tensor] | None = None) -> None:
+    """Save ``model`` (safetensors) to ``folder`` through a temporary sibling, so it is never half-written;
+    with the ``block_scales`` recovery kept (``BLOCK_SCALES``) where there are any."""
+    from safetensors.torch import save_file
+
     with atomic_output(folder, force=True) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if block_scales:
+            save_file({k: v.contiguous() for k, v in block_scales.items()}, str(tmp / BLOCK_SCALES))
 
 
 def runtime_formats(target: Target, runtime: str) -> list[str]:
@@ -430,12 +445,45 @@ def cost_fn(target: Target, runtime: str):
     return fn
 
 
+def candidate_key(x: list[int]) -> str:
+    """A search candidate's name in work files (its encoding, comma-joined)."""
+    return ",".join(map(str, x))
+
+
 def spread(front: list[Evaluation], k: int) -> list[Evaluation]:
     """Up to ``k`` front points spread evenly over it, the most accurate (slowest) first."""
     by_ppl = sorted(front, key=lambda e: e.ppl)
-    if len(by_ppl) <= k:
-        return by_ppl
+    if len(by_ppl) <= k or k < 1:
+        return by_ppl[: max(k, 0)]
     return [by_ppl[round(i * (len(by_ppl) - 1) / (k - 1))] for i in range(k)] if k > 1 else by_ppl[:1]
+
+
+def format_family(spec: SubnetSpec) -> tuple[str, ...]:
+    """The narrowest format of each role (attention, MLP, embedding, LM head): the members of one family
+    differ in shape and in how many blocks are narrowed, not in which formats they use."""
+
+    def narrowest(fmts: set[str]) -> str:
+        return min(fmts, key=lambda f: (get_format(f).bits, f))
+
+    return (narrowest({ly.formats[n] for ly in spec.layers for n in ATTN_LINEARS}),
+            narrowest({ly.formats[n] for ly in spec.layers for n in MLP_LINEARS}),
+            spec.embed_format, spec.lm_head_format)  # fmt: skip
+
+
+def shortlist_by_family(front: list[Evaluation], k: int) -> list[Evaluation]:
+    """Up to ``k`` front points to give a short recovery: the most accurate of each format family
+    (``format_family``), spread over the families when there are more than ``k``; when there are fewer,
+    the rest spread over the remaining front. Most accurate first.
+
+    Recovery wins back different amounts per format (iq4_nl far more than q4_0 on SmolLM2), so every
+    family gets its best chance instead of an even spread over perplexity that can skip one entirely.
+    """
+    best: dict[tuple[str, ...], Evaluation] = {}
+    for e in sorted(front, key=lambda e: e.ppl):
+        best.setdefault(format_family(e.spec_obj()), e)
+    picks = spread(list(best.values()), k)
+    picks += spread([e for e in front if e not in picks], k - len(picks))
+    return sorted(picks, key=lambda e: e.ppl)
 
 
 def _artifact(d: dict):

@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 from packager.cli import main
 from packager.pack import Pack, PackConfig, PackError
+from subnet.spec import SubnetSpec
 from tests.conftest import tiny_model
 
 
@@ -111,7 +112,33 @@ def test_spread_picks_evenly_from_most_to_least_accurate():
     front = [SimpleNamespace(ppl=float(v)) for v in (5, 1, 4, 2, 3)]
     assert [e.ppl for e in spread(front, 3)] == [1.0, 3.0, 5.0]
     assert [e.ppl for e in spread(front, 1)] == [1.0]
-    assert len(spread(front, 9)) == 5
+    assert len(spread(front, 9)) == 5 and spread(front, 0) == []
+
+
+def test_shortlist_takes_the_most_accurate_of_each_format_family():
+    """Three families (q8_0/q4_0, iq4_nl/q4_0, q4_0/q4_0 by narrowest format per role): one each, the
+    most accurate member, whatever the share of narrowed blocks; with fewer families, the front fills in."""
+    from types import SimpleNamespace
+
+    from packager.pack import format_family, shortlist_by_family
+    from subnet.arch import ATTN_LINEARS, MLP_LINEARS, arch_of
+
+    arch = arch_of(tiny_model("llama").config)
+
+    def cand(ppl, attn, mlp, narrowed):
+        spec = SubnetSpec.uniform(arch, fmt="q8_0")
+        for ly in spec.layers[:narrowed]:
+            ly.formats.update({n: attn for n in ATTN_LINEARS} | {n: mlp for n in MLP_LINEARS})
+        return SimpleNamespace(ppl=ppl, spec_obj=lambda: spec)
+
+    front = [cand(30.6, "q8_0", "q4_0", 3), cand(32.6, "q8_0", "q4_0", 4), cand(31.9, "iq4_nl", "q4_0", 3),
+             cand(35.0, "iq4_nl", "q4_0", 4), cand(33.0, "q4_0", "q4_0", 3), cand(36.6, "q4_0", "q4_0", 4)]
+    assert format_family(front[0].spec_obj()) == ("q8_0", "q4_0", "q8_0", "q8_0")
+    assert format_family(front[2].spec_obj()) == format_family(front[3].spec_obj())
+    assert [e.ppl for e in shortlist_by_family(front, 3)] == [30.6, 31.9, 33.0]
+    assert [e.ppl for e in shortlist_by_family(front, 2)] == [30.6, 33.0]  # spread over the families
+    assert [e.ppl for e in shortlist_by_family(front, 5)] == [30.6, 31.9, 32.6, 33.0, 36.6]
+    assert shortlist_by_family(front, 0) == []
 
 
 def test_promotion_gives_a_near_miss_the_full_recovery_and_the_recover_stage_reuses_it(small_model_dir, tmp_path):
