@@ -349,17 +349,22 @@ def _iq4_nl_round(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return _nearest_level(_blocks(w, 32) * _recip(s)).mul_(_fp16(s)).reshape(w.shape)
 
 
+def _check_scale_search(fmt: str) -> None:
+    if fmt not in SCALE_SEARCH_FORMATS:
+        raise QuantError(f"format {fmt!r} has no block-scale search; those that do: {SCALE_SEARCH_FORMATS}")
+
+
 def block_scales(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     """The float32 block scales ggml's search picks for ``weight`` [rows, n] in ``fmt`` (one of
     ``SCALE_SEARCH_FORMATS``), [rows, n / block]. A block's scale depends only on its own weights, so
     the scales of a row prefix are a prefix of the row's scales: one search serves every slice."""
-    if fmt not in SCALE_SEARCH_FORMATS:
-        raise QuantError(f"format {fmt!r} has no block-scale search; those that do: {SCALE_SEARCH_FORMATS}")
+    _check_scale_search(fmt)
     w = _check_2d_torch(weight, fmt)
     return _by_row_chunks(_iq4_nl_block_scales, w, rows=1024, out_cols=w.shape[1] // get_format(fmt).block)
 
 
 def _check_scales(w: torch.Tensor, scales: torch.Tensor, fmt: str) -> torch.Tensor:
+    _check_scale_search(fmt)
     if scales.shape != (w.shape[0], w.shape[1] // get_format(fmt).block):
         raise QuantError(f"{fmt} scales of shape {tuple(scales.shape)} do not fit a weight of shape {tuple(w.shape)}")
     return scales.to(torch.float32)

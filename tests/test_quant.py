@@ -166,6 +166,8 @@ def test_scale_search_bad_inputs():
         block_scales(w, "q8_0")
     with pytest.raises(QuantError, match="do not fit"):
         round_to_scales(w, torch.ones(4, 3), "iq4_nl")
+    with pytest.raises(QuantError, match="no block-scale search"):
+        encode_to_scales(w, torch.ones(4, 2), "q4_0")
     with pytest.raises(QuantError, match="multiple of 32"):
         block_scales(torch.randn(4, 48), "iq4_nl")
 
