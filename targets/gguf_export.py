@@ -287,8 +287,8 @@ def atomic_file(final: str | os.PathLike, force: bool = False):
 
 def _tensor_bytes(weight, fmt: str, scales=None):
     """(array, raw_dtype) for GGUFWriter.add_tensor: float32 as is, other formats as raw ggml bytes
-    (at the given block ``scales`` of a scale-search format, else ggml's own)."""
-    if scales is not None and fmt in SCALE_SEARCH_FORMATS:
+    (at the given block ``scales`` of a scale-search format, else at ggml's own)."""
+    if scales is not None:
         return encode_to_scales(weight.detach().float().cpu(), scales, fmt), ggml_qtype(fmt)
     w = np.ascontiguousarray(weight.detach().float().cpu().numpy())
     if fmt == "f32":
@@ -345,10 +345,11 @@ def write_gguf(
     kept = []  # tensors written at kept block scales
 
     def add(name, tensor, fmt, scale=None):
+        scale = scale if fmt in SCALE_SEARCH_FORMATS else None  # other formats have no scales to keep
         arr, qtype = _tensor_bytes(tensor, fmt, scale)
         tensors.append((name, arr, qtype))
         weights[fmt] = weights.get(fmt, 0) + tensor.numel()
-        if scale is not None and fmt in SCALE_SEARCH_FORMATS:
+        if scale is not None:
             kept.append(name)
 
     add("token_embd.weight", state["model.embed_tokens.weight"], eff.embed_format)
