@@ -6,7 +6,9 @@ llama.cpp, ONNX for ONNX Runtime), measures prefill and decode on this machine w
 backend, and prints per runtime: MAPE and Spearman rank correlation of decode ms/token and prefill ms,
 and predicted vs measured peak memory. Optionally calibrates on the first K runs (scored on the rest)
 and writes the calibrated table (--save-table). --rows re-scores the runs of an earlier --out file
-(e.g. against a refitted table) without measuring again.
+(e.g. against a refitted table) without measuring again. --calibrate-rows calibrates on other runs
+(whole models at uniform formats from ``bench_format_mixes.py --measure --out``) and scores all of
+these; --per-format gives each weight format its own calibration scale.
 
     .venv/bin/python benchmarks/bench_costmodel.py --runtime llama.cpp --n 30 --threads 1
 
@@ -77,12 +79,17 @@ def mape(pred, meas) -> float:
     return 100 * statistics.fmean(abs(p - m) / m for p, m in zip(pred, meas))
 
 
+def row_workload(row: dict, wl: Workload) -> Workload:
+    """The workload a run was measured under (rows of bench_format_mixes record theirs), else ``wl``."""
+    return Workload(**row["workload"]) if "workload" in row else wl
+
+
 def repredict(rows: list[dict], tgt, runtime: str, wl: Workload, table: dict) -> list[dict]:
     """Set the predicted fields of measured ``rows`` from ``table`` (refitted or calibrated since)."""
     for r in rows:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cost = costmodel.predict(SubnetSpec.from_dict(r["spec"]), tgt, runtime, wl, table)
+            cost = costmodel.predict(SubnetSpec.from_dict(r["spec"]), tgt, runtime, row_workload(r, wl), table)
         r["pred_decode_ms_per_token"], r["pred_prefill_ms"] = cost.decode_ms_per_token, cost.prefill_ms
         r["pred_peak_memory_mb"] = cost.peak_memory_mb
     return rows
@@ -130,6 +137,11 @@ def measured_runs(a, tgt, table: dict, wl: Workload) -> list[dict]:
     return rows
 
 
+def read_rows(path, runtime: str) -> list[dict]:
+    """The runs of one runtime in a JSON-lines file written by this script or bench_format_mixes."""
+    return [r for r in map(json.loads, Path(path).read_text().splitlines()) if r["runtime"] == runtime]
+
+
 def summarize(rows: list[dict], runtime: str, calib_k: int) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -169,6 +181,9 @@ def main(argv=None) -> int:
                     help="keep the base hidden size (the default search space) instead of drawing one")
     ap.add_argument("--table", default=None, help="profile table (default: the target's)")
     ap.add_argument("--out", default="bench_costmodel.jsonl")
+    ap.add_argument("--calibrate-rows", default=None,
+                    help="calibrate on the runs of this file (bench_format_mixes --out, say) and score every run here")
+    ap.add_argument("--per-format", action="store_true", help="calibrate a scale per weight format too")
     ap.add_argument("--rows", default=None,
                     help="re-score the runs of an earlier --out file instead of measuring (a refitted table, say)")
     a = ap.parse_args(argv)
@@ -177,21 +192,29 @@ def main(argv=None) -> int:
     table = costmodel.load_table(tgt, a.runtime, path=a.table)
     wl = Workload(a.prompt, a.gen)
     if a.rows:
-        rows = [r for r in map(json.loads, Path(a.rows).read_text().splitlines()) if r["runtime"] == a.runtime][: a.n]
+        rows = read_rows(a.rows, a.runtime)[: a.n]
         print(f"{a.runtime}: re-scoring {len(rows)} runs of {a.rows} with {table['path']}")
         repredict(rows, tgt, a.runtime, wl, table)
     else:
         rows = measured_runs(a, tgt, table, wl)
-    if a.calibrate:
+    calib = rows[: a.calibrate]
+    if a.calibrate_rows:  # calibrate on other runs (e.g. whole models from bench_format_mixes); score all of these
+        calib = read_rows(a.calibrate_rows, a.runtime)
+        print(f"calibrating on the {len(calib)} runs of {a.calibrate_rows}")
+    if calib:
         from targets.backend import Measurement
 
         pairs = [(SubnetSpec.from_dict(r["spec"]), Measurement(a.runtime, r["meas_prefill_ms"], r["meas_decode_ms_per_token"],
-                  r["meas_peak_memory_mb"], a.repeats, vars(wl), {})) for r in rows[: a.calibrate]]  # fmt: skip
-        costmodel.calibrate(table, pairs)
+                  r["meas_peak_memory_mb"], a.repeats, vars(row_workload(r, wl)), {})) for r in calib]  # fmt: skip
+        costmodel.calibrate(table, pairs, per_format=a.per_format)
+        for phase in ("decode", "prefill"):
+            c = table["calibration"][phase]
+            print(f"{phase}: scale {c['scale']:.3f}" + "".join(f", {f} {v:.3f}" for f, v in c.get("format_scales", {}).items())
+                  + f"; calibration runs' MAPE {c['mape_before']:.1f}% → {c['mape_after']:.1f}%")  # fmt: skip
         if a.save_table:
             print(f"calibrated table written to {costmodel.write_table(table, a.save_table)}")
         repredict(rows, tgt, a.runtime, wl, table)
-    summarize(rows, a.runtime, a.calibrate)
+    summarize(rows, a.runtime, 0 if a.calibrate_rows else a.calibrate)
     return 0
 
 

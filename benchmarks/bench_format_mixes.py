@@ -4,18 +4,26 @@ Reads a pack work folder (its ``sorted/`` model and ``importance.json``), builds
 uniform search space does (the chosen formats go to the ``share`` of blocks least sensitive to
 rounding, the rest keep the widest format), and prints its simulated held-out perplexity next to
 the target's cost-model size and decode prediction. Shows which format levers exist before recovery.
+``--measure R`` also exports every mix for the runtime and measures its decode and prefill on this
+machine in R interleaved rounds (medians), next to the prediction: a direct check of the profile
+table on whole models, where the formats' relative speeds matter most to the search.
 
     .venv/bin/python benchmarks/bench_format_mixes.py --work out/smollm2-laptop-cpu.work \\
-        [--mix q8_0,q4_0,q4_k:1.0:q8_0 ...] [--eval-blocks 8]
+        [--mix q8_0,q4_0,q4_k:1.0:q8_0 ...] [--eval-blocks 8] [--measure 5 --out mixes.jsonl]
 
 A mix is ``ATTN,MLP[,DOWN]:SHARE:EMBED`` (DOWN overrides down_proj's format; EMBED is the tied
-embedding / LM head). Torch-only: other load slows it but does not change its figures.
+embedding / LM head). Without --measure it is torch-only: other load slows it but does not change
+its figures. With --measure, run it on a quiet machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,13 +35,16 @@ from rich.progress import track  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from packager.pack import cost_fn  # noqa: E402
+from profiles.profiler import export_for, measure_for  # noqa: E402
 from profiles.costmodel import CostModelError  # noqa: E402
 from search.importance import Importance  # noqa: E402
 from search.space import SearchSpace, SpaceConfig  # noqa: E402
 from search.text import token_blocks  # noqa: E402
+from subnet.extract import extract  # noqa: E402
 from subnet.arch import ATTN_LINEARS, MLP_LINEARS  # noqa: E402
 from subnet.spec import SubnetSpec  # noqa: E402
 from subnet.supernet import Supernet  # noqa: E402
+from targets.backend import Workload  # noqa: E402
 from targets.registry import get_target  # noqa: E402
 
 DEFAULT_MIXES = [
@@ -78,6 +89,40 @@ def mix_spec(space: SearchSpace, text: str) -> SubnetSpec:
     return spec.validate(arch)
 
 
+def measure_mixes(model, tokenizer, specs: dict[str, SubnetSpec], runtime: str, workload: Workload, threads: int,
+                  rounds: int, repeats: int = 3) -> dict[str, dict]:  # fmt: skip
+    """Export every mix for ``runtime`` and measure them in ``rounds`` interleaved rounds (so drift in
+    the machine's speed hits every mix alike): per mix, median decode ms/token, prefill ms and spread."""
+    measure = measure_for(runtime)
+    work = Path(tempfile.mkdtemp(prefix="packager-mixes-"))
+    try:
+        arts = {m: export_for(runtime, extract(model, s), tokenizer, s, work / str(i))
+                for i, (m, s) in enumerate(track(specs.items(), description="export", console=Console(stderr=True)))}  # fmt: skip
+        runs: dict[str, list] = {m: [] for m in specs}
+        for _ in track(range(rounds), description="measure rounds", console=Console(stderr=True)):
+            for m, art in arts.items():
+                runs[m].append(measure(art, workload, threads, repeats))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def med(rs, key):
+        return statistics.median(getattr(r, key) for r in rs)
+
+    return {m: {"decode_ms": med(rs, "decode_ms_per_token"), "prefill_ms": med(rs, "prefill_ms"),
+                "peak_rss_mb": med(rs, "peak_rss_mb"),
+                "decode_spread": (max(r.decode_ms_per_token for r in rs) - min(r.decode_ms_per_token for r in rs))
+                / med(rs, "decode_ms_per_token")} for m, rs in runs.items()}  # fmt: skip
+
+
+def measured_row(runtime: str, mix: str, spec: SubnetSpec, cost: dict, measured: dict, workload: Workload) -> dict:
+    """One measured mix as a ``bench_costmodel`` run (its ``--calibrate-rows`` / ``--rows`` read these)."""
+    return {"runtime": runtime, "mix": mix, "formats": sorted(spec.formats_used()), "spec": spec.to_dict(),
+            "workload": vars(workload), "pred_decode_ms_per_token": cost["decode_ms"],
+            "meas_decode_ms_per_token": measured["decode_ms"], "pred_prefill_ms": cost["prefill_ms"],
+            "meas_prefill_ms": measured["prefill_ms"], "pred_peak_memory_mb": cost["memory_mb"],
+            "meas_peak_memory_mb": measured["peak_rss_mb"]}  # fmt: skip
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("out/smollm2-laptop-cpu.work"), help="a pack work folder")
@@ -85,24 +130,37 @@ def main(argv=None) -> int:
     ap.add_argument("--target", default="laptop-cpu")
     ap.add_argument("--runtime", default="llama.cpp")
     ap.add_argument("--eval-blocks", type=int, default=8, help="x 256 held-out tokens (the search's evaluation split)")
+    ap.add_argument("--measure", type=int, default=0, metavar="ROUNDS",
+                    help="also export each mix and measure it on this machine, in this many interleaved rounds")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="with --measure: append each mix's run here (JSON lines, bench_costmodel's row format)")
     a = ap.parse_args(argv)
     if not (a.work / "sorted").is_dir() or not (a.work / "importance.json").is_file():
         raise SystemExit(f"{a.work} has no sorted/ model and importance.json: pass a pack work folder past its prepare stage")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(a.work / "sorted", dtype=torch.float32).eval()
-    blocks = token_blocks(AutoTokenizer.from_pretrained(a.work / "sorted"), "evaluation", 256, a.eval_blocks)
+    tokenizer = AutoTokenizer.from_pretrained(a.work / "sorted")
+    blocks = token_blocks(tokenizer, "evaluation", 256, a.eval_blocks)
     imp = Importance.load(a.work / "importance.json")
     net = Supernet(model)
     space = SearchSpace(net.arch, a.runtime, SpaceConfig(mode="uniform"), imp.layer_rank, imp.quant_rank)
-    cost = cost_fn(get_target(a.target), a.runtime)
+    target = get_target(a.target)
+    cost = cost_fn(target, a.runtime)
     specs = {m: mix_spec(space, m) for m in a.mix or DEFAULT_MIXES}
+    measured = measure_mixes(model, tokenizer, specs, a.runtime, target.workload, a.threads, a.measure) if a.measure else {}
     net.prepare({f for s in specs.values() for f in s.formats_used()})
     t = Table(title=f"format mixes on {a.work / 'sorted'} ({blocks.numel()} held-out tokens, formats simulated; "
-                    f"size and decode: {a.target}/{a.runtime} cost model)")  # fmt: skip
+                    f"size and decode: {a.target}/{a.runtime} cost model"
+                    + (f"; measured: {a.measure} interleaved rounds, {target.workload.prompt_tokens}-token prompt, "
+                       f"{target.workload.gen_tokens} generated, {a.threads} threads)" if measured else ")"))  # fmt: skip
     for col in ("mix", "ppl before recovery", "vs first", "size MiB", "x smaller",
                 "decode ms (predicted)", "x faster", "eval s"):  # fmt: skip
         t.add_column(col, justify="right")
+    if measured:
+        for col in ("decode ms (measured)", "x faster", "spread", "predicted / measured", "prefill ms (measured)"):
+            t.add_column(col, justify="right")
     first = None
     for m, spec in track(specs.items(), description="mixes", console=Console(stderr=True)):
         t0 = time.perf_counter()
@@ -110,12 +168,20 @@ def main(argv=None) -> int:
         try:
             c = cost(spec)
         except CostModelError as e:  # a format the table does not cover
-            c = {"size_mb": spec.weight_bytes() / 2**20, "decode_ms": float("nan")}
+            c = {"size_mb": spec.weight_bytes() / 2**20} | dict.fromkeys(("decode_ms", "prefill_ms", "memory_mb"), float("nan"))
             print(f"{m}: no decode prediction ({e}); size is the weights alone", file=sys.stderr)
-        first = first or (ppl, c)
-        t.add_row(m, f"{ppl:.2f}", f"{100 * (ppl / first[0] - 1):+.1f}%", f"{c['size_mb']:.1f}",
-                  f"{first[1]['size_mb'] / c['size_mb']:.2f}", f"{c['decode_ms']:.2f}",
-                  f"{first[1]['decode_ms'] / c['decode_ms']:.2f}", f"{time.perf_counter() - t0:.0f}")  # fmt: skip
+        first = first or (ppl, c, measured.get(m))
+        row = [m, f"{ppl:.2f}", f"{100 * (ppl / first[0] - 1):+.1f}%", f"{c['size_mb']:.1f}",
+               f"{first[1]['size_mb'] / c['size_mb']:.2f}", f"{c['decode_ms']:.2f}",
+               f"{first[1]['decode_ms'] / c['decode_ms']:.2f}", f"{time.perf_counter() - t0:.0f}"]  # fmt: skip
+        if measured:
+            me = measured[m]
+            if a.out:
+                with a.out.open("a") as f:
+                    f.write(json.dumps(measured_row(a.runtime, m, spec, c, me, target.workload)) + "\n")
+            row += [f"{me['decode_ms']:.2f}", f"{first[2]['decode_ms'] / me['decode_ms']:.2f}",
+                    f"{100 * me['decode_spread']:.0f}%", f"{c['decode_ms'] / me['decode_ms']:.2f}", f"{me['prefill_ms']:.0f}"]  # fmt: skip
+        t.add_row(*row)
     Console(width=200).print(t)
     return 0
 

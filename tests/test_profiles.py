@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import json
 import warnings
 
@@ -9,7 +11,7 @@ import pytest
 
 from profiles import costmodel, profiler, roofline
 from profiles.costmodel import CostModelError, OutsideGridWarning, TableMismatchWarning
-from subnet.arch import ArchInfo
+from subnet.arch import MLP_LINEARS, ArchInfo
 from subnet.spec import SubnetSpec
 from targets.backend import Measurement, Workload
 from targets.registry import TargetError, get_target, list_targets
@@ -249,6 +251,48 @@ def test_calibration_with_few_runs_fits_a_robust_scale(fitted):
     assert table["calibration"]["decode"] == pytest.approx(
         {**table["calibration"]["decode"], "scale": 1.3, "offset": 0.0})
     assert table["calibration"]["prefill"]["scale"] == pytest.approx(0.9)
+
+
+def test_per_format_calibration_learns_each_formats_speed(fitted):
+    """Whole models where q4_0 runs 2x slower than the grid says and the rest 1.1x: a per-format
+    calibration tells them apart, predicts unseen mixes better than one common scale, and leaves unmeasured formats at the common scale."""
+    table, _ = fitted
+    wl = Workload(16, 8)
+    truth = copy.deepcopy(table)
+    for phase in ("decode", "prefill"):
+        coef = truth["model"][phase]["coef"]
+        for k in coef:
+            coef[k] *= 2.0 if costmodel.feature_format(k) == "q4_0" else 1.1
+
+    def mixed(n, attn, mlp):
+        spec = SubnetSpec.uniform(TINY, layers=list(range(n)), fmt=attn)
+        for ly in spec.layers:
+            ly.formats |= {k: mlp for k in MLP_LINEARS}
+        return spec
+
+    def run(spec):
+        lat = {ph: costmodel.spec_latency(truth, spec, ph, wl) for ph in ("decode", "prefill")}
+        return spec, Measurement("llama.cpp", lat["prefill"], lat["decode"], 10, 3, vars(wl), {})
+
+    calib = [run(mixed(n, a, m)) for n in (2, 4, 6) for a, m in (("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q8_0", "q4_0"))]
+    unseen = [run(mixed(n, a, m)) for n, a, m in ((3, "q4_0", "q8_0"), (5, "q8_0", "q4_0"), (1, "q4_0", "q4_0"))]
+
+    def err(t):
+        return max(abs(costmodel.spec_latency(t, s, "decode", wl) / m.decode_ms_per_token - 1) for s, m in unseen)
+
+    common = costmodel.calibrate(copy.deepcopy(table), calib)
+    per = costmodel.calibrate(copy.deepcopy(table), calib, per_format=True)
+    dec = per["calibration"]["decode"]
+    fs = dec["format_scales"]  # shape terms and formats are nearly collinear in whole models: a ridge, not exact
+    assert fs["q4_0"] > fs["q8_0"] + 0.4
+    assert "f16" not in dec["format_scales"] and dec["mape_after"] < dec["mape_before"]
+    assert err(per) < 0.7 * err(common)
+    f16 = SubnetSpec.uniform(TINY, fmt="f16")  # never measured: priced at the common scale
+    assert costmodel.layer_cost(per, 4, 2, 128, 64, "f16", workload=wl) == pytest.approx(
+        dec["scale"] * costmodel.layer_cost(table, 4, 2, 128, 64, "f16", workload=wl))
+    assert costmodel.spec_latency(per, f16, "decode", wl) > 0
+    assert costmodel.provenance(per).endswith("calibrated on 9 whole-model runs per format")
+    assert costmodel.provenance(common).endswith("calibrated on 9 whole-model runs")
 
 
 # ---- profiler ----------------------------------------------------------------------------------------
