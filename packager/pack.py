@@ -19,7 +19,7 @@ from rich.console import Console
 
 from packager.bundle import make_tarball, write_manifest
 from packager.scorecard import figure, write_all
-from profiles.costmodel import CostModelError, predict
+from profiles.costmodel import CostModelError, predict, runtime_version
 from search.importance import Importance, quantization_rank, sort_model
 from search.problem import Budgets, Evaluation, Problem, pareto_front
 from search.run import infeasible, plot_front, require_feasible, run_search
@@ -179,7 +179,8 @@ class Pack:
         The fallback is the fastest candidate meeting every budget before recovery. Up to ``shortlist``
         faster front candidates, one per format family (``shortlist_by_family``), get a short recovery
         (LoRA + distillation, formats simulated); the fastest of them whose recovered perplexity meets
-        the floor on held-out calibration text wins.
+        the floor on held-out calibration text wins, unless a faster one that nearly met it meets it
+        after the full recovery (``promotion``).
         """
         evals = [Evaluation(**e) for e in json.loads((self.work / "evaluations.json").read_text())]
         base_ev = Evaluation(**self.result("search")["base"])
@@ -193,15 +194,16 @@ class Pack:
         shortlist = shortlist_by_family(faster, self.cfg.shortlist)
         tried = self.short_recoveries(problem.supernet, base_ev, shortlist)
         passing = [t for t in tried if t["meets_floor"]]
-        promoted = None if passing else self.promotion(model, tried)
-        if passing:
-            best = min(passing, key=lambda t: t["evaluation"]["decode_ms"])
+        best = min(passing, key=lambda t: t["evaluation"]["decode_ms"]) if passing else None
+        promoted = self.promotion(model, tried, best["evaluation"]["decode_ms"] if best else None)
+        if promoted and promoted["meets_floor"]:
+            near = "faster than every one meeting the floor" if best else f"within {self.cfg.promote_margin:.0%} of the floor"
+            winner, how = Evaluation(**promoted["evaluation"]), (
+                f"shortlisted candidate {near} after {self.cfg.shortlist_steps} steps that met it after the full "
+                f"recovery ({promoted['recovery']['steps_run']} steps)")  # fmt: skip
+        elif best:
             winner, how = Evaluation(**best["evaluation"]), (
                 f"fastest shortlisted candidate meeting the floor after {self.cfg.shortlist_steps} recovery steps")
-        elif promoted and promoted["meets_floor"]:
-            winner, how = Evaluation(**promoted["evaluation"]), (
-                f"shortlisted candidate that came within {self.cfg.promote_margin:.0%} of the floor after "
-                f"{self.cfg.shortlist_steps} steps and met it after the full recovery ({promoted['recovery']['steps_run']} steps)")
         elif fallback is not None:
             winner, how = fallback, "fastest candidate meeting every budget before recovery"
         else:
@@ -212,18 +214,18 @@ class Pack:
         return {"winner": asdict(winner), "how": how, "fallback": asdict(fallback) if fallback else None,
                 "shortlist": tried, "promoted": promoted}  # fmt: skip
 
-    def promotion(self, model, tried: list[dict]) -> dict | None:
-        """Full recovery for the fastest shortlisted candidate that missed the floor by at most ``promote_margin``.
+    def promotion(self, model, tried: list[dict], faster_than: float | None) -> dict | None:
+        """Full recovery for ``promotion_candidate`` (a near miss faster than every passing candidate).
 
         Short recoveries stop after a few steps; a candidate just above the floor often meets it with the
-        full recovery. If it does, its recovered model is kept for the recover stage; if not, the fallback wins.
+        full recovery. If it does, its recovered model is kept for the recover stage and it wins; if not,
+        the fastest passing candidate (or the fallback) does.
         """
         from search.recovery import recover
 
-        near = [t for t in tried if t["val_ppl_after"] <= t["val_ppl_limit"] * (1 + self.cfg.promote_margin)]
-        if not near:
+        t = promotion_candidate(tried, self.cfg.promote_margin, faster_than)
+        if t is None:
             return None
-        t = min(near, key=lambda t: t["evaluation"]["decode_ms"])
         spec = Evaluation(**t["evaluation"]).spec_obj()
         calib, val = self.recovery_blocks()
         console.print(f"  promoted to full recovery: {_spec_summary(spec)}")
@@ -241,7 +243,8 @@ class Pack:
         """Give each candidate ``shortlist_steps`` of recovery; its perplexity before/after vs the floor.
 
         Perplexity is measured on held-out calibration blocks against the base (widest formats) on the
-        same blocks. Finished candidates are kept in ``shortlist.json``, so a resumed run skips them.
+        same blocks. Finished candidates are kept in ``shortlist.json`` (with their held-out perplexity
+        every 10 steps, ``val_curve``), so a resumed run skips them.
         """
         from search.recovery import RecoveryConfig, recover
 
@@ -259,7 +262,8 @@ class Pack:
             res = recover(model, extract(model, spec), spec, calib, val,
                           RecoveryConfig(max_steps=self.cfg.shortlist_steps, eval_every=10, qat=True))  # fmt: skip
             done[key] = {"evaluation": asdict(e), "val_ppl_before": res.ppl_before, "val_ppl_after": res.ppl_after,
-                         "val_ppl_limit": limit, "meets_floor": res.ppl_after <= limit, "wall_s": res.wall_s}  # fmt: skip
+                         "val_ppl_limit": limit, "meets_floor": res.ppl_after <= limit, "wall_s": res.wall_s,
+                         "val_curve": [[h["step"], h["val_ppl"]] for h in res.history if "val_ppl" in h]}  # fmt: skip
             done_path.write_text(json.dumps(done))
             console.print(f"  shortlist: {_spec_summary(spec)}: {e.decode_ms:.2f} ms/token, held-out ppl "
                           f"{res.ppl_before:.2f} → {res.ppl_after:.2f} after {res.steps_run} steps (limit {limit:.2f})")  # fmt: skip
@@ -445,6 +449,14 @@ def cost_fn(target: Target, runtime: str):
     return fn
 
 
+def promotion_candidate(tried: list[dict], margin: float, faster_than: float | None) -> dict | None:
+    """The fastest short-recovered candidate that missed the floor by at most ``margin`` (relative) and
+    is faster than ``faster_than`` (the fastest one that met it; None when none did), if any."""
+    near = [t for t in tried if not t["meets_floor"] and t["val_ppl_after"] <= t["val_ppl_limit"] * (1 + margin)
+            and (faster_than is None or t["evaluation"]["decode_ms"] < faster_than)]  # fmt: skip
+    return min(near, key=lambda t: t["evaluation"]["decode_ms"]) if near else None
+
+
 def candidate_key(x: list[int]) -> str:
     """A search candidate's name in work files (its encoding, comma-joined)."""
     return ",".join(map(str, x))
@@ -549,8 +561,7 @@ def build_card(p: Pack) -> dict:
     runtimes = {}
     for rt, entry in measure.items():
         sec = {"base": {}, "packaged": {}, "artifact": f"artifacts/{rt}/{Path(export[rt]['packaged']['path']).name}"}
-        mod = backend(rt)
-        sec["version"] = mod.version() if hasattr(mod, "version") else ""
+        sec["version"] = runtime_version(rt) or ""
         for which in ("base", "packaged"):
             rec_ = entry[which]
             spec = SubnetSpec.from_dict(export[rt]["spec" if which == "packaged" else "base_spec"])

@@ -98,6 +98,7 @@ def test_select_recovers_a_shortlist_and_keeps_the_fastest_that_meets_the_floor(
     assert 1 <= len(sel["shortlist"]) <= 2
     for t in sel["shortlist"]:
         assert t["meets_floor"] == (t["val_ppl_after"] <= t["val_ppl_limit"])
+        assert t["val_curve"][0] == [0, pytest.approx(t["val_ppl_before"])]
     passing = [t["evaluation"] for t in sel["shortlist"] if t["meets_floor"]]
     want = min(passing, key=lambda e: e["decode_ms"]) if passing else sel["fallback"]
     assert sel["winner"] == want
@@ -113,6 +114,19 @@ def test_spread_picks_evenly_from_most_to_least_accurate():
     assert [e.ppl for e in spread(front, 3)] == [1.0, 3.0, 5.0]
     assert [e.ppl for e in spread(front, 1)] == [1.0]
     assert len(spread(front, 9)) == 5 and spread(front, 0) == []
+
+
+def test_promotion_takes_the_fastest_near_miss_faster_than_every_passing_candidate():
+    from packager.pack import promotion_candidate
+
+    def tried(ms, after, meets):
+        return {"evaluation": {"decode_ms": ms}, "val_ppl_after": after, "val_ppl_limit": 30.0, "meets_floor": meets}
+
+    fast_near, slow_near, far, passing = tried(8.0, 31.0, False), tried(9.0, 30.5, False), tried(7.0, 40.0, False), tried(8.5, 29.9, True)
+    assert promotion_candidate([slow_near, fast_near, far], 0.05, None) is fast_near  # 40 is beyond the 5% margin
+    assert promotion_candidate([slow_near, fast_near, passing], 0.05, 8.5) is fast_near
+    assert promotion_candidate([slow_near, passing], 0.05, 8.5) is None  # slower than the passing one: no need
+    assert promotion_candidate([passing], 0.05, None) is None
 
 
 def test_shortlist_takes_the_most_accurate_of_each_format_family():
@@ -152,10 +166,10 @@ def test_promotion_gives_a_near_miss_the_full_recovery_and_the_recover_stage_reu
     def near(limit, after):
         return [{"evaluation": pruned, "val_ppl_after": after, "val_ppl_limit": limit, "meets_floor": False}]
 
-    assert p.promotion(model, near(1.0, 1.2)) is None  # 20% above the floor: not promoted
-    missed = p.promotion(model, near(1.0, 1.04))  # promoted, but no model reaches perplexity 1
+    assert p.promotion(model, near(1.0, 1.2), None) is None  # 20% above the floor: not promoted
+    missed = p.promotion(model, near(1.0, 1.04), None)  # promoted, but no model reaches perplexity 1
     assert missed["meets_floor"] is False and not (p.work / "recovered").exists()
-    met = p.promotion(model, near(1e9, 1.04e9))
+    met = p.promotion(model, near(1e9, 1.04e9), None)
     assert met["meets_floor"] and met["recovery"]["steps_run"] == 2 and (p.work / "recovered" / "config.json").is_file()
     p.state["done"]["select"] = {"result": {"promoted": met}, "wall_s": 0}
     assert p.stage_recover()["done_in"] == "select"
