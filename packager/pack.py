@@ -602,6 +602,11 @@ def build_card(p: Pack) -> dict:
             src = f"torch supernet, before recovery, formats simulated, {p.cfg.eval_blocks * 255:,} held-out tokens"
             row["perplexity_simulated"] = figure(sim, "", "measured", src)
             sec[which] = row
+        ppl = [sec[w].get("perplexity_runtime", {}).get("value") for w in ("base", "packaged")]
+        if None not in ppl:
+            limit = ppl[0] * (1 + p.cfg.accuracy_floor)
+            sec["accuracy_floor"] = {"max_increase": p.cfg.accuracy_floor, "base": ppl[0], "packaged": ppl[1],
+                                     "limit": limit, "met": ppl[1] <= limit}  # fmt: skip
         par = export[rt]["packaged"].get("meta", {}).get("parity")
         if par:
             sec["parity"] = par

@@ -103,6 +103,16 @@ def promotion_line(sel: dict) -> str | None:
             f"{'met, so it won' if p['meets_floor'] else 'missed, so the fallback won'}.")
 
 
+def floor_line(sec: dict) -> str | None:
+    """Whether the packaged model meets the accuracy floor in this runtime (its own perplexity vs the base's)."""
+    f = sec.get("accuracy_floor")
+    if not f:
+        return None
+    verdict = "met" if f["met"] else "MISSED"
+    return (f"accuracy floor in this runtime (+{f['max_increase']:.0%} over the base's {f['base']:.2f}, at most "
+            f"{f['limit']:.2f}): {verdict} ({f['packaged']:.2f})")
+
+
 def to_markdown(card: dict) -> str:
     """The scorecard as Markdown."""
     out = [f"# Deployment scorecard: {card['model']['source']} on {card['target']['name']}", ""]
@@ -124,6 +134,8 @@ def to_markdown(card: dict) -> str:
         out.append("|---|---|---|---|---|")
         for label, b, p, ratio, src in table_rows(sec):
             out.append(f"| {label} | {_fmt(b)} | {_fmt(p)} | {ratio} | {src} |")
+        if floor_line(sec):
+            out += ["", floor_line(sec)]
         par = sec.get("parity")
         if par:
             out += ["", f"parity vs torch (same simulated formats): max |Δlogit| {par.get('max_abs_diff', 0):.3g}, "
@@ -189,6 +201,8 @@ def to_html(card: dict, plots: list[Path]) -> str:
             parts.append(f"<tr><td>{e(label)}</td><td>{e(_fmt(b))}</td><td>{e(_fmt(p))}</td><td>{e(ratio)}</td>"
                          f"<td class='src {kind}'>{e(src)}</td></tr>")  # fmt: skip
         parts.append("</table>")
+        if floor_line(sec):
+            parts.append(f"<p>{e(floor_line(sec))}</p>")
         par = sec.get("parity")
         if par:
             parts.append(f"<p>parity vs torch: max |Δlogit| {par.get('max_abs_diff', 0):.3g}, top-1 agreement "

@@ -106,6 +106,19 @@ def test_scorecard_renders_ratios_and_provenance(tmp_path):
     assert json.loads(paths[0].read_text())["schema"] == "packager.scorecard/1"
 
 
+def test_scorecard_says_whether_each_runtime_meets_the_accuracy_floor():
+    card = sample_card()
+    assert "accuracy floor" not in to_markdown(card)  # no in-runtime perplexity: no verdict
+    card["runtimes"]["onnxruntime"] = dict(card["runtimes"]["llama.cpp"], accuracy_floor={
+        "max_increase": 0.05, "base": 26.4, "packaged": 31.2, "limit": 27.72, "met": False})
+    card["runtimes"]["llama.cpp"]["accuracy_floor"] = {"max_increase": 0.05, "base": 26.5, "packaged": 27.7,
+                                                       "limit": 27.825, "met": True}
+    md = to_markdown(card)
+    assert "accuracy floor in this runtime (+5% over the base's 26.50, at most 27.82): met (27.70)" in md
+    assert "(+5% over the base's 26.40, at most 27.72): MISSED (31.20)" in md
+    assert "MISSED (31.20)" in to_html(card, [])
+
+
 def test_scorecard_shows_the_shortlist_and_the_promoted_candidate():
     card = sample_card()
     row = {"spec": "29/30 layers", "predicted_decode_ms": 9.95, "val_ppl_before": 32.21, "val_ppl_after": 30.8,
