@@ -35,13 +35,13 @@ from rich.progress import track  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from packager.pack import cost_fn  # noqa: E402
-from profiles.profiler import export_for, measure_for  # noqa: E402
 from profiles.costmodel import CostModelError  # noqa: E402
+from profiles.profiler import export_for, measure_for  # noqa: E402
 from search.importance import Importance  # noqa: E402
 from search.space import SearchSpace, SpaceConfig  # noqa: E402
 from search.text import token_blocks  # noqa: E402
-from subnet.extract import extract  # noqa: E402
 from subnet.arch import ATTN_LINEARS, MLP_LINEARS  # noqa: E402
+from subnet.extract import extract  # noqa: E402
 from subnet.spec import SubnetSpec  # noqa: E402
 from subnet.supernet import Supernet  # noqa: E402
 from targets.backend import Workload  # noqa: E402

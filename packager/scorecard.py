@@ -98,9 +98,10 @@ def promotion_line(sel: dict) -> str | None:
     p = sel.get("promoted")
     if not p:
         return None
+    other = "the fastest shortlisted candidate meeting it" if any(t["meets_floor"] for t in sel["shortlist"]) else "the fallback"
     return (f"promoted to full recovery: {p['spec']}: held-out ppl {p['ppl_before']:.2f} → {p['ppl_after']:.2f} "
             f"after {p['steps_run']} steps ({p['wall_s']:.0f} s), floor {p['val_ppl_limit']:.2f}: "
-            f"{'met, so it won' if p['meets_floor'] else 'missed, so the fallback won'}.")
+            f"{'met, so it won' if p['meets_floor'] else f'missed, so {other} won'}.")
 
 
 def floor_line(sec: dict) -> str | None:

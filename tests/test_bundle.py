@@ -130,6 +130,10 @@ def test_scorecard_shows_the_shortlist_and_the_promoted_candidate():
     assert "| 29/30 layers | 9.95 | 32.21 | 30.80 | 30.60 | no |" in md
     assert "32.21 → 30.52 after 80 steps (242 s), floor 30.60: met, so it won." in md
     assert "met, so it won." in to_html(card, [])
+    promoted["meets_floor"] = False
+    assert "floor 30.60: missed, so the fallback won." in to_markdown(card)
+    card["selection"]["shortlist"].append(dict(row, val_ppl_after=30.5, meets_floor=True))
+    assert "missed, so the fastest shortlisted candidate meeting it won." in to_markdown(card)
     card["selection"]["promoted"] = None
     assert "promoted to full recovery" not in to_markdown(card)
 
