@@ -135,8 +135,9 @@ def to_markdown(card: dict) -> str:
         out.append("|---|---|---|---|---|")
         for label, b, p, ratio, src in table_rows(sec):
             out.append(f"| {label} | {_fmt(b)} | {_fmt(p)} | {ratio} | {src} |")
-        if floor_line(sec):
-            out += ["", floor_line(sec)]
+        floor = floor_line(sec)
+        if floor:
+            out += ["", floor]
         par = sec.get("parity")
         if par:
             out += ["", f"parity vs torch (same simulated formats): max |Δlogit| {par.get('max_abs_diff', 0):.3g}, "
@@ -202,8 +203,9 @@ def to_html(card: dict, plots: list[Path]) -> str:
             parts.append(f"<tr><td>{e(label)}</td><td>{e(_fmt(b))}</td><td>{e(_fmt(p))}</td><td>{e(ratio)}</td>"
                          f"<td class='src {kind}'>{e(src)}</td></tr>")  # fmt: skip
         parts.append("</table>")
-        if floor_line(sec):
-            parts.append(f"<p>{e(floor_line(sec))}</p>")
+        floor = floor_line(sec)
+        if floor:
+            parts.append(f"<p>{e(floor)}</p>")
         par = sec.get("parity")
         if par:
             parts.append(f"<p>parity vs torch: max |Δlogit| {par.get('max_abs_diff', 0):.3g}, top-1 agreement "

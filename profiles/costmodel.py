@@ -188,8 +188,8 @@ def layer_cost(
     workload = workload or Workload(**table["workload"])
     hd = head_dim or table["head_dim"]
     lin = runtime_linears(table["runtime"], heads, kv_heads, mlp, hidden, hd, formats)
-    scale, _ = _calib(table, phase)
     if table["kind"] == "roofline":
+        scale, _ = _calib(table, phase)
         r = roofline.Roofline.from_dict(table["roofline"])
         tokens = 1 if phase == "decode" else workload.prompt_tokens
         ctx = decode_context(workload) if phase == "decode" else workload.prompt_tokens
@@ -431,28 +431,24 @@ def calibrate(table: dict, measurements: list[tuple[SubnetSpec, Measurement]], p
         raise CostModelError(f"per-format calibration needs a fitted (measured) table, not a {table['kind']} one")
     table.pop("calibration", None)
     cal: dict = {"n": len(measurements)}
+    workloads = [Workload(**{k: m.workload[k] for k in ("prompt_tokens", "gen_tokens", "batch") if k in m.workload})
+                 for _, m in measurements]  # fmt: skip
+    runs = list(zip(measurements, workloads))
+    measured = {}
     for phase, key in (("decode", "decode_ms_per_token"), ("prefill", "prefill_ms")):
-        pred, meas, parts = [], [], []
-        for spec, m in measurements:
-            wl = Workload(**{k: m.workload[k] for k in ("prompt_tokens", "gen_tokens", "batch") if k in m.workload})
-            pred.append(spec_latency(table, spec, phase, wl))
-            meas.append(getattr(m, key))
-            if per_format:
-                parts.append(_format_parts(table, spec, phase, wl))
-        p, y = np.array(pred), np.array(meas)
+        p = np.array([spec_latency(table, spec, phase, wl) for (spec, _), wl in runs])
+        y = measured[phase] = np.array([getattr(m, key) for (_, m), _ in runs])
         if len(p) >= MIN_OFFSET_FIT and np.ptp(p) > 1e-9 and not per_format:
             scale, offset = np.polyfit(p, y, 1)
         else:  # few (noisy) runs: a robust scale only; an offset fitted on them extrapolates badly
             scale, offset = float(np.median(y / p)), 0.0
-        cal[phase] = {"scale": float(scale), "offset": float(offset)}
-        after = scale * p + offset
+        cal[phase] = {"scale": float(scale), "offset": float(offset), "mape_before": _mape(p, y)}
         if per_format:
+            parts = [_format_parts(table, spec, phase, wl) for (spec, _), wl in runs]
             cal[phase] |= _format_scales(parts, y, float(scale))
-            fs = cal[phase]["format_scales"]
-            after = np.array([sum(c * fs.get(g, cal[phase]["scale"]) for g, c in pt.items()) for pt in parts])
-        cal[phase] |= {"mape_before": float(np.mean(np.abs(p - y) / y) * 100),
-                       "mape_after": float(np.mean(np.abs(after - y) / y) * 100)}  # fmt: skip
     table["calibration"] = cal
+    for phase, y in measured.items():  # scored through the calibrated prediction itself
+        cal[phase]["mape_after"] = _mape([spec_latency(table, spec, phase, wl) for (spec, _), wl in runs], y)
     return table
 
 
