@@ -12,8 +12,9 @@ these; --per-format gives each weight format its own calibration scale.
 
     .venv/bin/python benchmarks/bench_costmodel.py --runtime llama.cpp --n 30 --threads 1
 
-Slow (an export + a measurement per sub-network) and sensitive to other load on the CPU: report the
-load with the numbers. Results are appended to --out as they complete.
+Slow (an export per sub-network, then --rounds interleaved rounds of measurements, so drift in the
+machine's speed hits every sub-network alike) and sensitive to other load on the CPU: report the
+load with the numbers. Results are appended to --out after the last round.
 """
 
 from __future__ import annotations
@@ -21,11 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import statistics
 import sys
-import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -96,44 +94,40 @@ def repredict(rows: list[dict], tgt, runtime: str, wl: Workload, table: dict) ->
 
 
 def measured_runs(a, tgt, table: dict, wl: Workload) -> list[dict]:
-    """Draw, export and measure ``a.n`` random sub-networks, appending each run to ``a.out`` as it completes."""
+    """Draw and export ``a.n`` random sub-networks, measure them in ``a.rounds`` interleaved rounds
+    (medians), and append each run to ``a.out``."""
     from subnet.loading import load_model
 
     threads = a.threads or table.get("threads") or 1
     lm = load_model(None)
     formats = [f for f in table["model"]["formats"] if f in tgt.formats(a.runtime)]
     embeds = profiler.EMBED_FORMATS[a.runtime] or formats
-    measure = profiler.measure_for(a.runtime)
     rng = random.Random(a.seed)
-    out = Path(a.out)
+    specs = {k: draw_spec(rng, lm.arch, formats, [e for e in embeds if e in formats], hetero=bool(k % 2),
+                          prune_hidden=not a.keep_hidden) for k in range(a.n)}  # fmt: skip
+    print(f"{a.runtime}: {a.n} sub-networks, formats {formats}, embed {embeds}, threads {threads}, workload {wl}, "
+          f"{a.rounds} interleaved rounds")  # fmt: skip
+    measured = profiler.measure_interleaved(specs, lambda spec, folder: export(a.runtime, lm.model, lm.tokenizer, spec, folder),
+                                            a.runtime, wl, threads, a.rounds, a.repeats)  # fmt: skip
     rows = []
-    print(f"{a.runtime}: {a.n} sub-networks, formats {formats}, embed {embeds}, threads {threads}, workload {wl}")
-    for k in range(a.n):
-        spec = draw_spec(rng, lm.arch, formats, [e for e in embeds if e in formats],
-                         hetero=bool(k % 2), prune_hidden=not a.keep_hidden)  # fmt: skip
-        work = Path(tempfile.mkdtemp(prefix="bench-costmodel-"))
-        try:
-            t0 = time.perf_counter()
-            art = export(a.runtime, lm.model, lm.tokenizer, spec, work)
-            m = measure(art, wl, threads, a.repeats)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+    for k, spec in specs.items():
+        m = measured[k]
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
             cost = costmodel.predict(spec, tgt, a.runtime, wl, table)
         row = {"k": k, "hetero": bool(k % 2), "layers": len(spec.layers), "hidden": spec.hidden_size,
-               "formats": sorted(spec.formats_used()), "spec": spec.to_dict(),
-               "pred_decode_ms_per_token": cost.decode_ms_per_token, "meas_decode_ms_per_token": m.decode_ms_per_token,
-               "pred_prefill_ms": cost.prefill_ms, "meas_prefill_ms": m.prefill_ms,
-               "pred_peak_memory_mb": cost.peak_memory_mb, "meas_peak_memory_mb": m.peak_rss_mb,
-               "warnings": [str(x.message) for x in w], "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+               "formats": sorted(spec.formats_used()), "spec": spec.to_dict(), "rounds": m["rounds"],
+               "pred_decode_ms_per_token": cost.decode_ms_per_token, "meas_decode_ms_per_token": m["decode_ms"],
+               "decode_spread": m["decode_spread"], "pred_prefill_ms": cost.prefill_ms, "meas_prefill_ms": m["prefill_ms"],
+               "pred_peak_memory_mb": cost.peak_memory_mb, "meas_peak_memory_mb": m["peak_rss_mb"],
+               "warnings": [str(x.message) for x in w]}  # fmt: skip
         rows.append(row)
-        with out.open("a") as f:
+        with Path(a.out).open("a") as f:
             f.write(json.dumps({"runtime": a.runtime, **row}) + "\n")
         print(f"[{k + 1}/{a.n}] {len(spec.layers)} layers hidden {spec.hidden_size} {'hetero' if k % 2 else 'uniform'} "
-              f"{row['formats']}: decode {cost.decode_ms_per_token:.2f} pred / {m.decode_ms_per_token:.2f} meas ms/tok, "
-              f"prefill {cost.prefill_ms:.0f} / {m.prefill_ms:.0f} ms, mem {cost.peak_memory_mb:.0f} / "
-              f"{m.peak_rss_mb:.0f} MiB ({row['seconds']} s)", flush=True)  # fmt: skip
+              f"{row['formats']}: decode {cost.decode_ms_per_token:.2f} pred / {m['decode_ms']:.2f} meas ms/tok "
+              f"(spread {100 * m['decode_spread']:.0f}%), prefill {cost.prefill_ms:.0f} / {m['prefill_ms']:.0f} ms, "
+              f"mem {cost.peak_memory_mb:.0f} / {m['peak_rss_mb']:.0f} MiB")  # fmt: skip
     return rows
 
 
@@ -171,6 +165,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=30)
     ap.add_argument("--threads", type=int, default=None, help="default: the table's threads")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds: every sub-network is measured once per round (medians)")
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--gen", type=int, default=16)
     ap.add_argument("--calibrate", type=int, default=0, help="calibrate on the first K runs, score the rest")

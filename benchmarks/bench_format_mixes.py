@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +33,7 @@ from rich.table import Table  # noqa: E402
 
 from packager.pack import cost_fn  # noqa: E402
 from profiles.costmodel import CostModelError  # noqa: E402
-from profiles.profiler import export_for, measure_for  # noqa: E402
+from profiles.profiler import export_for, measure_interleaved  # noqa: E402
 from search.importance import Importance  # noqa: E402
 from search.space import SearchSpace, SpaceConfig  # noqa: E402
 from search.text import token_blocks  # noqa: E402
@@ -91,27 +88,11 @@ def mix_spec(space: SearchSpace, text: str) -> SubnetSpec:
 
 def measure_mixes(model, tokenizer, specs: dict[str, SubnetSpec], runtime: str, workload: Workload, threads: int,
                   rounds: int, repeats: int = 3) -> dict[str, dict]:  # fmt: skip
-    """Export every mix for ``runtime`` and measure them in ``rounds`` interleaved rounds (so drift in
-    the machine's speed hits every mix alike): per mix, median decode ms/token, prefill ms and spread."""
-    measure = measure_for(runtime)
-    work = Path(tempfile.mkdtemp(prefix="packager-mixes-"))
-    try:
-        arts = {m: export_for(runtime, extract(model, s), tokenizer, s, work / str(i))
-                for i, (m, s) in enumerate(track(specs.items(), description="export", console=Console(stderr=True)))}  # fmt: skip
-        runs: dict[str, list] = {m: [] for m in specs}
-        for _ in track(range(rounds), description="measure rounds", console=Console(stderr=True)):
-            for m, art in arts.items():
-                runs[m].append(measure(art, workload, threads, repeats))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    """Every mix exported for ``runtime`` and measured in ``rounds`` interleaved rounds (medians)."""
+    def export(spec: SubnetSpec, folder: Path):
+        return export_for(runtime, extract(model, spec), tokenizer, spec, folder)
 
-    def med(rs, key):
-        return statistics.median(getattr(r, key) for r in rs)
-
-    return {m: {"decode_ms": med(rs, "decode_ms_per_token"), "prefill_ms": med(rs, "prefill_ms"),
-                "peak_rss_mb": med(rs, "peak_rss_mb"),
-                "decode_spread": (max(r.decode_ms_per_token for r in rs) - min(r.decode_ms_per_token for r in rs))
-                / med(rs, "decode_ms_per_token")} for m, rs in runs.items()}  # fmt: skip
+    return measure_interleaved(specs, export, runtime, workload, threads, rounds, repeats)
 
 
 def measured_row(runtime: str, mix: str, spec: SubnetSpec, cost: dict, measured: dict, workload: Workload) -> dict:

@@ -224,12 +224,15 @@ def tune_supernet_cmd(model, target, runtime, mode, steps, calib_blocks, seed, o
 @click.option("--mode", default="uniform", show_default=True, type=click.Choice(["uniform", "hetero"]))
 @click.option("--budget", default=100, show_default=True, help="Search evaluations.")
 @click.option("--recover-steps", default=120, show_default=True)
+@click.option("--runtime-recover-steps", default=60, show_default=True,
+              help="Recovery steps for each other runtime whose formats round the winner differently (0: none).")
 @click.option("--shortlist", default=3, show_default=True,
               help="Faster candidates given a short recovery before choosing the winner (0: choose before recovery).")
 @click.option("--recoverable", default=0.3, show_default=True,
               help="Perplexity increase above the floor that the search explores for the shortlist.")
 @click.option("--promote-margin", default=0.05, show_default=True,
-              help="If no shortlisted candidate meets the floor, the fastest within this margin of it gets the full recovery.")
+              help="The fastest shortlisted near miss (within this margin of the floor), if faster than every one "
+                   "meeting it, gets the full recovery.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=2, show_default=True)
 @click.option("--out", type=click.Path(), default="out/pack", show_default=True)
@@ -237,7 +240,8 @@ def tune_supernet_cmd(model, target, runtime, mode, steps, calib_blocks, seed, o
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @pickle_option
 def pack(target, model, latency_ms, memory_mb, size_mb, accuracy_floor, runtimes, strategy, mode, budget,
-         recover_steps, shortlist, recoverable, promote_margin, seed, threads, out, resume, force, allow_pickle):  # fmt: skip
+         recover_steps, runtime_recover_steps, shortlist, recoverable, promote_margin, seed, threads, out, resume,
+         force, allow_pickle):  # fmt: skip
     """One command from model to bundle: search, select, recover, export, measure, scorecard."""
     from pathlib import Path
 
@@ -245,8 +249,8 @@ def pack(target, model, latency_ms, memory_mb, size_mb, accuracy_floor, runtimes
 
     cfg = PackConfig(target=target, model=model, latency_ms=latency_ms, memory_mb=memory_mb, size_mb=size_mb,
                      accuracy_floor=accuracy_floor, runtimes=list(runtimes), strategy=strategy, mode=mode,
-                     budget=budget, seed=seed, recover_steps=recover_steps, shortlist=shortlist,
-                     recoverable=recoverable, promote_margin=promote_margin, threads=threads,
+                     budget=budget, seed=seed, recover_steps=recover_steps, runtime_recover_steps=runtime_recover_steps,
+                     shortlist=shortlist, recoverable=recoverable, promote_margin=promote_margin, threads=threads,
                      allow_pickle=allow_pickle)  # fmt: skip
     folder = Pack(cfg, Path(out), resume=resume, force=force).run()
     click.echo((folder / "scorecard.md").read_text())

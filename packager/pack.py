@@ -20,6 +20,7 @@ from rich.console import Console
 from packager.bundle import make_tarball, write_manifest
 from packager.scorecard import figure, write_all
 from profiles.costmodel import CostModelError, predict, runtime_version
+from search.evaluate import perplexity
 from search.importance import Importance, quantization_rank, sort_model
 from search.problem import Budgets, Evaluation, Problem, pareto_front
 from search.run import infeasible, plot_front, require_feasible, run_search
@@ -29,8 +30,8 @@ from subnet.arch import ATTN_LINEARS, MLP_LINEARS
 from subnet.extract import extract
 from subnet.formats import get_format
 from subnet.loading import LoadedModel, load_model
-from subnet.quant import SCALE_SEARCH_FORMATS
-from subnet.spec import SubnetSpec, retarget_formats
+from subnet.quant import SCALE_SEARCH_FORMATS, fake_quantize_model
+from subnet.spec import SubnetSpec, lossy_retargets, retarget_formats
 from subnet.supernet import Supernet
 from targets.backend import atomic_output, backend, fingerprint, runner_perplexity
 from targets.registry import Target, get_target
@@ -66,6 +67,7 @@ class PackConfig:
     calib_blocks: int = 32  # x 256 tokens
     eval_blocks: int = 8  # x 256 tokens (search accuracy; held out)
     recover_steps: int = 120
+    runtime_recover_steps: int = 60  # per other runtime whose formats round differently (0: export them as is)
     threads: int = 2
     allow_pickle: bool = False
 
@@ -281,9 +283,17 @@ class Pack:
         return RecoveryConfig(max_steps=self.cfg.recover_steps, qat=True)
 
     def stage_recover(self) -> dict:
+        """Recover the winner for the search runtime, then for every other runtime that rounds it
+        differently (``runtime_recovery``)."""
         promoted = self.result("select").get("promoted")
         if promoted and promoted["meets_floor"]:  # the select stage already recovered the winner in full
-            return promoted["recovery"] | {"done_in": "select"}
+            out = promoted["recovery"] | {"done_in": "select"}
+        else:
+            out = self.recover_winner()
+        others = {rt: self.runtime_recovery(rt) for rt in self.runtimes if rt != self.search_runtime}
+        return out | {"runtimes": {rt: r for rt, r in others.items() if r}}
+
+    def recover_winner(self) -> dict:
         spec = SubnetSpec.load(self.work / "spec.json")
         model = self.sorted_model()
         sub = extract(model, spec)
@@ -298,12 +308,42 @@ class Pack:
         save_model(res.model, self.work / "recovered", block_scales=res.block_scales)
         return res.summary()
 
-    def _recovered(self) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-        """The recovered model and the block scales its scale-search weights were trained at."""
+    def runtime_recovery(self, runtime: str) -> dict | None:
+        """Recover the winner again at ``runtime``'s formats where they round weights the search
+        runtime's don't hold exactly (ONNX Runtime has no iq4_nl): ``runtime_recover_steps`` of LoRA +
+        distillation warm-started from the winner's recovered model, saved for that runtime's export,
+        with its held-out perplexity against the floor there (the base at that runtime's formats, plus
+        ``accuracy_floor``). None when the runtime holds the winner's formats exactly (or the steps are 0)."""
+        from search.recovery import RecoveryConfig, recover
+
+        spec, base_spec = self.runtime_specs(runtime)
+        changed = lossy_retargets(SubnetSpec.load(self.work / "spec.json"), spec)
+        if not changed or not self.cfg.runtime_recover_steps:
+            return None
+        console.print(f"  recovery for {runtime}: {len(changed)} tensors change format ({changed[0]}, ...)")
+        student, _ = self._recovered(self.search_runtime)
+        sorted_model = self.sorted_model()
+        calib, val = self.recovery_blocks()
+        res = recover(sorted_model, student, spec, calib, val,
+                      RecoveryConfig(max_steps=self.cfg.runtime_recover_steps, qat=True),
+                      out_dir=self.work / f"recovery-{runtime}", resume=True)  # fmt: skip
+        save_model(res.model, self.work / f"recovered-{runtime}", block_scales=res.block_scales)
+        base_ppl = perplexity(fake_quantize_model(extract(sorted_model, base_spec), base_spec), val)
+        limit = base_ppl * (1 + self.cfg.accuracy_floor)
+        return res.summary() | {"changed": len(changed), "example": changed[0], "val_ppl_limit": limit,
+                                "meets_floor": res.ppl_after <= limit}  # fmt: skip
+
+    def recovered_dir(self, runtime: str) -> Path:
+        """Where the model recovered for ``runtime`` is: its own recovery's if it had one, else the search runtime's."""
+        own = runtime != self.search_runtime and runtime in self.result("recover").get("runtimes", {})
+        return self.work / (f"recovered-{runtime}" if own else "recovered")
+
+    def _recovered(self, runtime: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+        """The model recovered for ``runtime`` and the block scales its scale-search weights were trained at."""
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
 
-        folder = self.work / "recovered"
+        folder = self.recovered_dir(runtime)
         scales = load_file(folder / BLOCK_SCALES) if (folder / BLOCK_SCALES).exists() else {}
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), scales
 
@@ -328,7 +368,7 @@ class Pack:
             spec, base_spec = self.runtime_specs(rt)
             folder = self.work / "artifacts" / rt
             folder.mkdir(parents=True, exist_ok=True)
-            model, scales = self._recovered()
+            model, scales = self._recovered(rt)
             # the weights recovery trained at kept block scales are written with them (llama.cpp's iq4_nl)
             kept = {"block_scales": scales} if scales and spec.formats_used() & set(SCALE_SEARCH_FORMATS) else {}
             packed = mod.export(model, tok, spec, folder / _artifact_name(rt, "packaged"), force=True, **kept)
@@ -607,6 +647,8 @@ def build_card(p: Pack) -> dict:
             limit = ppl[0] * (1 + p.cfg.accuracy_floor)
             sec["accuracy_floor"] = {"max_increase": p.cfg.accuracy_floor, "base": ppl[0], "packaged": ppl[1],
                                      "limit": limit, "met": ppl[1] <= limit}  # fmt: skip
+        if rt in rec.get("runtimes", {}):
+            sec["recovery"] = rec["runtimes"][rt]
         par = export[rt]["packaged"].get("meta", {}).get("parity")
         if par:
             sec["parity"] = par

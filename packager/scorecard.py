@@ -114,6 +114,22 @@ def floor_line(sec: dict) -> str | None:
             f"{f['limit']:.2f}): {verdict} ({f['packaged']:.2f})")
 
 
+def recovery_line(sec: dict) -> str | None:
+    """One sentence on this runtime's own recovery (where its formats round the winner differently)."""
+    r = sec.get("recovery")
+    if not r:
+        return None
+    return (f"recovered again for this runtime's formats ({r['changed']} tensors change format, e.g. {r['example']}): "
+            f"held-out ppl {r['ppl_before']:.2f} → {r['ppl_after']:.2f} after {r['steps_run']} steps "
+            f"({r['wall_s']:.0f} s, warm-started from the winner's recovery), floor {r['val_ppl_limit']:.2f}: "
+            f"{'met' if r['meets_floor'] else 'missed'} (formats simulated)")  # fmt: skip
+
+
+def runtime_lines(sec: dict) -> list[str]:
+    """The sentences under a runtime's table: its own recovery, and its accuracy-floor verdict."""
+    return [line for line in (recovery_line(sec), floor_line(sec)) if line]
+
+
 def to_markdown(card: dict) -> str:
     """The scorecard as Markdown."""
     out = [f"# Deployment scorecard: {card['model']['source']} on {card['target']['name']}", ""]
@@ -135,9 +151,8 @@ def to_markdown(card: dict) -> str:
         out.append("|---|---|---|---|---|")
         for label, b, p, ratio, src in table_rows(sec):
             out.append(f"| {label} | {_fmt(b)} | {_fmt(p)} | {ratio} | {src} |")
-        floor = floor_line(sec)
-        if floor:
-            out += ["", floor]
+        for line in runtime_lines(sec):
+            out += ["", line]
         par = sec.get("parity")
         if par:
             out += ["", f"parity vs torch (same simulated formats): max |Δlogit| {par.get('max_abs_diff', 0):.3g}, "
@@ -203,9 +218,7 @@ def to_html(card: dict, plots: list[Path]) -> str:
             parts.append(f"<tr><td>{e(label)}</td><td>{e(_fmt(b))}</td><td>{e(_fmt(p))}</td><td>{e(ratio)}</td>"
                          f"<td class='src {kind}'>{e(src)}</td></tr>")  # fmt: skip
         parts.append("</table>")
-        floor = floor_line(sec)
-        if floor:
-            parts.append(f"<p>{e(floor)}</p>")
+        parts += [f"<p>{e(line)}</p>" for line in runtime_lines(sec)]
         par = sec.get("parity")
         if par:
             parts.append(f"<p>parity vs torch: max |Δlogit| {par.get('max_abs_diff', 0):.3g}, top-1 agreement "

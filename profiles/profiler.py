@@ -176,6 +176,38 @@ def measure_for(runtime: str):
     return measure
 
 
+def measure_interleaved(specs: dict[str, SubnetSpec], export: Callable, runtime: str, workload: Workload,
+                        threads: int, rounds: int, repeats: int = 3) -> dict[str, dict]:  # fmt: skip
+    """Export every ``name -> spec`` with ``export(spec, folder) -> artifact``, then measure them all
+    in ``rounds`` interleaved rounds, so drift in the machine's speed hits every one alike: per name,
+    the median decode ms/token, prefill ms and peak RSS, and the decode spread (max - min over the
+    rounds, relative to the median)."""
+    import statistics
+
+    from rich.console import Console
+    from rich.progress import track
+
+    measure, console = measure_for(runtime), Console(stderr=True)
+    work = Path(tempfile.mkdtemp(prefix="packager-interleaved-"))
+    try:
+        arts = {name: export(spec, work / str(i))
+                for i, (name, spec) in enumerate(track(specs.items(), description="export", console=console))}  # fmt: skip
+        runs: dict[str, list] = {name: [] for name in specs}
+        for _ in track(range(rounds), description="measure rounds", console=console):
+            for name, art in arts.items():
+                runs[name].append(measure(art, workload, threads, repeats))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def med(rs, key):
+        return statistics.median(getattr(r, key) for r in rs)
+
+    return {name: {"decode_ms": med(rs, "decode_ms_per_token"), "prefill_ms": med(rs, "prefill_ms"),
+                   "peak_rss_mb": med(rs, "peak_rss_mb"), "rounds": len(rs),
+                   "decode_spread": (max(r.decode_ms_per_token for r in rs) - min(r.decode_ms_per_token for r in rs))
+                   / med(rs, "decode_ms_per_token")} for name, rs in runs.items()}  # fmt: skip
+
+
 class RealMeasure:
     """Measure a grid point for real: extract from a random base, export, time with the backend."""
 

@@ -369,6 +369,7 @@ def recover(
                 "resume with the same inputs, or start fresh in another out_dir"
             )
         _load_adapter_state(student, current)
+        t0 -= state.get("wall_s", 0.0)  # the interrupted run's time counts too
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
@@ -436,7 +437,8 @@ def recover(
                     break
             if out_dir is not None and step % config.checkpoint_every == 0:
                 state.update(optimizer=opt.state_dict(), scheduler=sched.state_dict(), generator=gen.get_state(),
-                             torch_rng=torch.get_rng_state(), py_rng=random.getstate())  # fmt: skip
+                             torch_rng=torch.get_rng_state(), py_rng=random.getstate(),
+                             wall_s=time.perf_counter() - t0)  # fmt: skip
                 _save_checkpoint(out_dir, config.keep_checkpoints, student, best_adapter, state)
 
     _load_adapter_state(student, best_adapter)

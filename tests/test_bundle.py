@@ -1,5 +1,6 @@
 """Bundles: manifest integrity, tamper detection, safe unpacking; the scorecard renders."""
 
+import html
 import io
 import json
 import shutil
@@ -117,6 +118,16 @@ def test_scorecard_says_whether_each_runtime_meets_the_accuracy_floor():
     assert "accuracy floor in this runtime (+5% over the base's 26.50, at most 27.82): met (27.70)" in md
     assert "(+5% over the base's 26.40, at most 27.72): MISSED (31.20)" in md
     assert "MISSED (31.20)" in to_html(card, [])
+    assert "recovered again" not in md
+    card["runtimes"]["onnxruntime"]["recovery"] = {
+        "changed": 210, "example": "layers.0.q_proj iq4_nl->int4s_b32", "ppl_before": 35.86, "ppl_after": 32.2,
+        "steps_run": 60, "wall_s": 729.0, "val_ppl_limit": 30.65, "meets_floor": False}  # fmt: skip
+    line = ("recovered again for this runtime's formats (210 tensors change format, e.g. layers.0.q_proj "
+            "iq4_nl->int4s_b32): held-out ppl 35.86 → 32.20 after 60 steps (729 s, warm-started from the winner's "
+            "recovery), floor 30.65: missed (formats simulated)")  # fmt: skip
+    md = to_markdown(card)
+    assert line in md and md.index(line) < md.index("MISSED (31.20)") and md.count("recovered again") == 1
+    assert html.escape(line) in to_html(card, [])
 
 
 def test_scorecard_shows_the_shortlist_and_the_promoted_candidate():

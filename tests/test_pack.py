@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 from packager.cli import main
 from packager.pack import Pack, PackConfig, PackError
+from search.importance import Importance
 from subnet.spec import SubnetSpec
 from tests.conftest import tiny_model
 
@@ -173,3 +174,27 @@ def test_promotion_gives_a_near_miss_the_full_recovery_and_the_recover_stage_reu
     assert met["meets_floor"] and met["recovery"]["steps_run"] == 2 and (p.work / "recovered" / "config.json").is_file()
     p.state["done"]["select"] = {"result": {"promoted": met}, "wall_s": 0}
     assert p.stage_recover()["done_in"] == "select"
+
+
+def test_a_runtime_that_rounds_the_winner_differently_gets_its_own_recovery(small_model_dir, tmp_path):
+    """iq4_nl has no ONNX Runtime twin: its retarget is recovered again, warm-started, for the ONNX export."""
+    p = Pack(small_config(small_model_dir, runtimes=["llama.cpp", "onnxruntime"], recover_steps=2,
+                          runtime_recover_steps=2), tmp_path / "r")  # fmt: skip
+    p.state.setdefault("done", {})["prepare"] = {"result": p.stage_prepare(), "wall_s": 0}
+    space = p.space(Importance.load(p.work / "importance.json"))
+    spec = space.decode(space.largest())
+    for ly in spec.layers:
+        ly.formats = {n: "iq4_nl" for n in ly.formats}
+    spec.save(p.work / "spec.json")
+    p.state["done"]["select"] = {"result": {"promoted": None}, "wall_s": 0}
+    rec = p.stage_recover()
+    own = rec["runtimes"]["onnxruntime"]
+    assert own["steps_run"] == 2 and own["changed"] == 4 * 7 and "iq4_nl->int4" in own["example"]
+    assert "llama.cpp" not in rec["runtimes"]  # the search runtime holds its own formats
+    assert own["ppl_before"] != pytest.approx(rec["ppl_after"])  # scored at ONNX Runtime's rounding, not iq4_nl's
+    assert own["meets_floor"] == (own["ppl_after"] <= own["val_ppl_limit"])
+    p.state["done"]["recover"] = {"result": rec, "wall_s": 0}
+    assert p.recovered_dir("onnxruntime").name == "recovered-onnxruntime"
+    assert p.recovered_dir("llama.cpp").name == "recovered"
+    _, scales = p._recovered("llama.cpp")
+    assert scales and not p._recovered("onnxruntime")[1]  # iq4_nl's block scales stay with the GGUF export

@@ -341,3 +341,23 @@ def test_real_profile_point_llamacpp():
     p = profiler._point(2, 4, 2, 128, 64, "q8_0", "q8_0", Workload(8, 4))
     res = profiler.RealMeasure("llama.cpp", base, 2, threads=1, repeats=1)(p)
     assert res["decode_ms_per_token"] > 0 and res["prefill_ms"] > 0 and res["size_mb"] > 0
+
+
+@pytest.mark.integration
+def test_interleaved_measurement_exports_once_and_measures_every_model_each_round():
+    from subnet.extract import extract
+
+    base = ArchInfo("llama", 2, 64, 4, 2, 16, 128, 49152, True)
+    rb = profiler.RandomBase(base, 2, None)
+    specs = {f: profiler.point_spec(profiler._point(2, 4, 2, 128, 64, f, "q8_0", Workload(8, 4)), rb.arch)
+             for f in ("q8_0", "q4_0")}  # fmt: skip
+    exported = []
+
+    def export(spec, folder):
+        exported.append(spec)
+        return profiler.export_for("llama.cpp", extract(rb.model, spec), rb.tokenizer, spec, folder)
+
+    res = profiler.measure_interleaved(specs, export, "llama.cpp", Workload(8, 4), threads=1, rounds=2, repeats=1)
+    assert len(exported) == 2 and set(res) == {"q8_0", "q4_0"}
+    for r in res.values():
+        assert r["rounds"] == 2 and r["decode_ms"] > 0 and r["prefill_ms"] > 0 and r["decode_spread"] >= 0

@@ -1,6 +1,7 @@
 """Recovery fine-tuning (LoRA + KD) and sandwich-rule supernet tuning on tiny random models."""
 
 import shutil
+import time
 
 import pytest
 import torch
@@ -86,7 +87,9 @@ def test_resume_gives_the_same_weights(teacher_and_text, tmp_path):
     full = recover(base, sub, spec, calib, val, cfg, out_dir=tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-8"]
     shutil.rmtree(tmp_path / "checkpoint-8")  # as if the run had been killed after step 4..7
+    t0 = time.perf_counter()
     resumed = recover(base, sub, spec, calib, val, cfg, out_dir=tmp_path, resume=True, progress=False)
+    assert resumed.wall_s > time.perf_counter() - t0  # steps 1..4, run before the interruption, count too
     assert resumed.steps_run == full.steps_run == 8 and resumed.history == full.history
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)

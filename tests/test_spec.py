@@ -4,7 +4,7 @@ import pytest
 
 from subnet.arch import ArchInfo
 from subnet.formats import closest_format, effective_format
-from subnet.spec import LayerSpec, SpecError, SubnetSpec, retarget_formats
+from subnet.spec import LayerSpec, SpecError, SubnetSpec, lossy_retargets, retarget_formats
 
 BASE = ArchInfo("llama", num_layers=30, hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64,
                 intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)
@@ -99,3 +99,15 @@ def test_retarget_prefers_a_format_with_the_same_weights():
     assert closest_format("int4s_b32", ["q8_0", "q5_0", "q4_0"]) == "q4_0"
     assert closest_format("q4_0", ["int8_b32", "int4_b32"]) == "int4_b32"  # no twin: nearest in bits
     assert out.embed_format == "f16"
+
+
+def test_lossy_retargets_names_the_tensors_a_runtime_rounds_differently():
+    """Exact twins (q4_0 -> int4s_b32) and float formats (q8_0 embedding -> f16) lose nothing; the rest do."""
+    spec = SubnetSpec.full(BASE, "q8_0")
+    spec.layers[0].formats.update(gate_proj="q4_0", up_proj="iq4_nl")
+    spec.embed_format = spec.lm_head_format = "q8_0"
+    out = retarget_formats(spec, ["f32", "int8_b32", "int4_b32", "int4s_b32"], ["f32", "f16"])
+    lossy = lossy_retargets(spec, out)
+    assert "layers.0.up_proj iq4_nl->int4s_b32" in lossy and "layers.1.q_proj q8_0->int8_b32" in lossy
+    assert not [t for t in lossy if "gate_proj" in t and t.startswith("layers.0.")] and not [t for t in lossy if "embedding" in t]
+    assert lossy_retargets(spec, SubnetSpec.from_dict(spec.to_dict())) == []
