@@ -61,12 +61,6 @@ def draw_spec(rng: random.Random, base, formats: list[str], embed_formats: list[
     return SubnetSpec(base, hidden, layers, emb, emb).validate()
 
 
-def export(runtime: str, model, tokenizer, spec: SubnetSpec, out: Path):
-    from subnet.extract import extract
-
-    return profiler.export_for(runtime, extract(model, spec), tokenizer, spec, out)
-
-
 def spearman(a, b) -> float:
     from scipy.stats import spearmanr
 
@@ -107,8 +101,7 @@ def measured_runs(a, tgt, table: dict, wl: Workload) -> list[dict]:
                           prune_hidden=not a.keep_hidden) for k in range(a.n)}  # fmt: skip
     print(f"{a.runtime}: {a.n} sub-networks, formats {formats}, embed {embeds}, threads {threads}, workload {wl}, "
           f"{a.rounds} interleaved rounds")  # fmt: skip
-    measured = profiler.measure_interleaved(specs, lambda spec, folder: export(a.runtime, lm.model, lm.tokenizer, spec, folder),
-                                            a.runtime, wl, threads, a.rounds, a.repeats)  # fmt: skip
+    measured = profiler.measure_interleaved(lm.model, lm.tokenizer, specs, a.runtime, wl, threads, a.rounds, a.repeats)
     rows = []
     for k, spec in specs.items():
         m = measured[k]

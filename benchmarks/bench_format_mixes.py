@@ -33,12 +33,11 @@ from rich.table import Table  # noqa: E402
 
 from packager.pack import cost_fn  # noqa: E402
 from profiles.costmodel import CostModelError  # noqa: E402
-from profiles.profiler import export_for, measure_interleaved  # noqa: E402
+from profiles.profiler import measure_interleaved  # noqa: E402
 from search.importance import Importance  # noqa: E402
 from search.space import SearchSpace, SpaceConfig  # noqa: E402
 from search.text import token_blocks  # noqa: E402
 from subnet.arch import ATTN_LINEARS, MLP_LINEARS  # noqa: E402
-from subnet.extract import extract  # noqa: E402
 from subnet.spec import SubnetSpec  # noqa: E402
 from subnet.supernet import Supernet  # noqa: E402
 from targets.backend import Workload  # noqa: E402
@@ -89,10 +88,7 @@ def mix_spec(space: SearchSpace, text: str) -> SubnetSpec:
 def measure_mixes(model, tokenizer, specs: dict[str, SubnetSpec], runtime: str, workload: Workload, threads: int,
                   rounds: int, repeats: int = 3) -> dict[str, dict]:  # fmt: skip
     """Every mix exported for ``runtime`` and measured in ``rounds`` interleaved rounds (medians)."""
-    def export(spec: SubnetSpec, folder: Path):
-        return export_for(runtime, extract(model, spec), tokenizer, spec, folder)
-
-    return measure_interleaved(specs, export, runtime, workload, threads, rounds, repeats)
+    return measure_interleaved(model, tokenizer, specs, runtime, workload, threads, rounds, repeats)
 
 
 def measured_row(runtime: str, mix: str, spec: SubnetSpec, cost: dict, measured: dict, workload: Workload) -> dict:

@@ -176,21 +176,23 @@ def measure_for(runtime: str):
     return measure
 
 
-def measure_interleaved(specs: dict[str, SubnetSpec], export: Callable, runtime: str, workload: Workload,
+def measure_interleaved(model, tokenizer, specs: dict[str, SubnetSpec], runtime: str, workload: Workload,
                         threads: int, rounds: int, repeats: int = 3) -> dict[str, dict]:  # fmt: skip
-    """Export every ``name -> spec`` with ``export(spec, folder) -> artifact``, then measure them all
-    in ``rounds`` interleaved rounds, so drift in the machine's speed hits every one alike: per name,
-    the median decode ms/token, prefill ms and peak RSS, and the decode spread (max - min over the
-    rounds, relative to the median)."""
+    """Extract every ``name -> spec`` from ``model`` and export it for ``runtime``, then measure them
+    all in ``rounds`` interleaved rounds, so drift in the machine's speed hits every one alike: per
+    name, the median decode ms/token, prefill ms and peak RSS, and the decode spread (max - min over
+    the rounds, relative to the median)."""
     import statistics
 
     from rich.console import Console
     from rich.progress import track
 
+    from subnet.extract import extract
+
     measure, console = measure_for(runtime), Console(stderr=True)
     work = Path(tempfile.mkdtemp(prefix="packager-interleaved-"))
     try:
-        arts = {name: export(spec, work / str(i))
+        arts = {name: export_for(runtime, extract(model, spec), tokenizer, spec, work / str(i))
                 for i, (name, spec) in enumerate(track(specs.items(), description="export", console=console))}  # fmt: skip
         runs: dict[str, list] = {name: [] for name in specs}
         for _ in track(range(rounds), description="measure rounds", console=console):

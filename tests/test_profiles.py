@@ -344,20 +344,20 @@ def test_real_profile_point_llamacpp():
 
 
 @pytest.mark.integration
-def test_interleaved_measurement_exports_once_and_measures_every_model_each_round():
-    from subnet.extract import extract
-
+def test_interleaved_measurement_exports_once_and_measures_every_model_each_round(monkeypatch):
     base = ArchInfo("llama", 2, 64, 4, 2, 16, 128, 49152, True)
     rb = profiler.RandomBase(base, 2, None)
     specs = {f: profiler.point_spec(profiler._point(2, 4, 2, 128, 64, f, "q8_0", Workload(8, 4)), rb.arch)
              for f in ("q8_0", "q4_0")}  # fmt: skip
-    exported = []
+    exported, export = [], profiler.export_for
 
-    def export(spec, folder):
+    def counting(runtime, model, tokenizer, spec, folder):
         exported.append(spec)
-        return profiler.export_for("llama.cpp", extract(rb.model, spec), rb.tokenizer, spec, folder)
+        return export(runtime, model, tokenizer, spec, folder)
 
-    res = profiler.measure_interleaved(specs, export, "llama.cpp", Workload(8, 4), threads=1, rounds=2, repeats=1)
+    monkeypatch.setattr(profiler, "export_for", counting)
+    res = profiler.measure_interleaved(rb.model, rb.tokenizer, specs, "llama.cpp", Workload(8, 4), threads=1,
+                                       rounds=2, repeats=1)  # fmt: skip
     assert len(exported) == 2 and set(res) == {"q8_0", "q4_0"}
     for r in res.values():
         assert r["rounds"] == 2 and r["decode_ms"] > 0 and r["prefill_ms"] > 0 and r["decode_spread"] >= 0
