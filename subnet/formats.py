@@ -99,6 +99,11 @@ def effective_format(name: str, row_length: int) -> str:
     return fmt.name
 
 
+def same_weights(a: str, b: str) -> bool:
+    """True when formats ``a`` and ``b`` store a weight exactly alike: the same format, or twins (``same_as``)."""
+    return a == b or get_format(a).same_as == b or get_format(b).same_as == a
+
+
 def closest_format(name: str, allowed: list[str], row_lengths=()) -> str:
     """The format in ``allowed`` that stores ``name``'s weights exactly, else the one nearest in bits
     per weight (ties: the wider one), that holds every row length given; used to carry a spec from one
@@ -109,7 +114,7 @@ def closest_format(name: str, allowed: list[str], row_lengths=()) -> str:
     ok = [a for a in allowed if all(get_format(a).fits(r) for r in row_lengths)]
     if not ok:
         raise ValueError(f"none of the formats {allowed} holds rows of length {sorted(set(row_lengths))}")
-    twins = [a for a in ok if get_format(a).same_as == name or fmt.same_as == a]
+    twins = [a for a in ok if same_weights(a, name)]
     if twins:
         return twins[0]
     bits = fmt.bits

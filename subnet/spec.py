@@ -348,13 +348,11 @@ def lossy_retargets(spec: SubnetSpec, other: SubnetSpec) -> list[str]:
     exact twin (``same_as``), nor a float one: the weights a model recovered for ``spec`` was not
     trained to be rounded to, as ``layers.{i}.{linear} old->new`` / ``embedding`` / ``lm_head``."""
 
-    def lossy(a: str, b: str) -> bool:
-        fa, fb = get_format(a), get_format(b)
-        return a != b and fa.same_as != b and fb.same_as != a and fb.bits < 16
+    from subnet.formats import same_weights
 
     pairs = [(f"layers.{i}.{n}", f, b.formats[n]) for i, (a, b) in enumerate(zip(spec.layers, other.layers))
              for n, f in a.formats.items()]  # fmt: skip
     pairs += [("embedding", spec.embed_format, other.embed_format)]
     if not spec.base.tie_word_embeddings:
         pairs += [("lm_head", spec.lm_head_format, other.lm_head_format)]
-    return [f"{name} {a}->{b}" for name, a, b in pairs if lossy(a, b)]
+    return [f"{name} {a}->{b}" for name, a, b in pairs if not same_weights(a, b) and get_format(b).bits < 16]
