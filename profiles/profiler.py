@@ -36,9 +36,9 @@ PROFILE_WORKLOAD = Workload(prompt_tokens=64, gen_tokens=16, batch=1)
 # Default formats profiled per runtime (the search space's defaults and their neighbours)
 PROFILE_FORMATS = {
     LLAMA_CPP: ["f16", "q8_0", "q5_0", "q4_0", "iq4_nl"],
-    ONNXRUNTIME: ["f32", "int8", "int8_b32", "int4_b32", "int4s_b32"],
+    ONNXRUNTIME: ["f32", "int8", "int8_b32", "int8s_b32", "int4_b32", "int4s_b32"],
 }
-EMBED_FORMATS = {LLAMA_CPP: None, ONNXRUNTIME: ["f32", "f16"]}  # None: any format the layers use
+EMBED_FORMATS = {LLAMA_CPP: None, ONNXRUNTIME: ["f32", "f16", "int8s_b32"]}  # None: any format the layers use
 
 
 class ProfileError(ValueError):
@@ -65,7 +65,7 @@ def default_grid(runtime: str, base: ArchInfo = SMOLLM2, formats: list[str] | No
     base's and all of it, as a sub-network's) and two block shapes (the base's, and a small, narrow one),
     and at a model width 32 off the base's (a row tail for a 64-wide SIMD step, see costmodel.SIMD_STEP);
     width, KV heads, model width and prompt length varied on two formats; every embedding format the
-    runtime can store (any block format for llama.cpp, f32/f16 for ONNX Runtime) under blocks of
+    runtime can store (any block format for llama.cpp, f32/f16/int8s_b32 for ONNX Runtime) under blocks of
     another format; a few held-out shapes (``role: holdout``) between them to report the interpolation error."""
     fmts = list(formats or PROFILE_FORMATS[runtime])
     embeds = EMBED_FORMATS[runtime]

@@ -127,8 +127,8 @@ def fake_quantize(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     Exact numerics of the runtime that stores ``fmt``: ggml's quantizer for GGUF formats (pure-torch
     bit-identical fast paths for f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 and iq4_nl; ggml itself for
     K-quants), ONNX Runtime's weight quantizers for int8 (``quantize_dynamic(per_channel=True)``) and
-    int8_b32 / int4_b32 / int4_b128 (``MatMulNBitsQuantizer``, asymmetric RTN); int4s_b32 stores
-    q4_0's weights exactly (symmetric MatMulNBits, f16-rounded scales). f32 is the identity.
+    int8_b32 / int4_b32 / int4_b128 (``MatMulNBitsQuantizer``, asymmetric RTN); int4s_b32 and int8s_b32
+    store q4_0's and q8_0's weights exactly (symmetric MatMulNBits, f16 scales). f32 is the identity.
     """
     if fmt == "f32":
         _check_2d_torch(weight, fmt)
@@ -204,21 +204,49 @@ def _signed_absmax(b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _q8_0(w: torch.Tensor) -> torch.Tensor:
-    """ggml quantize_row_q8_0_ref: d = amax/127, q = roundf(x/d); dequant q * fp16(d)."""
+def _q8_0_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml quantize_row_q8_0_ref: d = amax/127, q = roundf(x/d) in [-127, 127]; codes [rows, n/32, 32]
+    and the scales fp16(d) [rows, n/32, 1] as stored."""
     b = _blocks(w, 32)
     d = b.abs().amax(dim=-1, keepdim=True) / 127
-    q = _roundf_(b * _recip(d)).add_(0.0)  # add 0.0: an int8 has no -0
-    return q.mul_(_fp16(d)).reshape(w.shape)
+    return _roundf_(b * _recip(d)).add_(0.0), _fp16(d)  # add 0.0: an int8 has no -0
 
 
-def _absmax_blocks(w: torch.Tensor, half: int) -> torch.Tensor:
+def _absmax_codes(w: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml q4_0 (half=8) / q5_0 (half=16): d = (signed value of largest |x|) / -half,
-    q = min(2*half-1, trunc(x/d + half + 0.5)); dequant (q - half) * fp16(d)."""
+    q = min(2*half-1, trunc(x/d + half + 0.5)) - half in [-half, half-1]; codes and fp16(d) as ``_q8_0_codes``."""
     b = _blocks(w, 32)
     d = _signed_absmax(b) / -half
     q = (b * _recip(d)).add_(half + 0.5).trunc_().clamp_(max=2 * half - 1)
-    return q.sub_(half).mul_(_fp16(d)).reshape(w.shape)
+    return q.sub_(half), _fp16(d)
+
+
+def _decode(codes_and_scales: tuple[torch.Tensor, torch.Tensor], shape) -> torch.Tensor:
+    codes, scales = codes_and_scales
+    return codes.mul_(scales).reshape(shape)
+
+
+def _q8_0(w: torch.Tensor) -> torch.Tensor:
+    return _decode(_q8_0_codes(w), w.shape)
+
+
+def _absmax_blocks(w: torch.Tensor, half: int) -> torch.Tensor:
+    return _decode(_absmax_codes(w, half), w.shape)
+
+
+_CODES = {"q8_0": _q8_0_codes, "q4_0": lambda w: _absmax_codes(w, 8), "q5_0": lambda w: _absmax_codes(w, 16)}
+
+
+def block_codes(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The signed integer codes [rows, n] (as floats) and per-block scales [rows, n/32] (f16 values, as
+    float32) that ``fmt`` stores for ``weight``, for the absmax formats (q8_0, q4_0, q5_0) and their exact
+    twins (``same_as``: int8s_b32, int4s_b32); ``codes * scales`` is ``fake_quantize(weight, fmt)``."""
+    name = get_format(fmt).same_as or fmt
+    if name not in _CODES:
+        raise QuantError(f"format {fmt!r} has no absmax block codes; those formats are {', '.join(_CODES)} and their twins")
+    w = _check_2d_torch(weight, fmt)
+    codes, scales = _CODES[name](w)
+    return codes.reshape(w.shape), scales.squeeze(-1)
 
 
 def _minmax_blocks(w: torch.Tensor, levels: int) -> torch.Tensor:
@@ -424,7 +452,9 @@ _FAST = {
     "int8_b32": lambda w: _ort_blockwise(w, 8, 32),
     "int4_b32": lambda w: _ort_blockwise(w, 4, 32),
     "int4_b128": lambda w: _ort_blockwise(w, 4, 128),
-    "int4s_b32": lambda w: _absmax_blocks(w, 8),  # q4_0's rounding (targets.onnx_export makes it so)
+    # the twins: targets.onnx_export writes q4_0's / q8_0's codes and scales (block_codes) into the graph
+    "int4s_b32": lambda w: _absmax_blocks(w, 8),
+    "int8s_b32": _q8_0,
     "iq4_nl": lambda w: _iq4_nl_round(w, _iq4_nl_block_scales(w)),
 }
 
@@ -643,4 +673,8 @@ def fake_quantize_model(
         if saturates:
             mod._ort_int8_weight = int8_weights[name]
             mod.register_forward_hook(_int8_saturation_hook)
+    head = model.get_output_embeddings()
+    quant = spec.embed_format in NBITS_FORMATS and input_quantizer(spec.embed_format, ort_accuracy_level)
+    if activations and quant and head is not None and head.weight is model.get_input_embeddings().weight:
+        head.register_forward_pre_hook(lambda _m, args, q=quant: (q(args[0]), *args[1:]))  # a tied block-format head
     return model

@@ -1,23 +1,25 @@
 """Export an extracted sub-network to ONNX with a KV cache, then store each linear in its spec format.
 
 One graph serves prefill and decode: inputs ``input_ids``, ``attention_mask`` (past + new tokens),
-``position_ids`` and ``past_key_values.{i}.key/value`` (past length may be 0), outputs ``logits``
-and ``present.{i}.key/value``. Batch, sequence and past length are dynamic; KV head counts are per
-layer. Weight formats are applied with ONNX Runtime's own quantizers on the graph:
+``position_ids`` (not in the fused ONNX Runtime graph, whose GroupQueryAttention takes positions from
+the mask: see ``write_onnx``) and ``past_key_values.{i}.key/value`` (past length may be 0), outputs
+``logits`` and ``present.{i}.key/value``. Batch, sequence and past length are dynamic; KV head counts
+are per layer. Weight formats are applied with ONNX Runtime's own quantizers on the graph:
 
 * ``f32``: nothing; ``f16``: the weight is stored in float16 and cast to float32 in front of its
   MatMul (CPU EP has no fp16 MatMul, so this halves storage, not compute);
 * ``int8``: ``quantize_dynamic(per_channel=True)`` (MatMulInteger, int8 weights per output channel,
   activations quantized dynamically at run time);
 * ``int8_b32`` / ``int4_b32`` / ``int4_b128``: ``MatMulNBitsQuantizer(accuracy_level=4)``;
-  ``int4s_b32``: the same, symmetric, with its scales rounded to f16 afterwards: MLAS picks q4_0's
-  codes and scale (the signed absmax / -8), and ggml stores that scale in f16, so the graph holds
-  q4_0's weights exactly and a model recovered for GGUF q4_0 keeps its accuracy here.
+* ``int8s_b32`` / ``int4s_b32``, the exact twins of GGUF q8_0 / q4_0: symmetric MatMulNBits
+  (accuracy_level 4) written here from ggml's own codes and f16 scales (``subnet.quant.block_codes``),
+  so a model recovered for q8_0 / q4_0 keeps its weights bit for bit.
 
 MatMul nodes are tied to spec layers through the exporter's node metadata
-``pkg.torch.onnx.name_scopes``. A tied lm_head exports as ``MatMul(x, Transpose(embed))``, which
-weight quantizers skip: the embedding (and a tied lm_head) can be f32 or f16 here; other embedding
-formats are refused. What every node really got is recorded in ``meta["applied"]``.
+``pkg.torch.onnx.name_scopes``. The embedding is f32, f16, or a twin format: then its Gather becomes
+``GatherBlockQuantized`` and a tied lm_head (``MatMul(x, Transpose(embed))``) a ``MatMulNBits`` over
+the same stored codes, so the table is stored once, quantized. What every node really got is
+recorded in ``meta["applied"]``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from subnet.arch import LINEARS
 from subnet.formats import NBITS_FORMATS, ONNXRUNTIME, get_format
 from subnet.spec import SubnetSpec
 from targets.backend import Artifact, ExportError, atomic_output
+from targets.onnx_attention import MS_DOMAIN, GQADecoder, translation_table, unsupported
 from targets.onnxrt import EMBED_FORMATS
 
 MODEL_FILE = "model.onnx"
@@ -52,9 +55,10 @@ class FormatNotSupported(ExportError, ValueError):
     """A weight format this runtime cannot hold."""
 
 
-def input_names(n_layers: int) -> list[str]:
+def input_names(n_layers: int, positions: bool = True) -> list[str]:
+    """The graph's inputs; a GroupQueryAttention graph has no position_ids (``positions=False``)."""
     kv = [f"past_key_values.{i}.{t}" for i in range(n_layers) for t in ("key", "value")]
-    return ["input_ids", "attention_mask", "position_ids", *kv]
+    return ["input_ids", "attention_mask", *(["position_ids"] if positions else []), *kv]
 
 
 def output_names(n_layers: int) -> list[str]:
@@ -121,7 +125,7 @@ def kv_shapes(model) -> list[tuple[int, int]]:
     return shapes
 
 
-def sample_inputs(model, batch=2, seq=3, past=2):
+def sample_inputs(model, batch=2, seq=3, past=2, positions: bool = True):
     """Example inputs for tracing: past length >= 1 so that the past axis is traced as dynamic."""
     dtype = next(model.parameters()).dtype
     ids = torch.randint(0, model.config.vocab_size, (batch, seq))
@@ -130,34 +134,46 @@ def sample_inputs(model, batch=2, seq=3, past=2):
     kv = []
     for heads, hd in kv_shapes(model):
         kv += [torch.zeros(batch, heads, past, hd, dtype=dtype), torch.zeros(batch, heads, past, hd, dtype=dtype)]
-    return (ids, mask, pos, *kv)
+    return (ids, mask, *([pos] if positions else []), *kv)
 
 
-def dynamic_shapes(n_layers: int) -> dict:
+def dynamic_shapes(n_layers: int, positions: bool = True) -> dict:
     from torch.export import Dim
 
     batch, seq, past = Dim("batch"), Dim("sequence"), Dim("past_sequence")
-    return {
+    shapes = {
         "input_ids": {0: batch, 1: seq},
         "attention_mask": {0: batch, 1: Dim.DYNAMIC},  # past + sequence (a derived dim raises)
         "position_ids": {0: batch, 1: seq},
         "past": tuple({0: batch, 2: past} for _ in range(2 * n_layers)),
     }
+    if not positions:
+        del shapes["position_ids"]
+    return shapes
 
 
-def torch_export(model, path: Path, optimize: bool = False) -> None:
-    """Trace ``model`` with its KV cache and save the float graph with external data at ``path``."""
+ATTENTION = ("eager", "gqa")  # the modules' own attention ops / one GroupQueryAttention per layer (ORT only)
+
+
+def torch_export(model, path: Path, optimize: bool = False, attention: str = "eager") -> None:
+    """Trace ``model`` with its KV cache and save the float graph with external data at ``path``.
+
+    ``attention="gqa"``: each layer's attention is ORT's GroupQueryAttention (``targets.onnx_attention``)."""
+    if attention not in ATTENTION:
+        raise ExportError(f"unknown attention export {attention!r}; choose one of {', '.join(ATTENTION)}")
     n = len(model.model.layers)
-    wrapper = KVCacheWrapper(model).eval()
+    gqa = attention == "gqa"
+    wrapper = (GQADecoder(model) if gqa else KVCacheWrapper(model)).eval()
     with torch.no_grad():
         program = torch.onnx.export(
             wrapper,
-            sample_inputs(model),
+            sample_inputs(model, positions=not gqa),
             dynamo=True,
-            dynamic_shapes=dynamic_shapes(n),
-            input_names=input_names(n),
+            dynamic_shapes=dynamic_shapes(n, positions=not gqa),
+            input_names=input_names(n, positions=not gqa),
             output_names=output_names(n),
             optimize=optimize,
+            custom_translation_table=translation_table() if gqa else None,
             verbose=False,
         )
     program.save(str(path), external_data=True)
@@ -270,17 +286,40 @@ def weights_to_f16(model: onnx.ModelProto, node_names: set[str]) -> list[str]:
     return done
 
 
+def _embedding_gather(graph: onnx.GraphProto, inits: dict):
+    """The Gather that looks token ids up in the embedding table (a 2-D initializer), or None."""
+    return next((n for n in graph.node if n.op_type == "Gather" and n.input[0] in inits
+                 and len(inits[n.input[0]].dims) == 2), None)  # fmt: skip
+
+
+def retie_head(model: onnx.ModelProto, head: str) -> bool:
+    """Undo what the exporter's optimizer does to a tied lm_head: it folds ``Transpose(embedding)`` into a
+    transposed copy of the table. Put the Transpose back, so the table is stored once. True if it did."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    node, gather = next(n for n in g.node if n.name == head), _embedding_gather(g, inits)
+    copy = inits.get(node.input[1])
+    if copy is None or gather is None:
+        return False
+    table = numpy_helper.to_array(inits[gather.input[0]])
+    if list(copy.dims) != [table.shape[1], table.shape[0]] or not np.array_equal(numpy_helper.to_array(copy), table.T):
+        return False
+    g.initializer.remove(copy)
+    _prepend(g, [helper.make_node("Transpose", [gather.input[0]], [node.input[1]], perm=[1, 0], name=head + "_tied")])
+    return True
+
+
 def embedding_to_f16(model: onnx.ModelProto) -> str | None:
     """Store the embedding table in float16 (one Cast in front of its Gather and a tied lm_head)."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    for node in g.node:
-        if node.op_type == "Gather" and node.input[0] in inits and len(inits[node.input[0]].dims) == 2:
-            new = []
-            _cast_initializer(inits[node.input[0]], new, "embed_tokens_f16")
-            _prepend(g, new)
-            return node.input[0]
-    return None
+    gather = _embedding_gather(g, inits)
+    if gather is None:
+        return None
+    new = []
+    _cast_initializer(inits[gather.input[0]], new, "embed_tokens_f16")
+    _prepend(g, new)
+    return gather.input[0]
 
 
 def _prepend(graph: onnx.GraphProto, nodes: list) -> None:
@@ -329,28 +368,120 @@ def quantize_int8(path: Path, nodes: list[str]) -> None:
 
 
 def quantize_nbits(path: Path, fmt: str, nodes: list[str]) -> None:
-    """MatMulNBits (block-wise, accuracy_level 4) for exactly ``nodes``; every other node excluded."""
+    """MatMulNBits (block-wise, accuracy_level 4) for exactly ``nodes``; every other node excluded.
+
+    The asymmetric formats go through ORT's own quantizer (``MatMulNBitsQuantizer``); the twins of GGUF
+    formats get ggml's codes and scales (``twin_blocks``)."""
+    model = onnx.load(str(path))
+    if get_format(fmt).same_as:
+        twins_to_nbits(model, fmt, set(nodes))
+        save(model, path)
+        return
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     bits, block, symmetric = NBITS[fmt]
-    model = onnx.load(str(path))
     others = [n.name for n in model.graph.node if n.name not in set(nodes)]  # nodes_to_include does not restrict
     quant = MatMulNBitsQuantizer(
         model, bits=bits, block_size=block, is_symmetric=symmetric, accuracy_level=4, nodes_to_exclude=others
     )
     quant.process()
-    if get_format(fmt).same_as:  # int4s_b32: ggml's f16 scales (MLAS keeps them in f32)
-        _round_scales_to_f16(quant.model.model, set(nodes))
     save(quant.model.model, path)
 
 
-def _round_scales_to_f16(model: onnx.ModelProto, nodes: set[str]) -> None:
-    """Round the scales of the MatMulNBits nodes that replaced ``nodes`` to f16 precision (kept f32)."""
-    inits = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits" and _QUANT_SUFFIX.sub("", node.name) in nodes:
-            t = inits[node.input[2]]
-            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16).astype(np.float32), t.name))
+def twin_blocks(weight: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray]:
+    """``weight`` [rows, n] in a twin format as ONNX Runtime's block ops store it: codes plus the implicit
+    zero point 2^(bits-1), packed two to a byte low nibble first at 4 bits ([rows, n * bits / 8] uint8),
+    and the scales [rows, n / block] (float32 holding ggml's f16 values)."""
+    from subnet.quant import block_codes
+
+    bits = get_format(fmt).nbits
+    codes, scales = block_codes(torch.from_numpy(np.array(weight, dtype=np.float32)), fmt)
+    stored = (codes + (1 << (bits - 1))).to(torch.uint8).numpy()
+    if bits == 4:
+        stored = stored[:, 0::2] | (stored[:, 1::2] << 4)
+    return np.ascontiguousarray(stored), scales.numpy()
+
+
+def _matmul_nbits(node, weight: str, scales: str, shape: tuple[int, int], fmt: str):
+    """The MatMulNBits node that replaces MatMul ``node`` (weight [n_out, n_in]), named as ORT's quantizer would."""
+    bits, block, _ = NBITS[fmt]
+    n, k = shape
+    return helper.make_node("MatMulNBits", [node.input[0], weight, scales], [node.output[0]], name=f"{node.name}_Q{bits}",
+                            domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block, accuracy_level=4)  # fmt: skip
+
+
+def twins_to_nbits(model: onnx.ModelProto, fmt: str, nodes: set[str]) -> None:
+    """Replace the MatMuls ``nodes`` (weight initializers [in, out]) by MatMulNBits holding ggml's codes."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    keep = []
+    for node in g.node:
+        if node.name not in nodes:
+            keep.append(node)
+            continue
+        init = inits[node.input[1]]
+        weight = numpy_helper.to_array(init).T  # [out, in]
+        data, scales = twin_blocks(weight, fmt)
+        n, k = weight.shape
+        data = data.reshape(n, k // NBITS[fmt][1], -1)  # MatMulNBits' [N, blocks, blob]
+        g.initializer.remove(init)
+        g.initializer.extend([numpy_helper.from_array(data, init.name + "_Q"),
+                              numpy_helper.from_array(scales.reshape(-1), init.name + "_scales")])  # fmt: skip
+        keep.append(_matmul_nbits(node, init.name + "_Q", init.name + "_scales", (n, k), fmt))
+    del g.node[:]
+    g.node.extend(keep)
+    _use_ms_domain(model)
+
+
+def embedding_to_blocks(model: onnx.ModelProto, fmt: str, tied_head: str | None) -> str | None:
+    """Store the embedding table in twin format ``fmt``, once: its Gather becomes GatherBlockQuantized and
+    the tied lm_head MatMul ``tied_head`` (``MatMul(x, Transpose(embed))``) a MatMulNBits over the same codes.
+    Returns the table's name (None if the graph has no embedding Gather)."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    gather = _embedding_gather(g, inits)
+    if gather is None:
+        return None
+    name = gather.input[0]
+    table = inits[name]
+    weight = numpy_helper.to_array(table)
+    vocab, width = weight.shape
+    data, scales = twin_blocks(weight, fmt)
+    bits, block, _ = NBITS[fmt]
+    g.initializer.remove(table)
+    g.initializer.extend([numpy_helper.from_array(data, name + "_Q"), numpy_helper.from_array(scales, name + "_scales"),
+                          numpy_helper.from_array(np.array([vocab, width // block, -1], np.int64), name + "_Q_shape"),
+                          numpy_helper.from_array(np.array([-1], np.int64), name + "_scales_shape")])  # fmt: skip
+    producers = {o: n for n in g.node for o in n.output}
+    consumers = Counter(i for n in g.node for i in n.input)
+    new_nodes, dropped = [], set()
+    for node in g.node:
+        if node is gather:
+            node = helper.make_node("GatherBlockQuantized", [name + "_Q", gather.input[1], name + "_scales"],
+                                    list(gather.output), name=gather.name + "_Q", domain=MS_DOMAIN, bits=bits,
+                                    block_size=block, gather_axis=0, quantize_axis=1)  # fmt: skip
+        elif node.name == tied_head:
+            transpose = producers[node.input[1]]
+            if transpose.op_type != "Transpose" or transpose.input[0] != name or consumers[node.input[1]] != 1:
+                raise ExportError(f"the tied lm_head {node.name} does not read Transpose({name}); cannot share its storage")
+            dropped.add(transpose.output[0])
+            new_nodes += [helper.make_node("Reshape", [name + "_Q", name + "_Q_shape"], [name + "_Q3d"], name=name + "_Q3d"),
+                          helper.make_node("Reshape", [name + "_scales", name + "_scales_shape"], [name + "_scales1d"],
+                                           name=name + "_scales1d")]  # fmt: skip
+            node = _matmul_nbits(node, name + "_Q3d", name + "_scales1d", (vocab, width), fmt)
+        new_nodes.append(node)
+    del g.node[:]
+    g.node.extend(n for n in new_nodes if n.output[0] not in dropped)
+    infos = [v for v in g.value_info if v.name not in dropped]
+    del g.value_info[:]
+    g.value_info.extend(infos)
+    _use_ms_domain(model)
+    return name
+
+
+def _use_ms_domain(model: onnx.ModelProto) -> None:
+    if not any(d.domain == MS_DOMAIN for d in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
 
 def applied_formats(model: onnx.ModelProto, nodes: dict[str, str]) -> dict[str, str]:
@@ -382,8 +513,28 @@ def applied_formats(model: onnx.ModelProto, nodes: dict[str, str]) -> dict[str, 
     return out
 
 
-def write_onnx(model, spec: SubnetSpec, folder: Path, optimize: bool = False) -> dict:
-    """Export into ``folder`` (which must exist) and apply the spec's formats; return the meta dict."""
+def fuse_norms(path: Path) -> dict[str, int]:
+    """ORT's transformer optimizer on the saved graph, norms only: each RMSNorm, with the residual Add in
+    front of it, becomes one (Skip)SimplifiedLayerNormalization. Returns the fused ops' counts."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    opts = FusionOptions("gpt2")
+    opts.enable_attention = opts.enable_rotary_embeddings = opts.enable_embed_layer_norm = False
+    opts.enable_gelu = opts.enable_bias_gelu = opts.enable_qordered_matmul = False
+    fused = optimize_model(str(path), model_type="gpt2", num_heads=0, hidden_size=0, optimization_options=opts,
+                           opt_level=0)  # fmt: skip
+    save(fused.model, path)
+    return {op: n for op, n in fused.get_fused_operator_statistics().items() if n}
+
+
+def write_onnx(model, spec: SubnetSpec, folder: Path, fused: bool = False) -> dict:
+    """Export into ``folder`` (which must exist) and apply the spec's formats; return the meta dict.
+
+    ``fused``: the graph ONNX Runtime runs fastest: attention as GroupQueryAttention where the model allows
+    (``targets.onnx_attention``; else the modules' own ops, and ``meta["attention"]`` says why), the
+    exporter's graph optimizer, and RMSNorms fused (``fuse_norms``). Without it, every op is standard
+    ONNX (what TensorRT builds from)."""
     import onnxruntime
 
     check_formats(spec)
@@ -396,14 +547,19 @@ def write_onnx(model, spec: SubnetSpec, folder: Path, optimize: bool = False) ->
     path = folder / MODEL_FILE
     raw = folder / "torch_export"
     raw.mkdir()
-    torch_export(model, raw / MODEL_FILE, optimize=optimize)
+    why_not = unsupported(model) if fused else "not asked (standard ONNX ops only)"
+    attention = "eager" if why_not else "gqa"
+    torch_export(model, raw / MODEL_FILE, optimize=fused, attention=attention)
     graph = onnx.load(str(raw / MODEL_FILE))
     for f in raw.iterdir():
         f.unlink()
     raw.rmdir()
+    nodes = linear_nodes(graph)
+    head = next((n for n, k in nodes.items() if k == "lm_head"), None)
+    if spec.base.tie_word_embeddings and head:
+        retie_head(graph, head)
     folded = fold_weight_transposes(graph)
     name_dims(graph)
-    nodes = linear_nodes(graph)
     missing = {f"layers.{i}.{n}" for i in range(len(spec.layers)) for n in LINEARS} - set(nodes.values())
     if missing:
         raise ExportError(f"could not find the MatMul of {sorted(missing)[:3]} in the exported graph")
@@ -413,7 +569,11 @@ def write_onnx(model, spec: SubnetSpec, folder: Path, optimize: bool = False) ->
     for node, fmt in want.items():
         by_fmt.setdefault(fmt, []).append(node)
     weights_to_f16(graph, set(by_fmt.get("f16", [])))
-    embed_f16 = spec.embed_format == "f16" and embedding_to_f16(graph) is not None
+    tied = spec.base.tie_word_embeddings
+    if get_format(spec.embed_format).same_as:
+        embed = spec.embed_format if embedding_to_blocks(graph, spec.embed_format, head if tied else None) else "f32"
+    else:
+        embed = "f16" if spec.embed_format == "f16" and embedding_to_f16(graph) is not None else "f32"
     save(graph, path)
     del graph
     if by_fmt.get("int8"):
@@ -421,10 +581,10 @@ def write_onnx(model, spec: SubnetSpec, folder: Path, optimize: bool = False) ->
     for fmt in NBITS:
         if by_fmt.get(fmt):
             quantize_nbits(path, fmt, by_fmt[fmt])
-    final = onnx.load(str(path))
     onnx.checker.check_model(str(path))
+    norms = fuse_norms(path) if fused else {}  # ORT's fused norms live in the default domain, unknown to onnx
+    final = onnx.load(str(path))
     applied = applied_formats(final, nodes)
-    tied = spec.base.tie_word_embeddings
     mismatched = {k: (want[n], applied.get(k)) for n, k in nodes.items() if applied.get(k) != want[n]}
     if tied:  # the tied lm_head follows the embedding table
         mismatched.pop("lm_head", None)
@@ -442,14 +602,16 @@ def write_onnx(model, spec: SubnetSpec, folder: Path, optimize: bool = False) ->
         "linear_io": io,
         "embedding": {
             "requested": spec.embed_format,
-            "applied": "f16" if embed_f16 else "f32",
-            "lm_head": ("tied: MatMul(x, Transpose(embedding)), same storage as the embedding" if tied
+            "applied": embed,
+            "lm_head": (f"tied: {applied.get('lm_head')}, the same stored table as the embedding" if tied
                         else f"separate MatMul, {applied.get('lm_head')}"),
         },
         "node_ops": dict(Counter(n.op_type for n in final.graph.node if n.op_type in
-                                 ("MatMul", "MatMulInteger", "MatMulNBits", "Gather"))),
+                                 ("MatMul", "MatMulInteger", "MatMulNBits", "Gather", "GatherBlockQuantized"))),
         "folded_weight_transposes": folded,
-        "optimized": optimize,
+        "attention": "GroupQueryAttention (com.microsoft)" if attention == "gqa" else f"standard ONNX ops: {why_not}",
+        "fused": norms,
+        "optimized": fused,
         "f16_note": "f16 = float16 weight storage cast to float32 before the MatMul (CPU EP computes in f32)",
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
         "spec": spec.to_dict(),
@@ -463,12 +625,12 @@ def artifact_files(folder: Path, final: Path, extra: list[str] = ()) -> list[str
     return sorted(str(final / n) for n in names)
 
 
-def export_onnx(model, spec: SubnetSpec, out_dir, force: bool = False, optimize: bool = False) -> Artifact:
+def export_onnx(model, spec: SubnetSpec, out_dir, force: bool = False, fused: bool = True) -> Artifact:
     """Export an extracted sub-network to ``out_dir`` (model.onnx + model.onnx.data + artifact.json)."""
     out_dir = Path(out_dir)
     check_formats(spec)
     with atomic_output(out_dir, force=force) as tmp:
-        meta = write_onnx(model, spec, tmp, optimize=optimize)
+        meta = write_onnx(model, spec, tmp, fused=fused)
         meta["size_bytes"] = sum(p.stat().st_size for p in tmp.iterdir())
         art = Artifact(ONNXRUNTIME, str(out_dir / MODEL_FILE), artifact_files(tmp, out_dir, ["artifact.json"]), meta)
         art.write_meta(tmp / "artifact.json")

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 # no torch/transformers/subnet at import time: the measuring subprocess imports only this module
 RUNTIME = "onnxruntime"  # == subnet.formats.ONNXRUNTIME
 MODEL_FILE = "model.onnx"  # == targets.onnx_export.MODEL_FILE
-EMBED_FORMATS = ("f32", "f16")  # what the ONNX export can store the embedding table (and a tied lm_head) in
+EMBED_FORMATS = ("f32", "f16", "int8s_b32", "int4s_b32")  # what the ONNX export can store the embedding table
+# (and a tied lm_head) in: float, or q8_0's / q4_0's exact twins (GatherBlockQuantized + MatMulNBits)
 
 PARITY_TEXT = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
@@ -64,6 +65,7 @@ class OnnxRunner:
         self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.kv = [tuple(i.shape[1::2]) for i in self.session.get_inputs() if i.name in self.past_names]  # (heads, hd)
         self.vocab = self.session.get_outputs()[0].shape[-1]
+        self.positions = any(i.name == "position_ids" for i in self.session.get_inputs())
 
     def empty_past(self, batch: int = 1) -> list[np.ndarray]:
         return [np.zeros((batch, h, 0, d), dtype=np.float32) for h, d in self.kv]
@@ -72,11 +74,9 @@ class OnnxRunner:
         """The graph inputs that run new tokens ``ids`` [batch, seq] after ``past``."""
         b, s = ids.shape
         p = past[0].shape[2] if past else 0
-        feed = {
-            "input_ids": ids.astype(np.int64),
-            "attention_mask": np.ones((b, p + s), dtype=np.int64),
-            "position_ids": np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy(),
-        }
+        feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((b, p + s), dtype=np.int64)}
+        if self.positions:  # a GroupQueryAttention graph derives positions from the mask
+            feed["position_ids"] = np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy()
         feed.update(zip(self.past_names, past))
         return feed
 
@@ -251,14 +251,15 @@ def within_bounds(result: dict) -> bool:
     return ok and (max_abs is None or result["max_abs_diff"] <= max_abs)
 
 
-def export(model, tokenizer, spec: SubnetSpec, out, force: bool = False, optimize: bool = False) -> Artifact:
-    """Export for ONNX Runtime: model.onnx (+ .data), tokenizer files, artifact.json with parity."""
+def export(model, tokenizer, spec: SubnetSpec, out, force: bool = False, fused: bool = True) -> Artifact:
+    """Export for ONNX Runtime: model.onnx (+ .data), tokenizer files, artifact.json with parity.
+    ``fused``: see ``targets.onnx_export.write_onnx``."""
     from targets.onnx_export import artifact_files, check_formats, write_onnx
 
     out = Path(out)
     check_formats(spec)
     with atomic_output(out, force=force) as tmp:
-        meta = write_onnx(model, spec, tmp, optimize=optimize)
+        meta = write_onnx(model, spec, tmp, fused=fused)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         ids = parity_ids(tokenizer, model.config.vocab_size)

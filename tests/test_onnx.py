@@ -11,7 +11,7 @@ from subnet.extract import extract
 from subnet.spec import SubnetSpec
 from targets import onnxrt, tensorrt
 from targets.backend import ExportError, Workload
-from targets.onnx_export import NBITS, FormatNotSupported, applied_formats, export_onnx, quantize_nbits
+from targets.onnx_export import NBITS, FormatNotSupported, applied_formats, export_onnx, kv_shapes, quantize_nbits
 from tests.conftest import tiny_model
 
 IDS = [5, 17, 42, 99, 3, 64, 7, 120, 33, 8, 71, 12]
@@ -53,8 +53,13 @@ def test_f32_graph_io_names_and_per_layer_kv(f32_export):
     _, spec, art = f32_export
     g = onnx.load(art.path, load_external_data=False).graph
     n = len(spec.layers)
-    assert [i.name for i in g.input][:3] == ["input_ids", "attention_mask", "position_ids"]
-    past = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in g.input[3:]}
+    assert [i.name for i in g.input][:2] == ["input_ids", "attention_mask"]  # positions come from the mask
+    assert art.meta["attention"] == "GroupQueryAttention (com.microsoft)"
+    assert sum(node.op_type == "GroupQueryAttention" for node in g.node) == n
+    assert art.meta["fused"] == {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2 * n}
+    if spec.base.tie_word_embeddings:  # the table is stored once (the optimizer's transposed copy is undone)
+        assert [spec.hidden_size, spec.base.vocab_size] not in [list(t.dims) for t in g.initializer]
+    past = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in g.input[2:]}
     assert list(past) == [f"past_key_values.{i}.{t}" for i in range(n) for t in ("key", "value")]
     for i, ly in enumerate(spec.layers):
         assert past[f"past_key_values.{i}.key"][1] == ly.kv_heads
@@ -75,6 +80,45 @@ def test_kv_cache_decode_matches_torch(f32_export):
     got = runner.generate(IDS[:5], 8)
     ref = model.generate(torch.tensor([IDS[:5]]), max_new_tokens=8, do_sample=False, pad_token_id=0)[0, 5:].tolist()
     assert got == ref
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_gqa_decoder_in_torch_is_the_model(family):
+    """The export-only forward (one group_query_attention op per layer, run eagerly) computes the model's
+    own logits, in one pass and token by token with its presents as the next past."""
+    from targets.onnx_attention import GQADecoder
+
+    base = tiny_model(family)
+    model = extract(base, make_spec(arch_of(base.config), "hetero"))
+    dec = GQADecoder(model).eval()
+    ids = torch.tensor([IDS])
+    with torch.no_grad():
+        ref = model(ids).logits
+        empty = [torch.zeros(1, h, 0, d) for h, d in kv_shapes(model) for _ in (0, 1)]
+        logits, *past = dec(ids[:, :5], torch.ones(1, 5, dtype=torch.long), *empty)
+        assert torch.allclose(logits, ref[:, :5], atol=1e-5)
+        for t in range(5, len(IDS)):
+            logits, *past = dec(ids[:, t : t + 1], torch.ones(1, t + 1, dtype=torch.long), *past)
+            assert torch.allclose(logits[0, -1], ref[0, t], atol=1e-5)
+
+
+def test_attention_that_gqa_cannot_hold_exports_standard_ops(monkeypatch, tmp_path):
+    """A sliding-window layer is no GroupQueryAttention here: the fused export falls back to the modules'
+    own attention ops (position_ids input back), says why, and still matches torch."""
+    import targets.onnx_export as ox
+    from targets.onnx_attention import unsupported
+
+    base = tiny_model("llama")
+    spec = make_spec(arch_of(base.config), "uniform")
+    model = extract(base, spec)
+    model.model.layers[1].self_attn.sliding_window = 4
+    assert unsupported(model) == "layer 1 uses sliding-window attention"
+    model.model.layers[1].self_attn.sliding_window = None
+    monkeypatch.setattr(ox, "unsupported", lambda m: "layer 1 uses sliding-window attention")
+    art = onnxrt.export(model, None, spec, tmp_path / "out")
+    assert art.meta["attention"] == "standard ONNX ops: layer 1 uses sliding-window attention"
+    assert art.meta["inputs"][:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert art.meta["parity"]["within_bounds"] and art.meta["fused"]["SkipSimplifiedLayerNormalization"] == 6
 
 
 MIXED = {  # per kept layer: linear -> format (rest f32); tiny rows are 64 wide, o_proj of 2 heads 32
@@ -151,6 +195,42 @@ def test_int4s_b32_stores_q4_0_weights_exactly(tmp_path):
     want = quants.dequantize(quants.quantize(w, GGMLQuantizationType.Q4_0), GGMLQuantizationType.Q4_0)
     assert np.array_equal(got.view(np.uint32), want.astype(np.float32).view(np.uint32))
     assert applied_formats(model, {"mm": "mm"}) == {"mm": "int4s_b32"}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # tied / untied embeddings
+def test_twin_embedding_and_linears_hold_ggml_weights(family, tmp_path):
+    """q8_0's twin everywhere (embedding and lm_head too, q4_0's in one MLP): the table is stored once as
+    GatherBlockQuantized codes (a tied lm_head reads the same codes through MatMulNBits), ggml's q8_0
+    weights bit for bit, and the graph agrees with the simulation linear by linear."""
+    from gguf import GGMLQuantizationType, quants
+    from onnx import numpy_helper
+
+    base = tiny_model(family)
+    spec = SubnetSpec.uniform(arch_of(base.config), layers=[0, 1, 3], fmt="int8s_b32")
+    spec.layers[1].formats.update(gate_proj="int4s_b32", up_proj="int4s_b32", down_proj="int4s_b32")
+    model = extract(base, spec.validate())
+    art = onnxrt.export(model, None, spec, tmp_path / "out")
+    tied = spec.base.tie_word_embeddings
+    assert art.meta["embedding"]["applied"] == "int8s_b32" and art.meta["applied"]["lm_head"] == "int8s_b32"
+    assert all(art.meta["applied"][f"layers.{i}.{n}"] == f for i, ly in enumerate(spec.layers)
+               for n, f in ly.formats.items())  # fmt: skip
+    g = onnx.load(art.path).graph
+    ops = [n.op_type for n in g.node]
+    assert ops.count("GatherBlockQuantized") == 1 and ops.count("MatMulNBits") == 7 * 3 + 1
+    (gather,) = [n for n in g.node if n.op_type == "GatherBlockQuantized"]
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    table = model.get_input_embeddings().weight.detach().numpy()
+    assert not any(v.shape == table.shape and v.dtype == np.float32 for v in inits.values())  # no float copy left
+    codes, scales = inits[gather.input[0]], inits[gather.input[2]]
+    got = ((codes.astype(np.float32) - 128).reshape(len(table), -1, 32) * scales[..., None]).reshape(table.shape)
+    want = quants.dequantize(quants.quantize(table, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0)
+    assert np.array_equal(got.view(np.uint32), want.astype(np.float32).view(np.uint32))
+    head_matmul = next(k for k, v in art.meta["nodes"].items() if v == "lm_head")
+    head = next(n for n in g.node if n.name == head_matmul + "_Q8")
+    assert (head.input[1] == gather.input[0] + "3d") == tied  # a tied head reads the gathered codes, reshaped
+    p = art.meta["parity"]
+    assert p["format_class"] == "block_int8_input" and p["within_bounds"]
+    assert p["linears"]["n_linears"] == 7 * 3 + 1 and p["top1_agreement"] >= 0.9
 
 
 def test_int8_with_outlier_token_matches_decode_and_every_linear(tmp_path):

@@ -210,9 +210,9 @@ def test_head_format_never_profiled_is_refused(fitted):
 
 
 def test_grid_measures_every_head_format_the_runtime_stores():
-    """ONNX Runtime's f16 embedding / LM head (what pack ships) is profiled, not only f32."""
+    """ONNX Runtime's f16 and q8_0-twin embedding / LM head (what pack ships) is profiled, not only f32."""
     for runtime, fmts, heads in (("llama.cpp", ["q8_0", "q4_0"], {"q8_0", "q4_0"}),
-                                 ("onnxruntime", ["int8_b32", "int4_b32"], {"f32", "f16"})):  # fmt: skip
+                                 ("onnxruntime", ["int8_b32", "int4_b32"], {"f32", "f16", "int8s_b32"})):  # fmt: skip
         grid = profiler.default_grid(runtime, TINY, fmts, Workload(16, 8))
         assert {p["embed_format"] for p in grid} == heads
         assert len({profiler.point_key(p) for p in grid}) == len(grid)

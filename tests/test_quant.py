@@ -16,6 +16,7 @@ from subnet.quant import (
     QuantError,
     TrainingRounder,
     _ggml,
+    block_codes,
     block_scales,
     encode_to_scales,
     fake_quantize,
@@ -73,6 +74,25 @@ def test_simple_formats_equal_gguf_numpy(fmt):
     ref = quants.dequantize(ref_bytes, qt)
     assert bits_equal(fake_quantize(torch.from_numpy(w), fmt).numpy(), ref)  # torch fast path
     assert bits_equal(fake_quantize_ggml(torch.from_numpy(w), fmt).numpy(), ref)  # ggml path
+
+
+@pytest.mark.parametrize("fmt,twin,lo,hi", [("q8_0", "int8s_b32", -127, 127), ("q4_0", "int4s_b32", -8, 7),
+                                             ("q5_0", None, -16, 15)])  # fmt: skip
+def test_block_codes_are_what_the_format_stores(fmt, twin, lo, hi):
+    """codes * scales is the format's round trip, bit for bit; codes are integers in the format's range,
+    scales f16 values; a twin has the same codes."""
+    w = torch.from_numpy(weight())
+    codes, scales = block_codes(w, fmt)
+    assert codes.shape == w.shape and scales.shape == (w.shape[0], w.shape[1] // 32)
+    assert torch.equal(codes, codes.round()) and codes.min() >= lo and codes.max() <= hi
+    assert torch.equal(scales, scales.half().float())
+    got = (codes.reshape(w.shape[0], -1, 32) * scales[..., None]).reshape(w.shape)
+    assert bits_equal(got.numpy(), fake_quantize(w, fmt).numpy())
+    if twin:
+        assert all(torch.equal(a, b) for a, b in zip(block_codes(w, twin), (codes, scales)))
+        assert bits_equal(fake_quantize(w, twin).numpy(), got.numpy())
+    with pytest.raises(QuantError, match="no absmax block codes"):
+        block_codes(w, "q4_1")
 
 
 @pytest.mark.parametrize("fmt", [f for f in _FAST if f in GGUF])
