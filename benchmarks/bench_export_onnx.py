@@ -1,13 +1,18 @@
-"""Export SmolLM2 (full and a pruned heterogeneous spec) to ONNX in f32/int8/int4_b32; print time, size,
-parity and (optionally) prefill / decode latency with ONNX Runtime.
+"""Export SmolLM2 (full and a pruned heterogeneous spec) to ONNX per weight format; print time, size,
+parity and (optionally) prefill / decode latency with ONNX Runtime, measured in interleaved rounds
+(medians). ``--graphs fused,standard`` exports each both ways: the fused ONNX Runtime graph
+(GroupQueryAttention, fused RMSNorms; what pack ships) and the standard-ops graph (the modules' own
+attention ops), to show what the fusion buys. Run it on a quiet machine.
 
-    .venv/bin/python benchmarks/bench_export_onnx.py --out /tmp/bench-onnx [--measure f32,int4_b32] [--threads 2]
+    .venv/bin/python benchmarks/bench_export_onnx.py --out /tmp/bench-onnx [--formats f32,int8s_b32,int4s_b32] \
+        [--measure int8s_b32,int4s_b32] [--graphs fused,standard] [--rounds 5] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -21,8 +26,9 @@ from targets import onnxrt
 from targets.backend import Workload
 
 
-def specs(arch, fmt: str) -> dict[str, SubnetSpec]:
-    """full, and a pruned one: 4 late blocks dropped, every third MLP at 1024, every fourth layer 2 KV heads."""
+def specs(arch, fmt: str, embed: str = "f32") -> dict[str, SubnetSpec]:
+    """full, and a pruned one: 4 late blocks dropped, every third MLP at 1024, every fourth layer 2 KV heads;
+    linears in ``fmt``, the (tied) embedding in ``embed``."""
     full = SubnetSpec.uniform(arch, fmt="f32")
     pruned = SubnetSpec.uniform(arch, layers=[i for i in range(arch.num_layers) if i not in (21, 23, 25, 27)])
     for j, ly in enumerate(pruned.layers):
@@ -35,6 +41,7 @@ def specs(arch, fmt: str) -> dict[str, SubnetSpec]:
         for ly in spec.layers:  # a format a row cannot hold stays f32 (none here: rows are 576, 1536, 1024, 384)
             for lin, (_, row) in spec.linear_shapes(ly).items():
                 ly.formats[lin] = fmt if get_format(fmt).fits(row) else "f32"
+        spec.embed_format = spec.lm_head_format = embed
         out[name] = spec.validate()
     return out
 
@@ -42,35 +49,46 @@ def specs(arch, fmt: str) -> dict[str, SubnetSpec]:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/bench-onnx")
-    ap.add_argument("--formats", default="f32,int8,int4_b32")
+    ap.add_argument("--formats", default="f32,int8s_b32,int4s_b32")
     ap.add_argument("--which", default="full,pruned")
-    ap.add_argument("--measure", default="f32,int4_b32", help="formats to time (empty: none)")
+    ap.add_argument("--embed", default="int8s_b32", help="embedding (and tied LM head) format")
+    ap.add_argument("--graphs", default="fused", help="fused and/or standard (see the module docstring)")
+    ap.add_argument("--measure", default="int8s_b32,int4s_b32", help="formats to time (empty: none)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=32)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model(None)
-    rows = []
+    rows, arts = [], {}
     for fmt in args.formats.split(","):
-        for name, spec in specs(lm.arch, fmt).items():
+        for name, spec in specs(lm.arch, fmt, args.embed).items():
             if name not in args.which.split(","):
                 continue
             model = extract(lm.model, spec)
-            t0 = time.perf_counter()
-            art = onnxrt.export(model, lm.tokenizer, spec, Path(args.out) / f"{name}-{fmt}", force=True)
-            row = {
-                "spec": name, "format": fmt, "params_M": round(spec.num_params() / 1e6, 1),
-                "export_s": round(time.perf_counter() - t0, 1), "size_MB": round(art.meta["size_bytes"] / 1e6, 1),
-                "max_abs_diff": round(art.meta["parity"]["max_abs_diff"], 5),
-                "top1": round(art.meta["parity"]["top1_agreement"], 3),
-            }
-            if fmt in args.measure.split(","):
-                m = onnxrt.measure(art, Workload(args.prompt, args.gen), threads=args.threads)
-                row.update(prefill_ms=round(m.prefill_ms, 1), decode_ms_tok=round(m.decode_ms_per_token, 2),
-                           rss_MB=round(m.peak_rss_mb))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for graph in args.graphs.split(","):
+                t0 = time.perf_counter()
+                art = onnxrt.export(model, lm.tokenizer, spec, Path(args.out) / f"{name}-{fmt}-{graph}", force=True,
+                                    fused=graph == "fused")  # fmt: skip
+                row = {
+                    "spec": name, "format": fmt, "graph": graph, "params_M": round(spec.num_params() / 1e6, 1),
+                    "export_s": round(time.perf_counter() - t0, 1), "size_MB": round(art.meta["size_bytes"] / 1e6, 1),
+                    "max_abs_diff": round(art.meta["parity"]["max_abs_diff"], 5),
+                    "top1": round(art.meta["parity"]["top1_agreement"], 3),
+                }
+                rows.append(row)
+                if fmt in args.measure.split(","):
+                    arts[len(rows) - 1] = art
+                print(json.dumps(row), flush=True)
+    runs = {i: [] for i in arts}
+    for _ in range(args.rounds):  # interleaved, so drift in the machine's speed hits every artifact alike
+        for i, art in arts.items():
+            runs[i].append(onnxrt.measure(art, Workload(args.prompt, args.gen), threads=args.threads))
+    for i, ms in runs.items():
+        rows[i].update(prefill_ms=round(statistics.median(m.prefill_ms for m in ms), 1),
+                       decode_ms_tok=round(statistics.median(m.decode_ms_per_token for m in ms), 2),
+                       rss_MB=round(statistics.median(m.peak_rss_mb for m in ms)))  # fmt: skip
     keys = list(dict.fromkeys(k for r in rows for k in r))
     print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in rows:

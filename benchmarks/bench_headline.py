@@ -3,7 +3,9 @@
 Measured on this machine in one process tree, interleaved: for llama.cpp, the packed GGUF, the
 sequential prune-then-quantize bundle's GGUF (if given), the base in the search's widest format
 (our exporter), and llama.cpp's own Q8_0 and Q4_K_M of the base (llama_model_quantize from an F32
-GGUF); for ONNX Runtime, the packed model vs the base in the same formats. Columns: size, decode
+GGUF); for ONNX Runtime, the packed model vs the base in the same formats and, where onnxruntime-genai
+is installed (``pip install -e '.[bench]'``), its model builder's int4 export of the base (what an
+ONNX Runtime user would do instead). Columns: size, decode
 tokens/s, prefill ms, peak RSS, held-out perplexity (scored in the runtime), and decode speed as a
 fraction of this machine's memory-bandwidth roofline (bytes read per token / measured bandwidth).
 
@@ -15,17 +17,21 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from search.text import token_blocks
 from subnet.extract import extract
-from subnet.loading import load_model
+from subnet.loading import embedded_model_dir, load_model
 from subnet.spec import SubnetSpec
 from targets import llamacpp, onnxrt
 from targets.backend import Workload, runner_perplexity
@@ -54,6 +60,25 @@ def llama_quantize(src: Path, dst: Path, ftype_name: str) -> Path:
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize {ftype_name} failed ({rc})")
     return dst
+
+
+def genai_int4(hf_dir: Path, out: Path) -> Path | None:
+    """onnxruntime-genai's model builder on the base: int4 weights (its defaults for the CPU: RTN, block
+    32, int8 compute, the LM head too) and a GroupQueryAttention graph. None without onnxruntime-genai."""
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        return None
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(hf_dir), "-i", str(hf_dir),
+                    "-o", str(out), "-p", "int4", "-e", "cpu", "-c", str(out / "cache")], check=True,
+                   capture_output=True)  # fmt: skip
+    path = out / "model.onnx"
+    graph = onnx.load(str(path), load_external_data=False)  # its KV head size is a named dim: our runner needs it
+    head_dim = json.loads((hf_dir / "config.json").read_text())
+    head_dim = head_dim.get("head_dim") or head_dim["hidden_size"] // head_dim["num_attention_heads"]
+    for i in graph.graph.input:
+        if i.name.startswith("past_key_values."):
+            i.type.tensor_type.shape.dim[3].dim_value = head_dim
+    onnx.save(graph, str(path))  # the weights stay in its external data file
+    return path
 
 
 def bundle_artifact(bundle: Path, runtime: str) -> Path | None:
@@ -129,6 +154,10 @@ def main():
     onnx_packed = bundle_artifact(args.packed, "onnxruntime")
     if onnx_packed is not None:
         ov = {"packed": onnx_packed, "base, same precision": pack_work / "onnxruntime" / "base" / "model.onnx"}
+        hf_dir = Path(card["config"]["model"]) if card["config"]["model"] else embedded_model_dir()
+        genai = genai_int4(hf_dir, work / "genai-int4") if hf_dir.is_dir() else None
+        if genai is not None:
+            ov["base, onnxruntime-genai int4"] = genai
         orows = {k: {"decode": [], "prefill": [], "rss": []} for k in ov}
         for _ in range(args.rounds):
             for name, path in ov.items():

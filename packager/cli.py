@@ -109,6 +109,18 @@ def profile(target, runtime, threads, repeats, out, no_resume):
     click.echo(f"profiled {len(table['points'])} points → {table.get('path', out or 'the user table folder')}")
 
 
+def _shares(text: str) -> list[float]:
+    """``--runtime-format-shares``: comma-separated shares in (0, 1], starting at 1.0."""
+    try:
+        shares = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        shares = []
+    if not shares or shares[0] != 1.0 or not all(0 < x <= 1 for x in shares):
+        raise click.BadParameter(f"{text!r}: give comma-separated shares in (0, 1] starting at 1.0, e.g. 1.0,0.8,0.6",
+                                 param_hint="--runtime-format-shares")  # fmt: skip
+    return shares
+
+
 def _sorted_base(model, allow_pickle, calib_blocks=16):
     """Load and importance-sort a model as the search does: (loaded model, importance, calibration blocks)."""
     from search.importance import sort_model
@@ -226,6 +238,9 @@ def tune_supernet_cmd(model, target, runtime, mode, steps, calib_blocks, seed, o
 @click.option("--recover-steps", default=120, show_default=True)
 @click.option("--runtime-recover-steps", default=60, show_default=True,
               help="Recovery steps for each other runtime whose formats round the winner differently (0: none).")
+@click.option("--runtime-format-shares", default="1.0,0.8", show_default=True,
+              help="Shares of blocks (least rounding-sensitive first) keeping the carried formats in such a runtime, "
+                   "tried in turn until its recovery meets the floor; the rest take the base's formats.")
 @click.option("--shortlist", default=3, show_default=True,
               help="Faster candidates given a short recovery before choosing the winner (0: choose before recovery).")
 @click.option("--recoverable", default=0.3, show_default=True,
@@ -240,8 +255,8 @@ def tune_supernet_cmd(model, target, runtime, mode, steps, calib_blocks, seed, o
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @pickle_option
 def pack(target, model, latency_ms, memory_mb, size_mb, accuracy_floor, runtimes, strategy, mode, budget,
-         recover_steps, runtime_recover_steps, shortlist, recoverable, promote_margin, seed, threads, out, resume,
-         force, allow_pickle):  # fmt: skip
+         recover_steps, runtime_recover_steps, runtime_format_shares, shortlist, recoverable, promote_margin, seed,
+         threads, out, resume, force, allow_pickle):  # fmt: skip
     """One command from model to bundle: search, select, recover, export, measure, scorecard."""
     from pathlib import Path
 
@@ -250,6 +265,7 @@ def pack(target, model, latency_ms, memory_mb, size_mb, accuracy_floor, runtimes
     cfg = PackConfig(target=target, model=model, latency_ms=latency_ms, memory_mb=memory_mb, size_mb=size_mb,
                      accuracy_floor=accuracy_floor, runtimes=list(runtimes), strategy=strategy, mode=mode,
                      budget=budget, seed=seed, recover_steps=recover_steps, runtime_recover_steps=runtime_recover_steps,
+                     runtime_format_shares=_shares(runtime_format_shares),
                      shortlist=shortlist, recoverable=recoverable, promote_margin=promote_margin, threads=threads,
                      allow_pickle=allow_pickle)  # fmt: skip
     folder = Pack(cfg, Path(out), resume=resume, force=force).run()

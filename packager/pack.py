@@ -68,6 +68,8 @@ class PackConfig:
     eval_blocks: int = 8  # x 256 tokens (search accuracy; held out)
     recover_steps: int = 120
     runtime_recover_steps: int = 60  # per other runtime whose formats round differently (0: export them as is)
+    # the shares of blocks that keep their carried formats, tried in turn until that runtime meets the floor
+    runtime_format_shares: list[float] = field(default_factory=lambda: [1.0, 0.8])
     threads: int = 2
     allow_pickle: bool = False
 
@@ -311,32 +313,52 @@ class Pack:
     def runtime_recovery(self, runtime: str) -> dict | None:
         """Recover the winner again at ``runtime``'s formats where they round weights the search
         runtime's don't hold exactly (ONNX Runtime has no iq4_nl): ``runtime_recover_steps`` of LoRA +
-        distillation warm-started from the winner's recovered model, saved for that runtime's export,
-        with its held-out perplexity against the floor there (the base at that runtime's formats, plus
-        ``accuracy_floor``). None when the runtime holds the winner's formats exactly (or the steps are 0)."""
+        distillation warm-started from the winner's recovered model, scored on held-out text against the
+        floor there (the base at that runtime's formats, plus ``accuracy_floor``). A try that misses the
+        floor is followed by one at the next of ``runtime_format_shares``: only that share of the blocks,
+        the least sensitive to rounding (the search's format-share rule), keeps the carried formats, the
+        rest take the base's (widest) formats. The first try that meets the floor is kept, else the most
+        accurate; its model and spec (``spec-<runtime>.json``) go to that runtime's export. None when the
+        runtime holds the winner's formats exactly (or the steps are 0)."""
         from search.recovery import RecoveryConfig, recover
 
-        spec, base_spec = self.runtime_specs(runtime)
+        spec, base_spec = self.retargeted_specs(runtime)
         changed = lossy_retargets(SubnetSpec.load(self.work / "spec.json"), spec)
         if not changed or not self.cfg.runtime_recover_steps:
             return None
         console.print(f"  recovery for {runtime}: {len(changed)} tensors change format ({changed[0]}, ...)")
-        student, _ = self._recovered(self.search_runtime)
         sorted_model = self.sorted_model()
         calib, val = self.recovery_blocks()
-        res = recover(sorted_model, student, spec, calib, val,
-                      RecoveryConfig(max_steps=self.cfg.runtime_recover_steps, qat=True),
-                      out_dir=self.work / f"recovery-{runtime}", resume=True)  # fmt: skip
+        limit = perplexity(fake_quantize_model(extract(sorted_model, base_spec), base_spec), val) * (1 + self.cfg.accuracy_floor)
+        space, kept = self.space(Importance.load(self.work / "importance.json")), [ly.index for ly in spec.layers]
+        tries = []
+        for share in self.cfg.runtime_format_shares:
+            narrow = space.narrow_blocks(kept, share) if share < 1 else set(kept)
+            tried = widen_blocks(spec, base_spec, narrow)
+            student, _ = self._recovered(self.search_runtime)  # recovery merges into its student: a fresh copy
+            res = recover(sorted_model, student, tried, calib, val,
+                          RecoveryConfig(max_steps=self.cfg.runtime_recover_steps, qat=True),
+                          out_dir=self.work / f"recovery-{runtime}" / f"share-{share:g}", resume=True)  # fmt: skip
+            tries.append((share, tried, res))
+            console.print(f"  {runtime} at format share {share:g}: held-out ppl {res.ppl_after:.2f} (floor {limit:.2f})")
+            if res.ppl_after <= limit:
+                break
+        share, tried, res = next((t for t in tries if t[2].ppl_after <= limit), min(tries, key=lambda t: t[2].ppl_after))
         save_model(res.model, self.work / f"recovered-{runtime}", block_scales=res.block_scales)
-        base_ppl = perplexity(fake_quantize_model(extract(sorted_model, base_spec), base_spec), val)
-        limit = base_ppl * (1 + self.cfg.accuracy_floor)
-        return res.summary() | {"changed": len(changed), "example": changed[0], "val_ppl_limit": limit,
-                                "meets_floor": res.ppl_after <= limit}  # fmt: skip
+        tried.save(self.work / f"spec-{runtime}.json")
+        return res.summary() | {
+            "changed": len(changed), "example": changed[0], "val_ppl_limit": limit, "meets_floor": res.ppl_after <= limit,
+            "format_share": share, "narrow_blocks": sum(ly.formats == s.formats for ly, s in zip(tried.layers, spec.layers)),
+            "tries": [{"format_share": sh, "ppl_after": r.ppl_after, "wall_s": r.summary()["wall_s"]} for sh, _, r in tries],
+        }  # fmt: skip
+
+    def own_recovery(self, runtime: str) -> bool:
+        """Whether ``runtime`` got its own recovery (``runtime_recovery``) in the recover stage."""
+        return runtime != self.search_runtime and runtime in self.result("recover").get("runtimes", {})
 
     def recovered_dir(self, runtime: str) -> Path:
         """Where the model recovered for ``runtime`` is: its own recovery's if it had one, else the search runtime's."""
-        own = runtime != self.search_runtime and runtime in self.result("recover").get("runtimes", {})
-        return self.work / (f"recovered-{runtime}" if own else "recovered")
+        return self.work / (f"recovered-{runtime}" if self.own_recovery(runtime) else "recovered")
 
     def _recovered(self, runtime: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
         """The model recovered for ``runtime`` and the block scales its scale-search weights were trained at."""
@@ -348,7 +370,13 @@ class Pack:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), scales
 
     def runtime_specs(self, runtime: str) -> tuple[SubnetSpec, SubnetSpec]:
-        """(packaged, base) specs in ``runtime``'s formats: the base at the search's widest formats."""
+        """(packaged, base) specs in ``runtime``'s formats: the packaged one as that runtime's own recovery
+        chose it (``runtime_recovery``), else carried over (``retargeted_specs``)."""
+        spec, base = self.retargeted_specs(runtime)
+        return (SubnetSpec.load(self.work / f"spec-{runtime}.json") if self.own_recovery(runtime) else spec), base
+
+    def retargeted_specs(self, runtime: str) -> tuple[SubnetSpec, SubnetSpec]:
+        """(packaged, base) specs carried to ``runtime``'s formats: the base at the search's widest formats."""
         spec = SubnetSpec.load(self.work / "spec.json")
         imp = Importance.load(self.work / "importance.json")
         space = self.space(imp)
@@ -445,6 +473,16 @@ def save_model(model, folder: Path, tokenizer=None, block_scales: dict[str, torc
             tokenizer.save_pretrained(tmp)
         if block_scales:
             save_file({k: v.contiguous() for k, v in block_scales.items()}, str(tmp / BLOCK_SCALES))
+
+
+def widen_blocks(spec: SubnetSpec, wide: SubnetSpec, narrow: set[int]) -> SubnetSpec:
+    """``spec`` with every kept block not in ``narrow`` in the formats ``wide`` gives that block."""
+    out = SubnetSpec.from_dict(spec.to_dict())
+    formats = {ly.index: ly.formats for ly in wide.layers}
+    for ly in out.layers:
+        if ly.index not in narrow:
+            ly.formats = dict(formats[ly.index])
+    return out.validate()
 
 
 def runtime_formats(target: Target, runtime: str) -> list[str]:

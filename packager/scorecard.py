@@ -119,10 +119,16 @@ def recovery_line(sec: dict) -> str | None:
     r = sec.get("recovery")
     if not r:
         return None
-    return (f"recovered again for this runtime's formats ({r['changed']} tensors change format, e.g. {r['example']}): "
-            f"held-out ppl {r['ppl_before']:.2f} → {r['ppl_after']:.2f} after {r['steps_run']} steps "
+    share = r.get("format_share", 1.0)
+    kept = "" if share == 1.0 else (f"; at format share {share:g}: {r['narrow_blocks']} blocks keep the carried formats, "
+                                    "the more rounding-sensitive rest the base's")  # fmt: skip
+    tries = r.get("tries", [])
+    tried = "" if len(tries) < 2 else "; tried " + ", ".join(
+        f"share {t['format_share']:g} → {t['ppl_after']:.2f} ({t['wall_s']:.0f} s)" for t in tries)
+    return (f"recovered again for this runtime's formats ({r['changed']} tensors change format, e.g. {r['example']}"
+            f"{kept}): held-out ppl {r['ppl_before']:.2f} → {r['ppl_after']:.2f} after {r['steps_run']} steps "
             f"({r['wall_s']:.0f} s, warm-started from the winner's recovery), floor {r['val_ppl_limit']:.2f}: "
-            f"{'met' if r['meets_floor'] else 'missed'} (formats simulated)")  # fmt: skip
+            f"{'met' if r['meets_floor'] else 'missed'} (formats simulated){tried}")  # fmt: skip
 
 
 def runtime_lines(sec: dict) -> list[str]:

@@ -128,6 +128,11 @@ def test_scorecard_says_whether_each_runtime_meets_the_accuracy_floor():
     md = to_markdown(card)
     assert line in md and md.index(line) < md.index("MISSED (31.20)") and md.count("recovered again") == 1
     assert html.escape(line) in to_html(card, [])
+    card["runtimes"]["onnxruntime"]["recovery"].update(format_share=0.8, narrow_blocks=24, tries=[
+        {"format_share": 1.0, "ppl_after": 32.2, "wall_s": 300.0}, {"format_share": 0.8, "ppl_after": 30.5, "wall_s": 310.0}])
+    md = to_markdown(card)
+    assert "iq4_nl->int4s_b32; at format share 0.8: 24 blocks keep the carried formats" in md
+    assert "(formats simulated); tried share 1 → 32.20 (300 s), share 0.8 → 30.50 (310 s)" in md
 
 
 def test_scorecard_shows_the_shortlist_and_the_promoted_candidate():

@@ -177,9 +177,12 @@ def test_promotion_gives_a_near_miss_the_full_recovery_and_the_recover_stage_reu
 
 
 def test_a_runtime_that_rounds_the_winner_differently_gets_its_own_recovery(small_model_dir, tmp_path):
-    """iq4_nl has no ONNX Runtime twin: its retarget is recovered again, warm-started, for the ONNX export."""
+    """iq4_nl has no ONNX Runtime twin: its retarget is recovered again, warm-started, for the ONNX export;
+    missing the floor (here an unreachable one), it is tried again with the most rounding-sensitive half
+    of the blocks at the base's formats, and the more accurate try is kept."""
     p = Pack(small_config(small_model_dir, runtimes=["llama.cpp", "onnxruntime"], recover_steps=2,
-                          runtime_recover_steps=2), tmp_path / "r")  # fmt: skip
+                          runtime_recover_steps=2, accuracy_floor=-0.5, runtime_format_shares=[1.0, 0.5]),
+             tmp_path / "r")  # fmt: skip
     p.state.setdefault("done", {})["prepare"] = {"result": p.stage_prepare(), "wall_s": 0}
     space = p.space(Importance.load(p.work / "importance.json"))
     spec = space.decode(space.largest())
@@ -192,8 +195,13 @@ def test_a_runtime_that_rounds_the_winner_differently_gets_its_own_recovery(smal
     assert own["steps_run"] == 2 and own["changed"] == 4 * 7 and "iq4_nl->int4" in own["example"]
     assert "llama.cpp" not in rec["runtimes"]  # the search runtime holds its own formats
     assert own["ppl_before"] != pytest.approx(rec["ppl_after"])  # scored at ONNX Runtime's rounding, not iq4_nl's
-    assert own["meets_floor"] == (own["ppl_after"] <= own["val_ppl_limit"])
+    assert not own["meets_floor"] and [t["format_share"] for t in own["tries"]] == [1.0, 0.5]
+    assert own["ppl_after"] == min(t["ppl_after"] for t in own["tries"])
+    assert own["narrow_blocks"] == (4 if own["format_share"] == 1.0 else 2)
     p.state["done"]["recover"] = {"result": rec, "wall_s": 0}
+    shipped, base = p.runtime_specs("onnxruntime")  # the kept try's spec goes to the export
+    wide = [i for i, ly in enumerate(shipped.layers) if set(ly.formats.values()) == {"int8s_b32"}]
+    assert len(wide) == 4 - own["narrow_blocks"] and {f for ly in base.layers for f in ly.formats.values()} == {"int8s_b32"}
     assert p.recovered_dir("onnxruntime").name == "recovered-onnxruntime"
     assert p.recovered_dir("llama.cpp").name == "recovered"
     _, scales = p._recovered("llama.cpp")
