@@ -24,7 +24,7 @@ from search.evaluate import perplexity
 from search.importance import Importance, quantization_rank, sort_model
 from search.problem import Budgets, Evaluation, Problem, pareto_front
 from search.run import infeasible, plot_front, require_feasible, run_search
-from search.space import DEFAULT_FORMATS, SearchSpace, SpaceConfig
+from search.space import DEFAULT_FORMATS, SearchSpace, SpaceConfig, least_sensitive
 from search.text import token_blocks
 from subnet.arch import ATTN_LINEARS, MLP_LINEARS
 from subnet.extract import extract
@@ -329,12 +329,12 @@ class Pack:
         console.print(f"  recovery for {runtime}: {len(changed)} tensors change format ({changed[0]}, ...)")
         sorted_model = self.sorted_model()
         calib, val = self.recovery_blocks()
-        limit = perplexity(fake_quantize_model(extract(sorted_model, base_spec), base_spec), val) * (1 + self.cfg.accuracy_floor)
-        space, kept = self.space(Importance.load(self.work / "importance.json")), [ly.index for ly in spec.layers]
-        tries = []
+        base_ppl = perplexity(fake_quantize_model(extract(sorted_model, base_spec), base_spec), val)
+        limit = base_ppl * (1 + self.cfg.accuracy_floor)
+        kept, tries = [ly.index for ly in spec.layers], []
         for share in self.cfg.runtime_format_shares:
-            narrow = space.narrow_blocks(kept, share) if share < 1 else set(kept)
-            tried = widen_blocks(spec, base_spec, narrow)
+            rank = self.rounding_rank() if share < 1 else None
+            tried = widen_blocks(spec, base_spec, least_sensitive(rank, kept, share))
             student, _ = self._recovered(self.search_runtime)  # recovery merges into its student: a fresh copy
             res = recover(sorted_model, student, tried, calib, val,
                           RecoveryConfig(max_steps=self.cfg.runtime_recover_steps, qat=True),
@@ -346,11 +346,22 @@ class Pack:
         share, tried, res = next((t for t in tries if t[2].ppl_after <= limit), min(tries, key=lambda t: t[2].ppl_after))
         save_model(res.model, self.work / f"recovered-{runtime}", block_scales=res.block_scales)
         tried.save(self.work / f"spec-{runtime}.json")
+        narrow = sum(a.formats == b.formats for a, b in zip(tried.layers, spec.layers))  # blocks kept as carried
         return res.summary() | {
-            "changed": len(changed), "example": changed[0], "val_ppl_limit": limit, "meets_floor": res.ppl_after <= limit,
-            "format_share": share, "narrow_blocks": sum(ly.formats == s.formats for ly, s in zip(tried.layers, spec.layers)),
+            "changed": len(changed), "example": changed[0], "val_ppl_limit": limit,
+            "meets_floor": res.ppl_after <= limit, "format_share": share, "narrow_blocks": narrow,
             "tries": [{"format_share": sh, "ppl_after": r.ppl_after, "wall_s": r.summary()["wall_s"]} for sh, _, r in tries],
         }  # fmt: skip
+
+    def rounding_rank(self) -> list[int]:
+        """The blocks, least sensitive to rounding first: the prepare stage's ranking where the search
+        used one, else measured now (narrowest vs widest search format) and kept in importance.json."""
+        imp = Importance.load(self.work / "importance.json")
+        if imp.quant_rank is None:
+            calib = self.blocks("calibration", self.cfg.calib_blocks)
+            measure_rounding(imp, self.sorted_model(), calib, self.target, self.search_runtime)
+            imp.save(self.work / "importance.json")
+        return imp.quant_rank
 
     def own_recovery(self, runtime: str) -> bool:
         """Whether ``runtime`` got its own recovery (``runtime_recovery``) in the recover stage."""
@@ -510,6 +521,11 @@ def rank_quantization(importance: Importance, model, calib: torch.Tensor, target
     sequential baseline (uniform quantization) and the differentiable search (per-block pricing)."""
     if mode != "uniform" or strategy in ("sequential", "differentiable"):
         return importance
+    return measure_rounding(importance, model, calib, target, runtime)
+
+
+def measure_rounding(importance: Importance, model, calib: torch.Tensor, target: Target, runtime: str) -> Importance:
+    """Add the blocks' sensitivity to rounding (narrowest vs widest search format of ``runtime``) to ``importance``."""
     fmts = runtime_formats(target, runtime)
     importance.quant_rank, importance.quant_scores = quantization_rank(model, calib[:QUANT_RANK_BLOCKS], fmts[-1], fmts[0])
     importance.quant_formats = [fmts[-1], fmts[0]]

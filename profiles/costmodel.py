@@ -37,7 +37,7 @@ import numpy as np
 from profiles import roofline
 from subnet.formats import LLAMA_CPP, effective_format
 from subnet.spec import SubnetSpec
-from targets.backend import BACKENDS, Measurement, Workload, cpu_model, read_json
+from targets.backend import BACKENDS, Measurement, Workload, cpu_features, cpu_model, read_json
 from targets.registry import Target, get_target
 
 TABLES_DIR = Path(__file__).with_name("tables")
@@ -538,11 +538,16 @@ def table_mismatches(table: dict, target: Target) -> list[str]:
     fp = table.get("fingerprint", {})
     where = f"profile table {target.name}/{table['runtime']}"
     here = (cpu_model(), os.cpu_count())
+    redo = f"re-run `packager profile --target {target.name} --runtime {table['runtime']}`"
     if (fp.get("device"), fp.get("cores")) != here:
-        out.append(
-            f"{where} was measured on {fp.get('device')!r} ({fp.get('cores')} cores) but this machine is "
-            f"{here[0]!r} ({here[1]} cores): re-run `packager profile --target {target.name} --runtime {table['runtime']}`"
-        )
+        out.append(f"{where} was measured on {fp.get('device')!r} ({fp.get('cores')} cores) but this machine is "
+                   f"{here[0]!r} ({here[1]} cores): {redo}")  # fmt: skip
+    elif fp.get("cpu_features") is not None and set(fp["cpu_features"]) != set(cpu_features()):
+        # the same name on other silicon (an AVX2-only and an AVX-512 VNNI "AMD EPYC" both say "AMD EPYC")
+        theirs, ours = set(fp["cpu_features"]), set(cpu_features())
+        only = [", ".join(sorted(x)) or "nothing more" for x in (theirs - ours, ours - theirs)]
+        out.append(f"{where} was measured on a {fp.get('device')!r} with other SIMD features (it had {only[0]}; "
+                   f"this one has {only[1]}), so its kernels and speeds differ: {redo}")  # fmt: skip
     have = runtime_version(table["runtime"])
     if table.get("runtime_version") != have:
         out.append(

@@ -39,6 +39,15 @@ class SpaceError(ValueError):
     pass
 
 
+def least_sensitive(quant_rank: list[int] | None, kept: list[int], share: float) -> set[int]:
+    """The ``share`` of ``kept`` blocks first in ``quant_rank`` (least sensitive to rounding first; all of
+    them at share 1.0): the blocks a format share narrows."""
+    if share >= 1.0:
+        return set(kept)
+    order = [b for b in quant_rank if b in set(kept)]
+    return set(order[: int(round(share * len(kept)))])
+
+
 @dataclass
 class SpaceConfig:
     """Choice grids. Empty lists are filled from the base model and runtime by ``SearchSpace``."""
@@ -192,10 +201,7 @@ class SearchSpace:
 
     def narrow_blocks(self, kept: list[int], share: float) -> set[int]:
         """The ``share`` of ``kept`` blocks least sensitive to rounding (all of them at share 1.0)."""
-        if share >= 1.0:
-            return set(kept)
-        order = [b for b in self.quant_rank if b in set(kept)]
-        return set(order[: int(round(share * len(kept)))])
+        return least_sensitive(self.quant_rank, kept, share)
 
     def encode(self, spec: SubnetSpec) -> list[int]:
         """The choice vector of a spec that lies in the space (nearest choice per variable otherwise)."""

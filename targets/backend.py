@@ -85,10 +85,28 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# SIMD features that change which kernels llama.cpp / ONNX Runtime run (and so their speed)
+SIMD_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile",
+                 "asimd", "sve", "i8mm")  # fmt: skip
+
+
+def cpu_features() -> list[str]:
+    """This CPU's ``SIMD_FEATURES`` (from /proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in SIMD_FEATURES if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def fingerprint(runtime: str, version: str, threads: int | None = None, device: str | None = None) -> dict:
-    """Where a measurement was taken: machine, cores, threads, runtime and version, date."""
+    """Where a measurement was taken: machine, its SIMD features, cores, threads, runtime and version, date."""
     return {
         "device": device or cpu_model(),
+        "cpu_features": cpu_features() if device is None else None,
         "cores": os.cpu_count(),
         "threads": threads,
         "machine": platform.machine(),

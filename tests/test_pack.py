@@ -206,3 +206,13 @@ def test_a_runtime_that_rounds_the_winner_differently_gets_its_own_recovery(smal
     assert p.recovered_dir("llama.cpp").name == "recovered"
     _, scales = p._recovered("llama.cpp")
     assert scales and not p._recovered("onnxruntime")[1]  # iq4_nl's block scales stay with the GGUF export
+
+
+def test_rounding_rank_is_measured_when_the_search_did_not_rank_blocks(small_model_dir, tmp_path):
+    """hetero mode ranks no blocks in prepare; a runtime's format-share try needs the ranking: measured then, kept."""
+    p = Pack(small_config(small_model_dir, mode="hetero"), tmp_path / "h")
+    p.state.setdefault("done", {})["prepare"] = {"result": p.stage_prepare(), "wall_s": 0}
+    assert Importance.load(p.work / "importance.json").quant_rank is None
+    rank = p.rounding_rank()
+    assert sorted(rank) == list(range(4))
+    assert Importance.load(p.work / "importance.json").quant_rank == rank

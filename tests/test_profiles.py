@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-
 import json
+import os
 import warnings
 
 import pytest
@@ -188,6 +188,25 @@ def test_table_from_another_machine_or_version_warns(fitted):
     assert any("llama.cpp 0.0.1" in m for m in msgs)
     with pytest.raises(CostModelError, match="not laptop-cpu/onnxruntime"):
         costmodel.load_table("laptop-cpu", "onnxruntime", path=out)
+
+
+def test_same_cpu_name_with_other_simd_features_warns(fitted, monkeypatch):
+    """Two VMs both called "AMD EPYC", one AVX2-only, one with AVX-512 VNNI: not the same machine."""
+    table, out = fitted
+    table["fingerprint"].update(device=costmodel.cpu_model(), cores=os.cpu_count(), cpu_features=["avx2", "fma"])
+    table["runtime_version"] = costmodel.runtime_version("llama.cpp")
+    costmodel.write_table(table, out)
+    monkeypatch.setattr(costmodel, "cpu_features", lambda: ["avx2", "fma", "avx512f", "avx512_vnni"])
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        costmodel.load_table("laptop-cpu", "llama.cpp", path=out)
+    (msg,) = [str(w.message) for w in rec if issubclass(w.category, TableMismatchWarning)]
+    assert "other SIMD features (it had nothing more; this one has avx512_vnni, avx512f)" in msg
+    monkeypatch.setattr(costmodel, "cpu_features", lambda: ["fma", "avx2"])
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        costmodel.load_table("laptop-cpu", "llama.cpp", path=out)
+    assert not [w for w in rec if issubclass(w.category, TableMismatchWarning)]
 
 
 def test_table_of_an_older_version_is_refitted_and_its_calibration_dropped(fitted):
