@@ -72,8 +72,8 @@ def genai_int4(hf_dir: Path, out: Path) -> Path | None:
                    capture_output=True)  # fmt: skip
     path = out / "model.onnx"
     graph = onnx.load(str(path), load_external_data=False)  # its KV head size is a named dim: our runner needs it
-    head_dim = json.loads((hf_dir / "config.json").read_text())
-    head_dim = head_dim.get("head_dim") or head_dim["hidden_size"] // head_dim["num_attention_heads"]
+    config = json.loads((hf_dir / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     for i in graph.graph.input:
         if i.name.startswith("past_key_values."):
             i.type.tensor_type.shape.dim[3].dim_value = head_dim

@@ -333,24 +333,25 @@ class Pack:
         limit = base_ppl * (1 + self.cfg.accuracy_floor)
         kept, tries = [ly.index for ly in spec.layers], []
         for share in self.cfg.runtime_format_shares:
-            rank = self.rounding_rank() if share < 1 else None
-            tried = widen_blocks(spec, base_spec, least_sensitive(rank, kept, share))
+            narrow = least_sensitive(self.rounding_rank() if share < 1 else None, kept, share)
+            tried = widen_blocks(spec, base_spec, narrow)
             student, _ = self._recovered(self.search_runtime)  # recovery merges into its student: a fresh copy
             res = recover(sorted_model, student, tried, calib, val,
                           RecoveryConfig(max_steps=self.cfg.runtime_recover_steps, qat=True),
                           out_dir=self.work / f"recovery-{runtime}" / f"share-{share:g}", resume=True)  # fmt: skip
-            tries.append((share, tried, res))
+            tries.append((share, tried, res, len(narrow)))
             console.print(f"  {runtime} at format share {share:g}: held-out ppl {res.ppl_after:.2f} (floor {limit:.2f})")
             if res.ppl_after <= limit:
                 break
-        share, tried, res = next((t for t in tries if t[2].ppl_after <= limit), min(tries, key=lambda t: t[2].ppl_after))
+        share, tried, res, n_narrow = next((t for t in tries if t[2].ppl_after <= limit),
+                                           min(tries, key=lambda t: t[2].ppl_after))  # fmt: skip
         save_model(res.model, self.work / f"recovered-{runtime}", block_scales=res.block_scales)
         tried.save(self.work / f"spec-{runtime}.json")
-        narrow = sum(a.formats == b.formats for a, b in zip(tried.layers, spec.layers))  # blocks kept as carried
         return res.summary() | {
             "changed": len(changed), "example": changed[0], "val_ppl_limit": limit,
-            "meets_floor": res.ppl_after <= limit, "format_share": share, "narrow_blocks": narrow,
-            "tries": [{"format_share": sh, "ppl_after": r.ppl_after, "wall_s": r.summary()["wall_s"]} for sh, _, r in tries],
+            "meets_floor": res.ppl_after <= limit, "format_share": share, "narrow_blocks": n_narrow,
+            "tries": [{"format_share": t[0], "ppl_after": t[2].ppl_after, "wall_s": t[2].summary()["wall_s"]}
+                      for t in tries],
         }  # fmt: skip
 
     def rounding_rank(self) -> list[int]:
