@@ -279,9 +279,11 @@ def pack(target, model, latency_ms, memory_mb, size_mb, accuracy_floor, runtimes
 @click.option("--steps", default=200, show_default=True)
 @click.option("--qat", is_flag=True, help="Train against the spec's simulated weight formats.")
 @click.option("--calib-blocks", default=32, show_default=True, help="Calibration blocks of 256 tokens.")
+@click.option("--val-blocks", default=8, show_default=True,
+              help="Held-out calibration blocks of 256 tokens (early stopping), spread over the split.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.work.")
 @pickle_option
-def recover(model, spec_path, out, steps, qat, calib_blocks, resume, allow_pickle):
+def recover(model, spec_path, out, steps, qat, calib_blocks, val_blocks, resume, allow_pickle):
     """LoRA + distillation recovery of a spec's sub-network, merged into its weights.
 
     MODEL must be the base the spec was cut from (for a pack run: its DIR.work/sorted folder).
@@ -290,7 +292,7 @@ def recover(model, spec_path, out, steps, qat, calib_blocks, resume, allow_pickl
 
     from search.recovery import RecoveryConfig
     from search.recovery import recover as run_recovery
-    from search.text import token_blocks
+    from search.text import holdout_blocks
     from subnet.extract import extract
     from subnet.loading import load_model
     from subnet.spec import SubnetSpec
@@ -298,9 +300,9 @@ def recover(model, spec_path, out, steps, qat, calib_blocks, resume, allow_pickl
 
     loaded = load_model(model, allow_pickle=allow_pickle)
     spec = SubnetSpec.load(spec_path).validate(loaded.arch)
-    calib = token_blocks(loaded.tokenizer, "calibration", 256, calib_blocks + 4)
+    calib, val = holdout_blocks(loaded.tokenizer, "calibration", 256, calib_blocks, val_blocks)
     work = Path(out).with_name(Path(out).name + ".work")
-    res = run_recovery(loaded.model, extract(loaded.model, spec), spec, calib[:-4], calib[-4:],
+    res = run_recovery(loaded.model, extract(loaded.model, spec), spec, calib, val,
                        RecoveryConfig(max_steps=steps, qat=qat), out_dir=work, resume=resume)  # fmt: skip
     with atomic_output(out, force=resume) as tmp:
         res.model.save_pretrained(tmp)

@@ -25,7 +25,7 @@ from search.importance import Importance, quantization_rank, sort_model
 from search.problem import Budgets, Evaluation, Problem, pareto_front
 from search.run import infeasible, plot_front, require_feasible, run_search
 from search.space import DEFAULT_FORMATS, SearchSpace, SpaceConfig, least_sensitive
-from search.text import token_blocks
+from search.text import holdout_blocks, token_blocks
 from subnet.arch import ATTN_LINEARS, MLP_LINEARS
 from subnet.extract import extract
 from subnet.formats import get_format
@@ -65,6 +65,7 @@ class PackConfig:
     budget: int = 100
     seed: int = 0
     calib_blocks: int = 32  # x 256 tokens
+    val_blocks: int = 8  # x 256 calibration tokens, spread over the split, held out of recovery: its floor check
     eval_blocks: int = 8  # x 256 tokens (search accuracy; held out)
     recover_steps: int = 120
     runtime_recover_steps: int = 60  # per other runtime whose formats round differently (0: export them as is)
@@ -274,9 +275,9 @@ class Pack:
         return [done[key] for key in keys]
 
     def recovery_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(training, early-stopping) calibration blocks: the evaluation text stays unseen by recovery."""
-        calib = self.blocks("calibration", self.cfg.calib_blocks + 4)
-        return calib[:-4], calib[-4:]
+        """(training, held-out) calibration blocks for recovery's early stopping and the floor check; the
+        held-out ones are spread over the split (``holdout_blocks``); the evaluation text stays unseen."""
+        return holdout_blocks(self.base().tokenizer, "calibration", 256, self.cfg.calib_blocks, self.cfg.val_blocks)
 
     def recovery_config(self):
         """The winner's recovery: LoRA + distillation against its simulated formats."""

@@ -495,10 +495,28 @@ def user_tables_dir() -> Path:
     return packager_home() / "profiles"
 
 
+def shipped_tables(target: str, runtime: str) -> list[Path]:
+    """The shipped tables of target+runtime: the default one, then those measured on other CPUs
+    (``<target>__<runtime>--<cpu>.json``)."""
+    default = TABLES_DIR / table_name(target, runtime)
+    return [p for p in [default, *sorted(TABLES_DIR.glob(f"{target}__{runtime}--*.json"))] if p.is_file()]
+
+
 def table_path(target: str, runtime: str) -> Path:
-    """The table used for target+runtime: a profiled one in $PACKAGER_HOME/profiles wins over the shipped one."""
+    """The table used for target+runtime: a profiled one in $PACKAGER_HOME/profiles wins over the shipped
+    ones; of those, the first measured on a machine like this one (``machine_mismatch``), else the default."""
     user = user_tables_dir() / table_name(target, runtime)
-    return user if user.is_file() else TABLES_DIR / table_name(target, runtime)
+    if user.is_file():
+        return user
+    shipped = shipped_tables(target, runtime)
+    like_here = [p for p in shipped if machine_mismatch(_fingerprint(str(p), p.stat().st_mtime)) is None]
+    return (like_here or shipped or [TABLES_DIR / table_name(target, runtime)])[0]
+
+
+@lru_cache(maxsize=32)
+def _fingerprint(path: str, mtime: float) -> dict | None:
+    table = read_table(path)
+    return table.get("fingerprint") if table.get("provenance") == "measured" else None
 
 
 def read_table(path: str | os.PathLike) -> dict:
@@ -530,30 +548,37 @@ def runtime_version(runtime: str) -> str | None:
             return None
 
 
+def machine_mismatch(fp: dict | None) -> str | None:
+    """How the machine of a measured table's fingerprint differs from this one (None: alike, or no fingerprint)."""
+    if fp is None:
+        return None
+    here = (cpu_model(), os.cpu_count())
+    if (fp.get("device"), fp.get("cores")) != here:
+        return (f"was measured on {fp.get('device')!r} ({fp.get('cores')} cores) but this machine is {here[0]!r} "
+                f"({here[1]} cores)")  # fmt: skip
+    if fp.get("cpu_features") is not None and set(fp["cpu_features"]) != set(cpu_features()):
+        # the same name on other silicon (an AVX2-only and an AVX-512 VNNI "AMD EPYC" both say "AMD EPYC")
+        theirs, ours = set(fp["cpu_features"]), set(cpu_features())
+        only = [", ".join(sorted(x)) or "nothing more" for x in (theirs - ours, ours - theirs)]
+        return (f"was measured on a {fp.get('device')!r} with other SIMD features (it had {only[0]}; "
+                f"this one has {only[1]}), so its kernels and speeds differ")  # fmt: skip
+    return None
+
+
 def table_mismatches(table: dict, target: Target) -> list[str]:
     """Why a measured table may not describe this machine (host targets only): machine, runtime version."""
     if table.get("provenance") != "measured" or not target.host:
         return []
-    out = []
-    fp = table.get("fingerprint", {})
     where = f"profile table {target.name}/{table['runtime']}"
-    here = (cpu_model(), os.cpu_count())
     redo = f"re-run `packager profile --target {target.name} --runtime {table['runtime']}`"
-    if (fp.get("device"), fp.get("cores")) != here:
-        out.append(f"{where} was measured on {fp.get('device')!r} ({fp.get('cores')} cores) but this machine is "
-                   f"{here[0]!r} ({here[1]} cores): {redo}")  # fmt: skip
-    elif fp.get("cpu_features") is not None and set(fp["cpu_features"]) != set(cpu_features()):
-        # the same name on other silicon (an AVX2-only and an AVX-512 VNNI "AMD EPYC" both say "AMD EPYC")
-        theirs, ours = set(fp["cpu_features"]), set(cpu_features())
-        only = [", ".join(sorted(x)) or "nothing more" for x in (theirs - ours, ours - theirs)]
-        out.append(f"{where} was measured on a {fp.get('device')!r} with other SIMD features (it had {only[0]}; "
-                   f"this one has {only[1]}), so its kernels and speeds differ: {redo}")  # fmt: skip
+    out = []
+    machine = machine_mismatch(table.get("fingerprint", {}))
+    if machine:
+        out.append(f"{where} {machine}: {redo}")
     have = runtime_version(table["runtime"])
     if table.get("runtime_version") != have:
-        out.append(
-            f"{where} was measured with {table['runtime']} {table.get('runtime_version')} but {have} is installed: "
-            f"re-run `packager profile --target {target.name} --runtime {table['runtime']}`"
-        )
+        out.append(f"{where} was measured with {table['runtime']} {table.get('runtime_version')} but {have} is "
+                   f"installed: {redo}")  # fmt: skip
     return out
 
 

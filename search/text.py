@@ -107,3 +107,16 @@ def token_blocks(tokenizer, split: str, seq_len: int, n_blocks: int) -> torch.Lo
         )
     stride = len(ids) // n_blocks
     return torch.stack([ids[i * stride : i * stride + seq_len] for i in range(n_blocks)])
+
+
+def holdout_blocks(tokenizer, split: str, seq_len: int, n_train: int, n_held: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, held-out) blocks of one split: ``n_train + n_held`` blocks spread over it (``token_blocks``),
+    every k-th held out, so the held-out text samples the whole split rather than its end."""
+    if n_train < 1 or n_held < 1:
+        raise TextError(f"holdout_blocks needs at least one block on each side (got {n_train}, {n_held})")
+    blocks = token_blocks(tokenizer, split, seq_len, n_train + n_held)
+    total = n_train + n_held
+    held = torch.tensor([(2 * i + 1) * total // (2 * n_held) for i in range(n_held)])
+    keep = torch.ones(total, dtype=torch.bool)
+    keep[held] = False
+    return blocks[keep], blocks[held]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_model
 from search.evaluate import EvaluateError, nll_per_block, perplexity
-from search.text import SPLITS, TextError, document_sentences, documents, load_text, token_blocks
+from search.text import SPLITS, TextError, document_sentences, documents, holdout_blocks, load_text, token_blocks
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,18 @@ def test_token_blocks_are_deterministic_disjoint_and_real(tokenizer):
     # blocks come from different places of the split and never from the calibration split
     assert len({tuple(r.tolist()) for r in a}) == 5
     assert not torch.equal(a, token_blocks(tokenizer, "calibration", 64, 5))
+
+
+def test_holdout_blocks_are_spread_over_the_split_and_disjoint(tokenizer):
+    train, held = holdout_blocks(tokenizer, "calibration", 64, 8, 2)
+    every = token_blocks(tokenizer, "calibration", 64, 10)
+    assert train.shape == (8, 64) and held.shape == (2, 64)
+    # one held-out block from each half of the split, none of them trained on
+    assert torch.equal(held, every[[2, 7]])
+    rows = {tuple(r.tolist()) for r in train}
+    assert len(rows) == 8 and not any(tuple(r.tolist()) in rows for r in held)
+    with pytest.raises(TextError, match="at least one block on each side"):
+        holdout_blocks(tokenizer, "calibration", 64, 8, 0)
 
 
 def test_perplexity_is_exp_of_mean_token_nll():

@@ -28,7 +28,7 @@ def small_model_dir(tmp_path_factory):
 
 
 def small_config(model_dir, **over):
-    kw = dict(target="laptop-cpu", model=str(model_dir), runtimes=["llama.cpp"], budget=6, calib_blocks=8,
+    kw = dict(target="laptop-cpu", model=str(model_dir), runtimes=["llama.cpp"], budget=6, calib_blocks=8, val_blocks=2,
               eval_blocks=2, recover_steps=4, accuracy_floor=10.0, seed=0)
     kw.update(over)
     return PackConfig(**kw)

@@ -209,6 +209,26 @@ def test_same_cpu_name_with_other_simd_features_warns(fitted, monkeypatch):
     assert not [w for w in rec if issubclass(w.category, TableMismatchWarning)]
 
 
+def test_shipped_table_measured_on_a_cpu_like_this_one_is_chosen(fitted, tmp_path, monkeypatch):
+    """The default shipped table came from one CPU, a ``--<cpu>`` variant from another: the host's wins."""
+    table, _ = fitted
+    shipped = tmp_path / "tables"
+    monkeypatch.setattr(costmodel, "TABLES_DIR", shipped)
+    monkeypatch.setenv("PACKAGER_HOME", str(tmp_path / "home"))
+    table["fingerprint"].update(device=costmodel.cpu_model(), cores=os.cpu_count(), cpu_features=["avx2", "fma"])
+    costmodel.write_table(table, shipped / "laptop-cpu__llama.cpp.json")
+    table["fingerprint"]["cpu_features"] = ["avx2", "fma", "avx512f"]
+    costmodel.write_table(table, shipped / "laptop-cpu__llama.cpp--avx512.json")
+    monkeypatch.setattr(costmodel, "cpu_features", lambda: ["avx2", "fma", "avx512f"])
+    assert costmodel.table_path("laptop-cpu", "llama.cpp").name == "laptop-cpu__llama.cpp--avx512.json"
+    monkeypatch.setattr(costmodel, "cpu_features", lambda: ["avx2", "fma"])
+    assert costmodel.table_path("laptop-cpu", "llama.cpp").name == "laptop-cpu__llama.cpp.json"
+    monkeypatch.setattr(costmodel, "cpu_features", lambda: ["sse4_2"])  # like neither: the default, which warns
+    assert costmodel.table_path("laptop-cpu", "llama.cpp").name == "laptop-cpu__llama.cpp.json"
+    costmodel.write_table(table, tmp_path / "home" / "profiles" / "laptop-cpu__llama.cpp.json")  # profiled here
+    assert costmodel.table_path("laptop-cpu", "llama.cpp").parent == tmp_path / "home" / "profiles"
+
+
 def test_table_of_an_older_version_is_refitted_and_its_calibration_dropped(fitted):
     table, out = fitted
     coef = dict(table["model"]["decode"]["coef"])
