@@ -2,10 +2,12 @@
 parity and (optionally) prefill / decode latency with ONNX Runtime, measured in interleaved rounds
 (medians). ``--graphs fused,standard`` exports each both ways: the fused ONNX Runtime graph
 (GroupQueryAttention, fused RMSNorms; what pack ships) and the standard-ops graph (the modules' own
-attention ops), to show what the fusion buys. Run it on a quiet machine.
+attention ops), to show what the fusion buys. ``--kv shared,copied`` times each artifact with its KV cache
+bound in place (what the runner does where the graph allows) and copied in and out every step. Run it
+on a quiet machine.
 
     .venv/bin/python benchmarks/bench_export_onnx.py --out /tmp/bench-onnx [--formats f32,int8s_b32,int4s_b32] \
-        [--measure int8s_b32,int4s_b32] [--graphs fused,standard] [--rounds 5] [--threads 2]
+        [--measure int8s_b32,int4s_b32] [--graphs fused,standard] [--kv shared,copied] [--rounds 5] [--threads 2]
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def main():
     ap.add_argument("--embed", default="int8s_b32", help="embedding (and tied LM head) format")
     ap.add_argument("--graphs", default="fused", help="fused and/or standard (see the module docstring)")
     ap.add_argument("--measure", default="int8s_b32,int4s_b32", help="formats to time (empty: none)")
+    ap.add_argument("--kv", default="shared", help="shared and/or copied: the KV cache measured in place (IO "
+                    "binding, where the graph allows) and/or copied in and out every step")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=128)
@@ -77,14 +81,17 @@ def main():
                     "max_abs_diff": round(art.meta["parity"]["max_abs_diff"], 5),
                     "top1": round(art.meta["parity"]["top1_agreement"], 3),
                 }
-                rows.append(row)
-                if fmt in args.measure.split(","):
-                    arts[len(rows) - 1] = art
                 print(json.dumps(row), flush=True)
+                for kv in args.kv.split(",") if fmt in args.measure.split(",") else []:
+                    rows.append({**row, "kv": kv})
+                    arts[len(rows) - 1] = art
+                if fmt not in args.measure.split(","):
+                    rows.append(row)
     runs = {i: [] for i in arts}
     for _ in range(args.rounds):  # interleaved, so drift in the machine's speed hits every artifact alike
         for i, art in arts.items():
-            runs[i].append(onnxrt.measure(art, Workload(args.prompt, args.gen), threads=args.threads))
+            runs[i].append(onnxrt.measure(art, Workload(args.prompt, args.gen), threads=args.threads,
+                                          shared_kv=rows[i]["kv"] == "shared"))  # fmt: skip
     for i, ms in runs.items():
         rows[i].update(prefill_ms=round(statistics.median(m.prefill_ms for m in ms), 1),
                        decode_ms_tok=round(statistics.median(m.decode_ms_per_token for m in ms), 2),

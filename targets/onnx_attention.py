@@ -14,7 +14,9 @@ tests): query/key/value [batch, seq, heads*head_dim], past key/value [batch, kv_
 rotary ("rotate half") at positions past..past+seq-1 from cos/sin caches [max_positions, head_dim/2],
 causal attention over past + new, presents = past + new. The graph takes no position_ids: the kernel
 derives positions from the attention mask (``seqlens_k`` = tokens so far - 1), so sequences are
-right-padded (batch 1, the deployment case, always is).
+right-padded (batch 1, the deployment case, always is). The kernel's total length comes from the mask
+too, so past and present may be one preallocated buffer per layer, written in place (the graph's
+metadata says so, ``targets.onnxrt.KV_CACHE``, and the runner then binds them with IO binding).
 """
 
 from __future__ import annotations
@@ -85,16 +87,20 @@ def register_onnx_schema() -> None:
 
 def translation_table() -> dict:
     """``custom_translation_table`` for ``torch.onnx.export``: our op -> ORT's GroupQueryAttention."""
-    from onnxscript import INT32, opset18 as op
+    import numpy as np
+    from onnx import numpy_helper
+    from onnxscript import opset18 as op
     from onnxscript.values import Opset
 
     register_onnx_schema()
     ms = Opset(MS_DOMAIN, 1)
+    ONE = numpy_helper.from_array(np.array(1, dtype=np.int32))
 
     def to_onnx(query, key, value, past_key, past_value, seqlens_k, cos_cache, sin_cache, num_heads: int,
                 kv_num_heads: int, scale: float):  # fmt: skip
-        total = op.Add(op.Shape(past_key, start=2, end=3), op.Shape(query, start=1, end=2))
-        total = op.Cast(op.Squeeze(total), to=INT32.dtype)
+        # tokens so far, from the mask (seqlens_k + 1), not from the past's shape: a KV buffer of any
+        # capacity can then be both past and present (ORT's shared-buffer mode, ``targets.onnxrt.KV_CACHE``)
+        total = op.Add(op.ReduceMax(seqlens_k, keepdims=0), op.Constant(value=ONE))
         return ms.GroupQueryAttention(query, key, value, past_key, past_value, seqlens_k, total, cos_cache, sin_cache,
                                       num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, do_rotary=1)  # fmt: skip
 

@@ -40,7 +40,7 @@ from subnet.formats import NBITS_FORMATS, ONNXRUNTIME, get_format
 from subnet.spec import SubnetSpec
 from targets.backend import Artifact, ExportError, atomic_output
 from targets.onnx_attention import MS_DOMAIN, GQADecoder, translation_table, unsupported
-from targets.onnxrt import EMBED_FORMATS
+from targets.onnxrt import EMBED_FORMATS, KV_CACHE
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -574,6 +574,8 @@ def write_onnx(model, spec: SubnetSpec, folder: Path, fused: bool = False) -> di
         embed = spec.embed_format if embedding_to_blocks(graph, spec.embed_format, head if tied else None) else "f32"
     else:
         embed = "f16" if spec.embed_format == "f16" and embedding_to_f16(graph) is not None else "f32"
+    if attention == "gqa":
+        helper.set_model_props(graph, dict([KV_CACHE]))
     save(graph, path)
     del graph
     if by_fmt.get("int8"):
@@ -610,6 +612,9 @@ def write_onnx(model, spec: SubnetSpec, folder: Path, fused: bool = False) -> di
                                  ("MatMul", "MatMulInteger", "MatMulNBits", "Gather", "GatherBlockQuantized"))),
         "folded_weight_transposes": folded,
         "attention": "GroupQueryAttention (com.microsoft)" if attention == "gqa" else f"standard ONNX ops: {why_not}",
+        "kv_cache": ("one buffer per tensor, past = present (IO binding)"
+                     if dict((p.key, p.value) for p in final.metadata_props).get(KV_CACHE[0]) == KV_CACHE[1]
+                     else "past in, past + new out (copied every step)"),
         "fused": norms,
         "optimized": fused,
         "f16_note": "f16 = float16 weight storage cast to float32 before the MatMul (CPU EP computes in f32)",

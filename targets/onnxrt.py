@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 # no torch/transformers/subnet at import time: the measuring subprocess imports only this module
 RUNTIME = "onnxruntime"  # == subnet.formats.ONNXRUNTIME
+# model metadata (key, value) of a graph whose KV cache may be one buffer per tensor, past = present
+# (its GroupQueryAttention takes the total length from the mask: targets.onnx_attention)
+KV_CACHE = ("packager.kv_cache", "shared-buffer")
 MODEL_FILE = "model.onnx"  # == targets.onnx_export.MODEL_FILE
 EMBED_FORMATS = ("f32", "f16", "int8s_b32", "int4s_b32")  # what the ONNX export can store the embedding table
 # (and a tied lm_head) in: float, or q8_0's / q4_0's exact twins (GatherBlockQuantized + MatMulNBits)
@@ -64,8 +67,11 @@ class OnnxRunner:
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.kv = [tuple(i.shape[1::2]) for i in self.session.get_inputs() if i.name in self.past_names]  # (heads, hd)
+        self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
         self.vocab = self.session.get_outputs()[0].shape[-1]
         self.positions = any(i.name == "position_ids" for i in self.session.get_inputs())
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.shared_kv = meta.get(KV_CACHE[0]) == KV_CACHE[1]
 
     def empty_past(self, batch: int = 1) -> list[np.ndarray]:
         return [np.zeros((batch, h, 0, d), dtype=np.float32) for h, d in self.kv]
@@ -90,17 +96,69 @@ class OnnxRunner:
         logits, _ = self.step(np.asarray(token_ids, dtype=np.int64)[None, :], self.empty_past())
         return logits[0]
 
+    def cache(self, batch: int, capacity: int, shared: bool = True) -> "PastKV | SharedKV":
+        """A KV cache for one generation of up to ``capacity`` tokens: ``SharedKV`` where the graph allows
+        it (written in place) unless ``shared`` is False, else ``PastKV`` (past in, present out, numpy)."""
+        return SharedKV(self, batch, capacity) if shared and self.shared_kv else PastKV(self, batch)
+
     def generate(self, token_ids, n: int) -> list[int]:
         """``n`` new tokens by greedy decoding, one token per step with the KV cache."""
-        logits, past = self.step(np.asarray(token_ids, dtype=np.int64)[None, :], self.empty_past())
+        ids = np.asarray(token_ids, dtype=np.int64)[None, :]
+        cache = self.cache(1, ids.shape[1] + n)
+        logits = cache.step(ids)
         out = []
         for _ in range(n):
             nxt = int(np.argmax(logits[0, -1]))
             out.append(nxt)
             if len(out) == n:
                 break
-            logits, past = self.step(np.array([[nxt]], dtype=np.int64), past)
+            logits = cache.step(np.array([[nxt]], dtype=np.int64))
         return out
+
+
+class PastKV:
+    """A generation's KV cache as the graph's past inputs and present outputs (numpy, copied per step)."""
+
+    def __init__(self, runner: OnnxRunner, batch: int):
+        self.runner, self.past = runner, runner.empty_past(batch)
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        """Run new tokens ``ids`` [batch, seq]; their logits [batch, seq, vocab]."""
+        logits, self.past = self.runner.step(ids, self.past)
+        return logits
+
+
+class SharedKV:
+    """A generation's KV cache as one preallocated buffer per layer and tensor, bound (ORT IO binding) as
+    both the past input and the present output, so GroupQueryAttention appends each step's keys and
+    values in place: no copy of the cache in or out per token. Needs a graph whose kernel takes the
+    total length from the mask (``KV_CACHE``)."""
+
+    def __init__(self, runner: OnnxRunner, batch: int, capacity: int):
+        import onnxruntime as ort
+
+        self.runner, self.batch, self.capacity, self.length = runner, batch, capacity, 0
+        self.io = runner.session.io_binding()
+        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, h, capacity, d), dtype=np.float32))
+                        for h, d in runner.kv]  # fmt: skip
+        for past, present, buf in zip(runner.past_names, runner.present_names, self.buffers):
+            self.io.bind_ortvalue_input(past, buf)
+            self.io.bind_ortvalue_output(present, buf)
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        """Run new tokens ``ids`` [batch, seq]; their logits [batch, seq, vocab]."""
+        b, s = ids.shape
+        if b != self.batch or self.length + s > self.capacity:
+            raise ValueError(f"{b} x {s} new tokens do not fit a KV cache of batch {self.batch} holding "
+                             f"{self.length} of {self.capacity} positions: make the cache larger")  # fmt: skip
+        self.length += s
+        self.inputs = (ids.astype(np.int64), np.ones((b, self.length), dtype=np.int64))  # alive until run returns
+        self.io.bind_cpu_input("input_ids", self.inputs[0])
+        self.io.bind_cpu_input("attention_mask", self.inputs[1])
+        logits = np.empty((b, s, self.runner.vocab), dtype=np.float32)
+        self.io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        self.runner.session.run_with_iobinding(self.io)
+        return logits
 
 
 def load(artifact_or_path, threads: int | None = None, graph_opt: str = "all") -> OnnxRunner:
@@ -230,11 +288,8 @@ def parity(artifact, model, spec: SubnetSpec, token_ids, linear_io: dict[str, li
     if int8:
         with torch.no_grad():
             ref = fake_quantize_model(model, spec, int8_scope="token")(torch.tensor([ids])).logits[0].float().numpy()
-        past, steps = runner.empty_past(), []
-        for t in ids:
-            logits, past = runner.step(np.array([[t]], dtype=np.int64), past)
-            steps.append(logits[0, -1])
-        got = np.stack(steps)
+        cache = runner.cache(1, len(ids))
+        got = np.stack([cache.step(np.array([[t]], dtype=np.int64))[0, -1] for t in ids])
         out["decode_max_abs_diff"] = float(np.abs(got - ref).max())
         out["decode_top1_agreement"] = float((got.argmax(-1) == ref.argmax(-1)).mean())
     if linear_io:
@@ -271,7 +326,7 @@ def export(model, tokenizer, spec: SubnetSpec, out, force: bool = False, fused: 
 
 
 # ---- measurement ----------------------------------------------------------------------------
-def _timings(path: str, prompt: int, gen: int, batch: int, threads: int, repeats: int) -> dict:
+def _timings(path: str, prompt: int, gen: int, batch: int, threads: int, repeats: int, shared_kv: bool) -> dict:
     """Prefill and decode timings of one artifact, in this process (medians over ``repeats``)."""
     runner = OnnxRunner(Path(path), threads)
     ids = np.random.default_rng(0).integers(0, runner.vocab, (batch, prompt)).astype(np.int64)
@@ -279,11 +334,12 @@ def _timings(path: str, prompt: int, gen: int, batch: int, threads: int, repeats
 
     def run_once():
         t0 = time.perf_counter()
-        logits, past = runner.step(ids, runner.empty_past(batch))
+        cache = runner.cache(batch, prompt + gen, shared_kv)
+        logits = cache.step(ids)
         t1 = time.perf_counter()
         for _ in range(gen):
             nxt[:, 0] = logits[:, -1].argmax(-1)
-            logits, past = runner.step(nxt, past)
+            logits = cache.step(nxt)
         t2 = time.perf_counter()
         return (t1 - t0) * 1e3, (t2 - t1) * 1e3 / max(gen, 1)
 
@@ -307,12 +363,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(artifact, workload: Workload, threads: int, repeats: int = 5) -> Measurement:
-    """Prefill ms and decode ms/token (KV cache) with ``threads`` threads, in a fresh subprocess."""
+def measure(artifact, workload: Workload, threads: int, repeats: int = 5, shared_kv: bool = True) -> Measurement:
+    """Prefill ms and decode ms/token (KV cache) with ``threads`` threads, in a fresh subprocess
+    (``shared_kv=False``: the past copied in and out every step even where the graph could share it)."""
     import onnxruntime as ort
 
     path = _onnx_path(artifact)
-    args = [str(path), workload.prompt_tokens, workload.gen_tokens, workload.batch, threads, repeats]
+    args = [str(path), workload.prompt_tokens, workload.gen_tokens, workload.batch, threads, repeats, shared_kv]
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -335,5 +392,5 @@ def measure(artifact, workload: Workload, threads: int, repeats: int = 5) -> Mea
     )
 
 
-if __name__ == "__main__":  # the measuring subprocess: python -m targets.onnxrt '[path, prompt, gen, batch, threads, n]'
+if __name__ == "__main__":  # the measuring subprocess: python -m targets.onnxrt '[path, prompt, gen, batch, threads, n, shared_kv]'
     print(json.dumps(_timings(*json.loads(sys.argv[1]))))

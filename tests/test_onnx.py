@@ -82,6 +82,21 @@ def test_kv_cache_decode_matches_torch(f32_export):
     assert got == ref
 
 
+def test_shared_kv_buffer_decodes_like_the_copied_past(f32_export):
+    """The GroupQueryAttention graph's KV cache bound in place (one buffer, past = present) gives the logits
+    of past-in/present-out decoding, step by step, and refuses tokens past its capacity."""
+    model, _, art = f32_export
+    runner = onnxrt.load(art, threads=2)
+    assert runner.shared_kv and art.meta["kv_cache"].startswith("one buffer per tensor")
+    shared, copied = runner.cache(1, 7), onnxrt.PastKV(runner, 1)
+    assert isinstance(shared, onnxrt.SharedKV)
+    for chunk in ([IDS[:4]], [[IDS[4]]], [[IDS[5]]], [[IDS[6]]]):
+        a, b = shared.step(np.array(chunk)), copied.step(np.array(chunk))
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5
+    with pytest.raises(ValueError, match="do not fit a KV cache of batch 1 holding 7 of 7 positions"):
+        shared.step(np.array([[IDS[7]]]))
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_gqa_decoder_in_torch_is_the_model(family):
     """The export-only forward (one group_query_attention op per layer, run eagerly) computes the model's
@@ -144,6 +159,7 @@ def test_mixed_formats_land_on_the_right_matmuls(family, kind, tmp_path):
         for name, fmt in ly.formats.items():
             assert applied[f"layers.{i}.{name}"] == fmt, (i, name)
     assert applied["lm_head"] == spec.lm_head_format
+    assert art.meta["kv_cache"].startswith("one buffer per tensor")  # the graph metadata survives quantization
 
     # the graph itself: one quantized node per quantized linear, named after that linear's MatMul
     g = onnx.load(art.path, load_external_data=False).graph
