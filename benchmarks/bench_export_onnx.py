@@ -82,11 +82,11 @@ def main():
                     "top1": round(art.meta["parity"]["top1_agreement"], 3),
                 }
                 print(json.dumps(row), flush=True)
-                for kv in args.kv.split(",") if fmt in args.measure.split(",") else []:
+                timed = fmt in args.measure.split(",")
+                for kv in args.kv.split(",") if timed else [""]:  # a row per KV-cache variant timed
                     rows.append({**row, "kv": kv})
-                    arts[len(rows) - 1] = art
-                if fmt not in args.measure.split(","):
-                    rows.append(row)
+                    if timed:
+                        arts[len(rows) - 1] = art
     runs = {i: [] for i in arts}
     for _ in range(args.rounds):  # interleaved, so drift in the machine's speed hits every artifact alike
         for i, art in arts.items():

@@ -556,9 +556,9 @@ def machine_mismatch(fp: dict | None) -> str | None:
     if (fp.get("device"), fp.get("cores")) != here:
         return (f"was measured on {fp.get('device')!r} ({fp.get('cores')} cores) but this machine is {here[0]!r} "
                 f"({here[1]} cores)")  # fmt: skip
-    if fp.get("cpu_features") is not None and set(fp["cpu_features"]) != set(cpu_features()):
+    theirs, ours = set(fp.get("cpu_features") or ()), set(cpu_features())
+    if fp.get("cpu_features") is not None and theirs != ours:
         # the same name on other silicon (an AVX2-only and an AVX-512 VNNI "AMD EPYC" both say "AMD EPYC")
-        theirs, ours = set(fp["cpu_features"]), set(cpu_features())
         only = [", ".join(sorted(x)) or "nothing more" for x in (theirs - ours, ours - theirs)]
         return (f"was measured on a {fp.get('device')!r} with other SIMD features (it had {only[0]}; "
                 f"this one has {only[1]}), so its kernels and speeds differ")  # fmt: skip

@@ -17,6 +17,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 
 
@@ -75,7 +76,9 @@ class Measurement:
         return d
 
 
+@lru_cache(maxsize=1)
 def cpu_model() -> str:
+    """This CPU's model name (read once per process)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -90,23 +93,24 @@ SIMD_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "a
                  "asimd", "sve", "i8mm")  # fmt: skip
 
 
-def cpu_features() -> list[str]:
-    """This CPU's ``SIMD_FEATURES`` (from /proc/cpuinfo; empty where it cannot be read)."""
+@lru_cache(maxsize=1)
+def cpu_features() -> tuple[str, ...]:
+    """This CPU's ``SIMD_FEATURES`` (from /proc/cpuinfo, read once per process; empty where it cannot be read)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
                 have = set(line.split(":", 1)[1].split())
-                return [f for f in SIMD_FEATURES if f in have]
+                return tuple(f for f in SIMD_FEATURES if f in have)
     except OSError:
         pass
-    return []
+    return ()
 
 
 def fingerprint(runtime: str, version: str, threads: int | None = None, device: str | None = None) -> dict:
     """Where a measurement was taken: machine, its SIMD features, cores, threads, runtime and version, date."""
     return {
         "device": device or cpu_model(),
-        "cpu_features": cpu_features() if device is None else None,
+        "cpu_features": list(cpu_features()) if device is None else None,
         "cores": os.cpu_count(),
         "threads": threads,
         "machine": platform.machine(),
