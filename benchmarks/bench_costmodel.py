@@ -109,9 +109,10 @@ def measured_runs(a, tgt, table: dict, wl: Workload) -> list[dict]:
             warnings.simplefilter("always")
             cost = costmodel.predict(spec, tgt, a.runtime, wl, table)
         row = {"k": k, "hetero": bool(k % 2), "layers": len(spec.layers), "hidden": spec.hidden_size,
-               "formats": sorted(spec.formats_used()), "spec": spec.to_dict(), "rounds": m["rounds"],
+               "formats": sorted(spec.formats_used()), "spec": spec.to_dict(), "workload": vars(wl), "rounds": m["rounds"],
                "pred_decode_ms_per_token": cost.decode_ms_per_token, "meas_decode_ms_per_token": m["decode_ms"],
-               "decode_spread": m["decode_spread"], "pred_prefill_ms": cost.prefill_ms, "meas_prefill_ms": m["prefill_ms"],
+               "decode_spread": m["decode_spread"], "decode_rounds": m["decode_rounds"],
+               "prefill_rounds": m["prefill_rounds"], "pred_prefill_ms": cost.prefill_ms, "meas_prefill_ms": m["prefill_ms"],
                "pred_peak_memory_mb": cost.peak_memory_mb, "meas_peak_memory_mb": m["peak_rss_mb"],
                "warnings": [str(x.message) for x in w]}  # fmt: skip
         rows.append(row)
@@ -148,7 +149,25 @@ def summarize(rows: list[dict], runtime: str, calib_k: int) -> None:
             continue
         t.add_row(label, f"{mape(p, m):.1f}", f"{spearman(p, m):.3f}",
                   f"{min(p):.1f}..{max(p):.1f}", f"{min(m):.1f}..{max(m):.1f}")  # fmt: skip
+    for phase, label in (("decode", "decode ms/token"), ("prefill", "prefill ms")):
+        floor = self_agreement(scored, phase + "_rounds")
+        if floor:
+            t.add_row(f"{label}: one round vs the others' median", f"{floor[0]:.1f}", f"{floor[1]:.3f}", "", "")
     Console().print(t)
+
+
+def self_agreement(rows: list[dict], key: str) -> tuple[float, float] | None:
+    """How well the measurements predict themselves: each round of every run scored against the median
+    of that run's other rounds, as (MAPE %, mean Spearman over rounds). A predictor of the medians cannot
+    be expected to do better than this. None when the runs hold fewer than 2 rounds each."""
+    rounds = [r[key] for r in rows if len(r.get(key) or []) >= 2]
+    if len(rounds) < 3 or len(rounds) != len(rows):
+        return None
+    n = min(len(rs) for rs in rounds)
+    others = [[statistics.median(rs[:i] + rs[i + 1 : n]) for rs in rounds] for i in range(n)]
+    one = [[rs[i] for rs in rounds] for i in range(n)]
+    return (statistics.fmean(mape(o, m) for o, m in zip(others, one)),
+            statistics.fmean(spearman(o, m) for o, m in zip(others, one)))  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -160,8 +179,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3,
                     help="interleaved rounds: every sub-network is measured once per round (medians)")
-    ap.add_argument("--prompt", type=int, default=64)
-    ap.add_argument("--gen", type=int, default=16)
+    ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (default: the target's workload)")
+    ap.add_argument("--gen", type=int, default=None,
+                    help="generated tokens (default: the target's workload; 16 is too few to time a 1 ms/token model)")
     ap.add_argument("--calibrate", type=int, default=0, help="calibrate on the first K runs, score the rest")
     ap.add_argument("--save-table", default=None,
                     help="write the table with this calibration here (e.g. profiles/tables/<target>__<runtime>.json)")
@@ -179,7 +199,7 @@ def main(argv=None) -> int:
 
     tgt = get_target(a.target)
     table = costmodel.load_table(tgt, a.runtime, path=a.table)
-    wl = Workload(a.prompt, a.gen)
+    wl = Workload(a.prompt or tgt.workload.prompt_tokens, a.gen or tgt.workload.gen_tokens)
     if a.rows:
         rows = read_rows(a.rows, a.runtime)[: a.n]
         print(f"{a.runtime}: re-scoring {len(rows)} runs of {a.rows} with {table['path']}")

@@ -180,8 +180,8 @@ def measure_interleaved(model, tokenizer, specs: dict[str, SubnetSpec], runtime:
                         threads: int, rounds: int, repeats: int = 3) -> dict[str, dict]:  # fmt: skip
     """Extract every ``name -> spec`` from ``model`` and export it for ``runtime``, then measure them
     all in ``rounds`` interleaved rounds, so drift in the machine's speed hits every one alike: per
-    name, the median decode ms/token, prefill ms and peak RSS, and the decode spread (max - min over
-    the rounds, relative to the median)."""
+    name, the median decode ms/token, prefill ms and peak RSS, the decode spread (max - min over the
+    rounds, relative to the median), and each round's decode and prefill times."""
     import statistics
 
     from rich.console import Console
@@ -207,7 +207,9 @@ def measure_interleaved(model, tokenizer, specs: dict[str, SubnetSpec], runtime:
     return {name: {"decode_ms": med(rs, "decode_ms_per_token"), "prefill_ms": med(rs, "prefill_ms"),
                    "peak_rss_mb": med(rs, "peak_rss_mb"), "rounds": len(rs),
                    "decode_spread": (max(r.decode_ms_per_token for r in rs) - min(r.decode_ms_per_token for r in rs))
-                   / med(rs, "decode_ms_per_token")} for name, rs in runs.items()}  # fmt: skip
+                   / med(rs, "decode_ms_per_token"),
+                   "decode_rounds": [r.decode_ms_per_token for r in rs], "prefill_rounds": [r.prefill_ms for r in rs]}
+            for name, rs in runs.items()}  # fmt: skip
 
 
 class RealMeasure:

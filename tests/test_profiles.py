@@ -400,3 +400,5 @@ def test_interleaved_measurement_exports_once_and_measures_every_model_each_roun
     assert len(exported) == 2 and set(res) == {"q8_0", "q4_0"}
     for r in res.values():
         assert r["rounds"] == 2 and r["decode_ms"] > 0 and r["prefill_ms"] > 0 and r["decode_spread"] >= 0
+        assert len(r["decode_rounds"]) == len(r["prefill_rounds"]) == 2
+        assert min(r["decode_rounds"]) <= r["decode_ms"] <= max(r["decode_rounds"])
