@@ -134,20 +134,20 @@ def _sorted_base(model, allow_pickle, calib_blocks=16):
 
 def _search_problem(model, target, runtime, mode, budgets, allow_pickle, strategy="nsga2", eval_blocks=8, calib_blocks=16,
                     adapter=None):  # fmt: skip
-    """Load, importance-sort (and merge a supernet adapter into) a model; wrap it as a search problem on ``target``."""
-    from packager.pack import cost_fn, rank_quantization, search_space
+    """Load a model and prepare it as `packager pack` does (``prepare_for_search``); wrap it as a search problem on ``target``."""
+    from packager.pack import cost_fn, prepare_for_search, search_space
     from search.problem import Problem
-    from search.supernet_tuning import load_supernet_adapter
     from search.text import token_blocks
+    from subnet.loading import load_model
     from subnet.supernet import Supernet
     from targets.registry import get_target
 
     tgt = get_target(target)
     rt = tgt.runtime(runtime)
-    loaded, imp, calib = _sorted_base(model, allow_pickle, calib_blocks)
-    if adapter:
-        load_supernet_adapter(loaded.model, adapter)
-    space = search_space(loaded.arch, tgt, rt, mode, rank_quantization(imp, loaded.model, calib, tgt, rt, mode, strategy))
+    loaded = load_model(model, allow_pickle=allow_pickle)
+    calib = token_blocks(loaded.tokenizer, "calibration", 256, calib_blocks)
+    imp, _ = prepare_for_search(loaded.model, calib, tgt, rt, mode, strategy, adapter=adapter)
+    space = search_space(loaded.arch, tgt, rt, mode, imp)
     evals = token_blocks(loaded.tokenizer, "evaluation", 256, eval_blocks)
     return Problem(space, Supernet(loaded.model), evals, calib, cost_fn(tgt, rt), budgets)
 
@@ -248,6 +248,11 @@ def tune_supernet_cmd(model, target, runtime, mode, steps, calib_blocks, seed, o
 @click.option("--promote-margin", default=0.05, show_default=True,
               help="The fastest shortlisted near miss (within this margin of the floor), if faster than every one "
                    "meeting it, gets the full recovery.")
+@click.option("--equalize/--no-equalize", default=True, show_default=True,
+              help="Scale input channels for rounding (activation-aware, folded into norms, up and v) before the search.")
+@click.option("--ladder", default=2, show_default=True,
+              help="Rounds of bisection toward faster members of each format family whose shortlisted candidate met "
+                   "the floor (a short recovery each; 0: the shortlist only).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=2, show_default=True)
 @click.option("--out", type=click.Path(), default="out/pack", show_default=True)
@@ -255,8 +260,8 @@ def tune_supernet_cmd(model, target, runtime, mode, steps, calib_blocks, seed, o
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @pickle_option
 def pack(target, model, latency_ms, memory_mb, size_mb, accuracy_floor, runtimes, strategy, mode, budget,
-         recover_steps, runtime_recover_steps, runtime_format_shares, shortlist, recoverable, promote_margin, seed,
-         threads, out, resume, force, allow_pickle):  # fmt: skip
+         recover_steps, runtime_recover_steps, runtime_format_shares, shortlist, recoverable, promote_margin,
+         equalize, ladder, seed, threads, out, resume, force, allow_pickle):  # fmt: skip
     """One command from model to bundle: search, select, recover, export, measure, scorecard."""
     from pathlib import Path
 
@@ -266,7 +271,8 @@ def pack(target, model, latency_ms, memory_mb, size_mb, accuracy_floor, runtimes
                      accuracy_floor=accuracy_floor, runtimes=list(runtimes), strategy=strategy, mode=mode,
                      budget=budget, seed=seed, recover_steps=recover_steps, runtime_recover_steps=runtime_recover_steps,
                      runtime_format_shares=_shares(runtime_format_shares),
-                     shortlist=shortlist, recoverable=recoverable, promote_margin=promote_margin, threads=threads,
+                     shortlist=shortlist, recoverable=recoverable, promote_margin=promote_margin, equalize=equalize, ladder=ladder,
+                     threads=threads,
                      allow_pickle=allow_pickle)  # fmt: skip
     folder = Pack(cfg, Path(out), resume=resume, force=force).run()
     click.echo((folder / "scorecard.md").read_text())

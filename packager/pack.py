@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -19,6 +20,7 @@ from rich.console import Console
 
 from packager.bundle import make_tarball, write_manifest
 from packager.scorecard import figure, write_all
+from packager.selection import candidate_key, ladder_probes, promotion_candidate, shortlist_by_family
 from profiles.costmodel import CostModelError, predict, runtime_version
 from search.evaluate import perplexity
 from search.importance import Importance, quantization_rank, sort_model
@@ -27,6 +29,7 @@ from search.run import infeasible, plot_front, require_feasible, run_search
 from search.space import DEFAULT_FORMATS, SearchSpace, SpaceConfig, least_sensitive
 from search.text import holdout_blocks, token_blocks
 from subnet.arch import ATTN_LINEARS, MLP_LINEARS
+from subnet.equalize import equalize_channels
 from subnet.extract import extract
 from subnet.formats import get_format
 from subnet.loading import LoadedModel, load_model
@@ -59,6 +62,8 @@ class PackConfig:
     shortlist: int = 3  # candidates faster than the fastest floor-meeting one, each given a short recovery
     shortlist_steps: int = 30  # recovery steps per shortlisted candidate
     promote_margin: float = 0.05  # a shortlisted candidate missing the floor by at most this gets the full recovery
+    equalize: bool = True  # scale input channels for rounding (activation-aware) before the search
+    ladder: int = 2  # rounds of bisection toward faster members of each family whose shortlisted member met the floor
     runtimes: list[str] = field(default_factory=list)  # default: every runtime of the target
     strategy: str = "nsga2"
     mode: str = "uniform"
@@ -91,6 +96,8 @@ class Pack:
         self.state_path = self.work / "stages.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
         saved = self.state.get("config")
+        if saved:  # an option added since the run started resumes at its default
+            saved = {**asdict(PackConfig(target=cfg.target)), **saved}
         if saved and saved != asdict(cfg):
             raise PackError(f"{self.work} was started with other options ({_diff(saved, asdict(cfg))}): use the same "
                             "options to resume, or --force to start over")  # fmt: skip
@@ -149,13 +156,14 @@ class Pack:
         loaded = self.base()
         model = loaded.model
         calib = self.blocks("calibration", self.cfg.calib_blocks)
-        imp = sort_model(model, calib)
-        rank_quantization(imp, model, calib, self.target, self.search_runtime, self.cfg.mode, self.cfg.strategy)
+        imp, equalized = prepare_for_search(model, calib, self.target, self.search_runtime, self.cfg.mode,
+                                            self.cfg.strategy, self.cfg.equalize)  # fmt: skip
         save_model(model, self.work / "sorted", loaded.tokenizer)
         imp.save(self.work / "importance.json")
         self._loaded = None  # the in-memory model is now permuted: reload the untouched one when needed
         return {"layer_rank": imp.layer_rank, "calibration_tokens": imp.calibration_tokens,
-                "unit_method": imp.unit_method, "layer_method": imp.layer_method, "quant_rank": imp.quant_rank}  # fmt: skip
+                "unit_method": imp.unit_method, "layer_method": imp.layer_method, "quant_rank": imp.quant_rank,
+                "equalization": equalization_summary(equalized)}  # fmt: skip
 
     def problem(self, model, max_ppl_increase: float) -> Problem:
         """The search problem on the sorted ``model``, with that accuracy floor (before recovery)."""
@@ -183,9 +191,10 @@ class Pack:
 
         The fallback is the fastest candidate meeting every budget before recovery. Up to ``shortlist``
         faster front candidates, one per format family (``shortlist_by_family``), get a short recovery
-        (LoRA + distillation, formats simulated); the fastest of them whose recovered perplexity meets
-        the floor on held-out calibration text wins, unless a faster one that nearly met it meets it
-        after the full recovery (``promotion``).
+        (LoRA + distillation, formats simulated); in each family whose candidate met the floor, up to
+        ``ladder`` faster members follow, bisecting the family's front (``ladder_probes``). The fastest
+        candidate whose recovered perplexity meets the floor on held-out calibration text wins, unless a
+        faster one that nearly met it meets it after the full recovery (``promotion``).
         """
         evals = [Evaluation(**e) for e in json.loads((self.work / "evaluations.json").read_text())]
         base_ev = Evaluation(**self.result("search")["base"])
@@ -196,8 +205,14 @@ class Pack:
         feasible = [e for e in strict if e.feasible]
         fallback = min(feasible, key=lambda e: (e.decode_ms, e.ppl)) if feasible else None
         faster = [e for e in pareto_front(evals) if fallback is None or e.decode_ms < fallback.decode_ms]
-        shortlist = shortlist_by_family(faster, self.cfg.shortlist)
-        tried = self.short_recoveries(problem.supernet, base_ev, shortlist)
+        tried = self.short_recoveries(problem.supernet, base_ev, shortlist_by_family(faster, self.cfg.shortlist))
+        climbed = []
+        for _ in range(self.cfg.ladder):
+            probes = ladder_probes(faster, tried)
+            if not probes:
+                break
+            climbed += [candidate_key(e.x) for e in probes]
+            tried += self.short_recoveries(problem.supernet, base_ev, probes)
         passing = [t for t in tried if t["meets_floor"]]
         best = min(passing, key=lambda t: t["evaluation"]["decode_ms"]) if passing else None
         promoted = self.promotion(model, tried, best["evaluation"]["decode_ms"] if best else None)
@@ -217,7 +232,7 @@ class Pack:
         spec.meta = {"selected": how, "ppl_simulated": winner.ppl}
         spec.save(self.work / "spec.json")
         return {"winner": asdict(winner), "how": how, "fallback": asdict(fallback) if fallback else None,
-                "shortlist": tried, "promoted": promoted}  # fmt: skip
+                "shortlist": tried, "ladder": climbed, "promoted": promoted}  # fmt: skip
 
     def promotion(self, model, tried: list[dict], faster_than: float | None) -> dict | None:
         """Full recovery for ``promotion_candidate`` (a near miss faster than every passing candidate).
@@ -513,6 +528,50 @@ def search_space(arch, target: Target, runtime: str, mode: str, importance: Impo
                        importance.layer_rank, quant_rank)  # fmt: skip
 
 
+def prepare_for_search(model, calib: torch.Tensor, target: Target, runtime: str, mode: str, strategy: str,
+                       equalize: bool = True, adapter=None) -> tuple[Importance, list[dict]]:  # fmt: skip
+    """What the search reads, done to ``model`` in place: importance-sort it, merge a supernet
+    ``adapter`` (if any), equalize its channels for rounding (``equalize_for``) and rank its blocks'
+    sensitivity to rounding (``rank_quantization``). Returns the importance and the equalization rows."""
+    imp = sort_model(model, calib)
+    if adapter:
+        from search.supernet_tuning import load_supernet_adapter
+
+        load_supernet_adapter(model, adapter)
+    equalized = equalize_for(model, calib, target, runtime) if equalize else []
+    return rank_quantization(imp, model, calib, target, runtime, mode, strategy), equalized
+
+
+EQUALIZE_BLOCKS = 8  # x 256 calibration tokens whose activations choose the channel scales
+
+
+def equalize_for(model, calib: torch.Tensor, target: Target, runtime: str) -> list[dict]:
+    """Equalize ``model``'s input channels in place (``equalize_channels``) for the search formats of
+    ``runtime`` narrower than 8 bits, on the first calibration blocks; one row per layer and group."""
+    narrow = [f for f in runtime_formats(target, runtime) if get_format(f).bits < 8]
+    return equalize_channels(model, calib[:EQUALIZE_BLOCKS], narrow)
+
+
+def equalization_summary(rows: list[dict]) -> dict | None:
+    """Per group of linears: the median alpha and the median rounding error relative to no scaling."""
+    if not rows:
+        return None
+    groups = dict.fromkeys(r["group"] for r in rows)
+    return {g: {k: statistics.median(r[k] for r in rows if r["group"] == g) for k in ("alpha", "error_ratio")}
+            for g in groups}  # fmt: skip
+
+
+def equalization_notes(summary: dict | None) -> list[str]:
+    """The scorecard's line on channel equalization (none when it was off)."""
+    if not summary:
+        return []
+    names = {"o": "o", "qkv": "q/k/v", "down": "down", "gate_up": "gate/up"}
+    cut = ", ".join(f"{names.get(g, g)} x{v['error_ratio']:.2f}" for g, v in summary.items())
+    return [f"input channels equalized for rounding before the search (activation-aware scales folded into the "
+            f"norms, up and v; the float model is unchanged): rounding error of each group's outputs, median "
+            f"over layers: {cut}"]  # fmt: skip
+
+
 QUANT_RANK_BLOCKS = 4  # x 256 calibration tokens per block-sensitivity evaluation (30 of them on SmolLM2)
 
 
@@ -545,53 +604,14 @@ def cost_fn(target: Target, runtime: str):
     return fn
 
 
-def promotion_candidate(tried: list[dict], margin: float, faster_than: float | None) -> dict | None:
-    """The fastest short-recovered candidate that missed the floor by at most ``margin`` (relative) and
-    is faster than ``faster_than`` (the fastest one that met it; None when none did), if any."""
-    near = [t for t in tried if not t["meets_floor"] and t["val_ppl_after"] <= t["val_ppl_limit"] * (1 + margin)
-            and (faster_than is None or t["evaluation"]["decode_ms"] < faster_than)]  # fmt: skip
-    return min(near, key=lambda t: t["evaluation"]["decode_ms"]) if near else None
 
 
-def candidate_key(x: list[int]) -> str:
-    """A search candidate's name in work files (its encoding, comma-joined)."""
-    return ",".join(map(str, x))
 
 
-def spread(front: list[Evaluation], k: int) -> list[Evaluation]:
-    """Up to ``k`` front points spread evenly over it, the most accurate (slowest) first."""
-    by_ppl = sorted(front, key=lambda e: e.ppl)
-    if len(by_ppl) <= k or k < 1:
-        return by_ppl[: max(k, 0)]
-    return [by_ppl[round(i * (len(by_ppl) - 1) / (k - 1))] for i in range(k)] if k > 1 else by_ppl[:1]
 
 
-def format_family(spec: SubnetSpec) -> tuple[str, ...]:
-    """The narrowest format of each role (attention, MLP, embedding, LM head): the members of one family
-    differ in shape and in how many blocks are narrowed, not in which formats they use."""
-
-    def narrowest(fmts: set[str]) -> str:
-        return min(fmts, key=lambda f: (get_format(f).bits, f))
-
-    return (narrowest({ly.formats[n] for ly in spec.layers for n in ATTN_LINEARS}),
-            narrowest({ly.formats[n] for ly in spec.layers for n in MLP_LINEARS}),
-            spec.embed_format, spec.lm_head_format)  # fmt: skip
 
 
-def shortlist_by_family(front: list[Evaluation], k: int) -> list[Evaluation]:
-    """Up to ``k`` front points to give a short recovery: the most accurate of each format family
-    (``format_family``), spread over the families when there are more than ``k``; when there are fewer,
-    the rest spread over the remaining front. Most accurate first.
-
-    Recovery wins back different amounts per format (iq4_nl far more than q4_0 on SmolLM2), so every
-    family gets its best chance instead of an even spread over perplexity that can skip one entirely.
-    """
-    best: dict[tuple[str, ...], Evaluation] = {}
-    for e in sorted(front, key=lambda e: e.ppl):
-        best.setdefault(format_family(e.spec_obj()), e)
-    picks = spread(list(best.values()), k)
-    picks += spread([e for e in front if e not in picks], k - len(picks))
-    return sorted(picks, key=lambda e: e.ppl)
 
 
 def _artifact(d: dict):
@@ -715,7 +735,8 @@ def build_card(p: Pack) -> dict:
     spec = SubnetSpec.load(p.work / "spec.json")
     loaded = p.base()
     return {
-        "model": {"source": loaded.source, "notes": loaded.notes, "architecture": loaded.arch.to_dict()},
+        "model": {"source": loaded.source, "architecture": loaded.arch.to_dict(),
+                  "notes": loaded.notes + equalization_notes(p.result("prepare").get("equalization"))},
         "target": p.target.to_dict(),
         "workload": asdict(p.target.workload) if not isinstance(p.target.workload, dict) else p.target.workload,
         "machine": fp or fingerprint("none", "", None),

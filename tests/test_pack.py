@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 from packager.cli import main
 from packager.pack import Pack, PackConfig, PackError
+from packager.selection import candidate_key, format_family
 from search.importance import Importance
 from subnet.spec import SubnetSpec
 from tests.conftest import tiny_model
@@ -96,7 +97,12 @@ def test_select_recovers_a_shortlist_and_keeps_the_fastest_that_meets_the_floor(
     path.write_text(json.dumps(evals))
     finish("select")
     sel = p.result("select")
-    assert 1 <= len(sel["shortlist"]) <= 2
+    first = [t for t in sel["shortlist"] if candidate_key(t["evaluation"]["x"]) not in sel["ladder"]]
+    assert 1 <= len(first) <= 2 and len(sel["ladder"]) <= 2 * cfg.ladder
+    met = {format_family(SubnetSpec.from_dict(t["evaluation"]["spec"])) for t in first if t["meets_floor"]}
+    for t in sel["shortlist"]:  # the ladder only climbs in a family whose shortlisted member met the floor
+        if candidate_key(t["evaluation"]["x"]) in sel["ladder"]:
+            assert format_family(SubnetSpec.from_dict(t["evaluation"]["spec"])) in met
     for t in sel["shortlist"]:
         assert t["meets_floor"] == (t["val_ppl_after"] <= t["val_ppl_limit"])
         assert t["val_curve"][0] == [0, pytest.approx(t["val_ppl_before"])]
@@ -104,56 +110,6 @@ def test_select_recovers_a_shortlist_and_keeps_the_fastest_that_meets_the_floor(
     want = min(passing, key=lambda e: e["decode_ms"]) if passing else sel["fallback"]
     assert sel["winner"] == want
     assert json.loads((p.work / "spec.json").read_text())["meta"]["selected"] == sel["how"]
-
-
-def test_spread_picks_evenly_from_most_to_least_accurate():
-    from types import SimpleNamespace
-
-    from packager.pack import spread
-
-    front = [SimpleNamespace(ppl=float(v)) for v in (5, 1, 4, 2, 3)]
-    assert [e.ppl for e in spread(front, 3)] == [1.0, 3.0, 5.0]
-    assert [e.ppl for e in spread(front, 1)] == [1.0]
-    assert len(spread(front, 9)) == 5 and spread(front, 0) == []
-
-
-def test_promotion_takes_the_fastest_near_miss_faster_than_every_passing_candidate():
-    from packager.pack import promotion_candidate
-
-    def tried(ms, after, meets):
-        return {"evaluation": {"decode_ms": ms}, "val_ppl_after": after, "val_ppl_limit": 30.0, "meets_floor": meets}
-
-    fast_near, slow_near, far, passing = tried(8.0, 31.0, False), tried(9.0, 30.5, False), tried(7.0, 40.0, False), tried(8.5, 29.9, True)
-    assert promotion_candidate([slow_near, fast_near, far], 0.05, None) is fast_near  # 40 is beyond the 5% margin
-    assert promotion_candidate([slow_near, fast_near, passing], 0.05, 8.5) is fast_near
-    assert promotion_candidate([slow_near, passing], 0.05, 8.5) is None  # slower than the passing one: no need
-    assert promotion_candidate([passing], 0.05, None) is None
-
-
-def test_shortlist_takes_the_most_accurate_of_each_format_family():
-    """Three families (q8_0/q4_0, iq4_nl/q4_0, q4_0/q4_0 by narrowest format per role): one each, the
-    most accurate member, whatever the share of narrowed blocks; with fewer families, the front fills in."""
-    from types import SimpleNamespace
-
-    from packager.pack import format_family, shortlist_by_family
-    from subnet.arch import ATTN_LINEARS, MLP_LINEARS, arch_of
-
-    arch = arch_of(tiny_model("llama").config)
-
-    def cand(ppl, attn, mlp, narrowed):
-        spec = SubnetSpec.uniform(arch, fmt="q8_0")
-        for ly in spec.layers[:narrowed]:
-            ly.formats.update({n: attn for n in ATTN_LINEARS} | {n: mlp for n in MLP_LINEARS})
-        return SimpleNamespace(ppl=ppl, spec_obj=lambda: spec)
-
-    front = [cand(30.6, "q8_0", "q4_0", 3), cand(32.6, "q8_0", "q4_0", 4), cand(31.9, "iq4_nl", "q4_0", 3),
-             cand(35.0, "iq4_nl", "q4_0", 4), cand(33.0, "q4_0", "q4_0", 3), cand(36.6, "q4_0", "q4_0", 4)]
-    assert format_family(front[0].spec_obj()) == ("q8_0", "q4_0", "q8_0", "q8_0")
-    assert format_family(front[2].spec_obj()) == format_family(front[3].spec_obj())
-    assert [e.ppl for e in shortlist_by_family(front, 3)] == [30.6, 31.9, 33.0]
-    assert [e.ppl for e in shortlist_by_family(front, 2)] == [30.6, 33.0]  # spread over the families
-    assert [e.ppl for e in shortlist_by_family(front, 5)] == [30.6, 31.9, 32.6, 33.0, 36.6]
-    assert shortlist_by_family(front, 0) == []
 
 
 def test_promotion_gives_a_near_miss_the_full_recovery_and_the_recover_stage_reuses_it(small_model_dir, tmp_path):

@@ -1,0 +1,69 @@
+"""Choosing the winner: the shortlist per format family, the ladder within a family, promotion."""
+
+from types import SimpleNamespace
+
+from packager.selection import candidate_key, format_family, ladder_probes, promotion_candidate, shortlist_by_family, spread
+from subnet.arch import ATTN_LINEARS, MLP_LINEARS, arch_of
+from subnet.spec import SubnetSpec
+from tests.conftest import tiny_model
+
+
+def cand(ppl, attn, mlp, narrowed, ms=None):
+    """A front point whose first ``narrowed`` blocks take ``attn``/``mlp`` formats, the rest q8_0."""
+    spec = SubnetSpec.uniform(arch_of(tiny_model("llama", num_hidden_layers=6).config), fmt="q8_0")
+    for ly in spec.layers[:narrowed]:
+        ly.formats.update({n: attn for n in ATTN_LINEARS} | {n: mlp for n in MLP_LINEARS})
+    return SimpleNamespace(ppl=ppl, decode_ms=ms if ms is not None else 10.0 - ppl / 10, x=[narrowed, int(ppl * 10)],
+                           spec_obj=lambda: spec)  # fmt: skip
+
+
+def test_spread_picks_evenly_from_most_to_least_accurate():
+    front = [SimpleNamespace(ppl=float(v)) for v in (5, 1, 4, 2, 3)]
+    assert [e.ppl for e in spread(front, 3)] == [1.0, 3.0, 5.0]
+    assert [e.ppl for e in spread(front, 1)] == [1.0]
+    assert len(spread(front, 9)) == 5 and spread(front, 0) == []
+
+
+def test_promotion_takes_the_fastest_near_miss_faster_than_every_passing_candidate():
+    def tried(ms, after, meets):
+        return {"evaluation": {"decode_ms": ms}, "val_ppl_after": after, "val_ppl_limit": 30.0, "meets_floor": meets}
+
+    fast_near, slow_near, far, passing = tried(8.0, 31.0, False), tried(9.0, 30.5, False), tried(7.0, 40.0, False), tried(8.5, 29.9, True)
+    assert promotion_candidate([slow_near, fast_near, far], 0.05, None) is fast_near  # 40 is beyond the 5% margin
+    assert promotion_candidate([slow_near, fast_near, passing], 0.05, 8.5) is fast_near
+    assert promotion_candidate([slow_near, passing], 0.05, 8.5) is None  # slower than the passing one: no need
+    assert promotion_candidate([passing], 0.05, None) is None
+
+
+def test_shortlist_takes_the_most_accurate_of_each_format_family():
+    """Three families (q8_0/q4_0, iq4_nl/q4_0, q4_0/q4_0 by narrowest format per role): one each, the
+    most accurate member, whatever the share of narrowed blocks; with fewer families, the front fills in."""
+    front = [cand(30.6, "q8_0", "q4_0", 3), cand(32.6, "q8_0", "q4_0", 4), cand(31.9, "iq4_nl", "q4_0", 3),
+             cand(35.0, "iq4_nl", "q4_0", 4), cand(33.0, "q4_0", "q4_0", 3), cand(36.6, "q4_0", "q4_0", 4)]
+    assert format_family(front[0].spec_obj()) == ("q8_0", "q4_0", "q8_0", "q8_0")
+    assert format_family(front[2].spec_obj()) == format_family(front[3].spec_obj())
+    assert [e.ppl for e in shortlist_by_family(front, 3)] == [30.6, 31.9, 33.0]
+    assert [e.ppl for e in shortlist_by_family(front, 2)] == [30.6, 33.0]  # spread over the families
+    assert [e.ppl for e in shortlist_by_family(front, 5)] == [30.6, 31.9, 32.6, 33.0, 36.6]
+    assert shortlist_by_family(front, 0) == []
+
+
+def outcome(e, meets):
+    return {"evaluation": {"x": e.x, "decode_ms": e.decode_ms}, "meets_floor": meets}
+
+
+def test_ladder_bisects_toward_the_fastest_member_of_each_family_that_met_the_floor():
+    """One family of five rungs (iq4_nl, 1..5 blocks narrowed): from a passing first rung the middle of
+    the rest is probed, then the middle of what is left on the side the outcome points to."""
+    rungs = [cand(30.0 + i, "iq4_nl", "iq4_nl", i + 1) for i in range(5)]
+    other = [cand(31.5, "q4_0", "q4_0", 1), cand(33.5, "q4_0", "q4_0", 2)]
+    front = rungs + other
+    assert ladder_probes(front, []) == []  # nothing tried yet
+    first = [outcome(rungs[0], True), outcome(other[0], False)]  # the q4_0 family missed: no probe there
+    assert ladder_probes(front, first) == [rungs[2]]
+    assert ladder_probes(front, first + [outcome(rungs[2], True)]) == [rungs[3]]
+    assert ladder_probes(front, first + [outcome(rungs[2], False)]) == [rungs[1]]
+    # the fastest passing rung sits just below a miss (or is the last rung): the family is done
+    assert ladder_probes(front, first + [outcome(rungs[2], True), outcome(rungs[3], False)]) == []
+    assert ladder_probes(front, first + [outcome(rungs[4], True)]) == []
+    assert candidate_key(rungs[0].x) == "1,300"
