@@ -331,9 +331,10 @@ class Pack:
         runtime's don't hold exactly (ONNX Runtime has no iq4_nl): ``runtime_recover_steps`` of LoRA +
         distillation warm-started from the winner's recovered model, scored on held-out text against the
         floor there (the base at that runtime's formats, plus ``accuracy_floor``). A try that misses the
-        floor is followed by one at the next of ``runtime_format_shares``: only that share of the blocks,
-        the least sensitive to rounding (the search's format-share rule), keeps the carried formats, the
-        rest take the base's (widest) formats. The first try that meets the floor is kept, else the most
+        floor is followed by one at the next of ``runtime_format_shares``: only that share of the blocks
+        the winner narrows, the least sensitive to rounding (the search's format-share rule), keeps the
+        carried formats, the rest take the base's (widest) formats; a share that narrows the same blocks
+        as an earlier try is skipped. The first try that meets the floor is kept, else the most
         accurate; its model and spec (``spec-<runtime>.json``) go to that runtime's export. None when the
         runtime holds the winner's formats exactly (or the steps are 0)."""
         from search.recovery import RecoveryConfig, recover
@@ -347,25 +348,28 @@ class Pack:
         calib, val = self.recovery_blocks()
         base_ppl = perplexity(fake_quantize_model(extract(sorted_model, base_spec), base_spec), val)
         limit = base_ppl * (1 + self.cfg.accuracy_floor)
-        kept, tries = [ly.index for ly in spec.layers], []
+        wide = {ly.index: ly.formats for ly in base_spec.layers}
+        narrowed, tries = [ly.index for ly in spec.layers if ly.formats != wide[ly.index]], []
         for share in self.cfg.runtime_format_shares:
-            narrow = least_sensitive(self.rounding_rank() if share < 1 else None, kept, share)
+            narrow = least_sensitive(self.rounding_rank() if share < 1 else None, narrowed, share)
+            if any(narrow == t[3] for t in tries):  # e.g. a winner already at that share: nothing new to try
+                continue
             tried = widen_blocks(spec, base_spec, narrow)
             student, _ = self._recovered(self.search_runtime)  # recovery merges into its student: a fresh copy
             res = recover(sorted_model, student, tried, calib, val,
                           RecoveryConfig(max_steps=self.cfg.runtime_recover_steps, qat=True),
                           out_dir=self.work / f"recovery-{runtime}" / f"share-{share:g}", resume=True)  # fmt: skip
-            tries.append((share, tried, res, len(narrow)))
+            tries.append((share, tried, res, narrow))
             console.print(f"  {runtime} at format share {share:g}: held-out ppl {res.ppl_after:.2f} (floor {limit:.2f})")
             if res.ppl_after <= limit:
                 break
-        share, tried, res, n_narrow = next((t for t in tries if t[2].ppl_after <= limit),
+        share, tried, res, narrow = next((t for t in tries if t[2].ppl_after <= limit),
                                            min(tries, key=lambda t: t[2].ppl_after))  # fmt: skip
         save_model(res.model, self.work / f"recovered-{runtime}", block_scales=res.block_scales)
         tried.save(self.work / f"spec-{runtime}.json")
         return res.summary() | {
             "changed": len(changed), "example": changed[0], "val_ppl_limit": limit,
-            "meets_floor": res.ppl_after <= limit, "format_share": share, "narrow_blocks": n_narrow,
+            "meets_floor": res.ppl_after <= limit, "format_share": share, "narrow_blocks": len(narrow),
             "tries": [{"format_share": t[0], "ppl_after": t[2].ppl_after, "wall_s": t[2].summary()["wall_s"]}
                       for t in tries],
         }  # fmt: skip
