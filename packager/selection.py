@@ -63,6 +63,7 @@ def promotion_candidate(tried: list[dict], margin: float, faster_than: float | N
             and (faster_than is None or t["evaluation"]["decode_ms"] < faster_than)]  # fmt: skip
     return min(near, key=lambda t: t["evaluation"]["decode_ms"]) if near else None
 
+
 def ladder_probes(front: list[Evaluation], tried: list[dict]) -> list[Evaluation]:
     """The next member to short-recover in each format family whose fastest tried member met the floor.
 
