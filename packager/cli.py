@@ -121,15 +121,13 @@ def _shares(text: str) -> list[float]:
     return shares
 
 
-def _sorted_base(model, allow_pickle, calib_blocks=16):
-    """Load and importance-sort a model as the search does: (loaded model, importance, calibration blocks)."""
-    from search.importance import sort_model
+def _base_and_calibration(model, allow_pickle, calib_blocks=16):
+    """Load a model and the calibration blocks the search prepares it on: (loaded model, blocks)."""
     from search.text import token_blocks
     from subnet.loading import load_model
 
     loaded = load_model(model, allow_pickle=allow_pickle)
-    calib = token_blocks(loaded.tokenizer, "calibration", 256, calib_blocks)
-    return loaded, sort_model(loaded.model, calib), calib
+    return loaded, token_blocks(loaded.tokenizer, "calibration", 256, calib_blocks)
 
 
 def _search_problem(model, target, runtime, mode, budgets, allow_pickle, strategy="nsga2", eval_blocks=8, calib_blocks=16,
@@ -138,14 +136,12 @@ def _search_problem(model, target, runtime, mode, budgets, allow_pickle, strateg
     from packager.pack import cost_fn, prepare_for_search, search_space
     from search.problem import Problem
     from search.text import token_blocks
-    from subnet.loading import load_model
     from subnet.supernet import Supernet
     from targets.registry import get_target
 
     tgt = get_target(target)
     rt = tgt.runtime(runtime)
-    loaded = load_model(model, allow_pickle=allow_pickle)
-    calib = token_blocks(loaded.tokenizer, "calibration", 256, calib_blocks)
+    loaded, calib = _base_and_calibration(model, allow_pickle, calib_blocks)
     imp, _ = prepare_for_search(loaded.model, calib, tgt, rt, mode, strategy, adapter=adapter)
     space = search_space(loaded.arch, tgt, rt, mode, imp)
     evals = token_blocks(loaded.tokenizer, "evaluation", 256, eval_blocks)
@@ -211,11 +207,13 @@ def tune_supernet_cmd(model, target, runtime, mode, steps, calib_blocks, seed, o
         tune_supernet,
         tuning_summary,
     )
+    from search.importance import sort_model
     from search.text import token_blocks
     from targets.registry import get_target
 
     tgt = get_target(target)
-    loaded, imp, _ = _sorted_base(model, allow_pickle)
+    loaded, sort_text = _base_and_calibration(model, allow_pickle)  # the blocks `packager search` sorts on
+    imp = sort_model(loaded.model, sort_text)
     space = search_space(loaded.arch, tgt, tgt.runtime(runtime), mode, imp)
     text = token_blocks(loaded.tokenizer, "calibration", 256, calib_blocks)
     path = tune_supernet(loaded.model, space, text, SupernetTuningConfig(steps=steps, seed=seed), out, force=force)

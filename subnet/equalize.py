@@ -63,26 +63,31 @@ def _reduced(a: torch.Tensor, g: Group) -> torch.Tensor:
     return a if g.expand == 1 else a.view(-1, g.expand, g.head_dim).mean(1).reshape(-1)
 
 
-def rounding_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, fmt: str) -> float:
+def rounding_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, fmt: str,
+                   outputs: list[torch.Tensor] | None = None) -> float:  # fmt: skip
     """Squared error of the group's outputs on ``x`` when each weight is scaled by ``s`` (per input
-    channel), rounded through ``fmt`` and unscaled."""
+    channel), rounded through ``fmt`` and unscaled. ``outputs``: the float outputs ``x @ w.T``, when
+    the caller already has them."""
+    outputs = outputs if outputs is not None else [x @ w.T for w in weights]
     xs = x / s
-    return sum(float(((xs @ fake_quantize(w * s, fmt).T - x @ w.T) ** 2).sum()) for w in weights)
+    return sum(float(((xs @ fake_quantize(w * s, fmt).T - y) ** 2).sum()) for w, y in zip(weights, outputs))
 
 
 def best_scale(x: torch.Tensor, g: Group, formats: list[str], grid: int) -> tuple[float, torch.Tensor, float]:
     """(alpha, producer-channel scale, error relative to no scaling) minimising the group's rounding
-    error summed over ``formats``, each relative to its own error without scaling."""
+    error averaged over ``formats``, each relative to its own error without scaling."""
     weights = [lin.weight.detach().float() for lin in g.linears]
+    outputs = [x @ w.T for w in weights]  # the float reference, once for every alpha and format
     a = _reduced(x.abs().mean(0), g)
     one = torch.ones_like(a)
-    base = {f: rounding_error(x, weights, _expanded(one, g), f) for f in formats}
+    base = {f: rounding_error(x, weights, _expanded(one, g), f, outputs) for f in formats}
     best = (0.0, one, 1.0)
     for k in range(1, grid):
         alpha = k / (grid - 1)
         s = a.pow(alpha).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        err = statistics.fmean(rounding_error(x, weights, _expanded(s, g), f) / max(base[f], 1e-30) for f in formats)
+        err = statistics.fmean(rounding_error(x, weights, _expanded(s, g), f, outputs) / max(base[f], 1e-30)
+                               for f in formats)  # fmt: skip
         if err < best[2]:
             best = (alpha, s, err)
     return best
