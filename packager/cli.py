@@ -76,7 +76,6 @@ def inspect(model, allow_pickle, as_json):
         print_summary(info)
 
 
-
 @main.command()
 def targets():
     """List the known targets (built-in and $PACKAGER_HOME/targets/*.json)."""

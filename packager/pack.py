@@ -20,7 +20,7 @@ from rich.console import Console
 
 from packager.bundle import make_tarball, write_manifest
 from packager.scorecard import figure, write_all
-from packager.selection import candidate_key, ladder_probes, promotion_candidate, shortlist_by_family
+from packager.selection import candidate_key, ladder_probes, promotion_candidate, share_try_key, shortlist_by_family
 from profiles.costmodel import CostModelError, predict, runtime_version
 from search.evaluate import perplexity
 from search.importance import Importance, quantization_rank, sort_model
@@ -28,7 +28,7 @@ from search.problem import Budgets, Evaluation, Problem, pareto_front
 from search.run import infeasible, plot_front, require_feasible, run_search
 from search.space import DEFAULT_FORMATS, SearchSpace, SpaceConfig, least_sensitive
 from search.text import holdout_blocks, token_blocks
-from subnet.arch import ATTN_LINEARS, MLP_LINEARS
+from subnet.arch import ATTN_LINEARS, MLP_LINEARS, arch_of
 from subnet.equalize import equalize_channels
 from subnet.extract import extract
 from subnet.formats import get_format
@@ -358,7 +358,7 @@ class Pack:
             student, _ = self._recovered(self.search_runtime)  # recovery merges into its student: a fresh copy
             res = recover(sorted_model, student, tried, calib, val,
                           RecoveryConfig(max_steps=self.cfg.runtime_recover_steps, qat=True),
-                          out_dir=self.work / f"recovery-{runtime}" / f"share-{share:g}", resume=True)  # fmt: skip
+                          out_dir=self.work / f"recovery-{runtime}" / share_try_key(tried, narrow), resume=True)  # fmt: skip
             tries.append((share, tried, res, narrow))
             console.print(f"  {runtime} at format share {share:g}: held-out ppl {res.ppl_after:.2f} (floor {limit:.2f})")
             if res.ppl_after <= limit:
@@ -550,28 +550,48 @@ EQUALIZE_BLOCKS = 8  # x 256 calibration tokens whose activations choose the cha
 
 
 def equalize_for(model, calib: torch.Tensor, target: Target, runtime: str) -> list[dict]:
-    """Equalize ``model``'s input channels in place (``equalize_channels``) for the search formats of
-    ``runtime`` narrower than 8 bits, on the first calibration blocks; one row per layer and group."""
-    narrow = [f for f in runtime_formats(target, runtime) if get_format(f).bits < 8]
-    return equalize_channels(model, calib[:EQUALIZE_BLOCKS], narrow)
+    """Equalize ``model``'s input channels in place (``equalize_channels``) for the formats the search
+    is likely to pick (``equalization_formats``), on the first calibration blocks; one row per layer
+    and group, each naming those formats."""
+    fmts = equalization_formats(arch_of(model.config), target, runtime)
+    return [r | {"formats": fmts} for r in equalize_channels(model, calib[:EQUALIZE_BLOCKS], fmts)]
+
+
+def equalization_formats(arch, target: Target, runtime: str) -> list[str]:
+    """The search formats of ``runtime`` narrower than 8 bits that pay for their rounding: those the
+    target's cost model predicts decode faster than the widest one, every linear alike. All narrow
+    ones when none does or the table cannot tell (q5_0 on an AVX-512 CPU: slower than q8_0, never on
+    the search's front without a size budget, and tuning for it too costs 4-bit formats accuracy)."""
+    fmts = runtime_formats(target, runtime)
+    narrow = [f for f in fmts if get_format(f).bits < 8]
+    try:
+        ms = {f: predict(SubnetSpec.uniform(arch, fmt=f, embed_format=fmts[0]), target, runtime).decode_ms_per_token
+              for f in [fmts[0], *narrow]}  # fmt: skip
+    except CostModelError:
+        return narrow
+    return [f for f in narrow if ms[f] < ms[fmts[0]]] or narrow
 
 
 def equalization_summary(rows: list[dict]) -> dict | None:
-    """Per group of linears: the median alpha and the median rounding error relative to no scaling."""
+    """The formats equalized for, and per group of linears the median alpha and the median rounding
+    error relative to no scaling."""
     if not rows:
         return None
     groups = dict.fromkeys(r["group"] for r in rows)
-    return {g: {k: statistics.median(r[k] for r in rows if r["group"] == g) for k in ("alpha", "error_ratio")}
-            for g in groups}  # fmt: skip
+    return {"formats": rows[0].get("formats"),
+            "groups": {g: {k: statistics.median(r[k] for r in rows if r["group"] == g) for k in ("alpha", "error_ratio")}
+                       for g in groups}}  # fmt: skip
 
 
 def equalization_notes(summary: dict | None) -> list[str]:
     """The scorecard's line on channel equalization (none when it was off)."""
     if not summary:
         return []
+    groups = summary.get("groups", summary)  # a run prepared before the formats were recorded: groups only
     names = {"o": "o", "qkv": "q/k/v", "down": "down", "gate_up": "gate/up"}
-    cut = ", ".join(f"{names.get(g, g)} x{v['error_ratio']:.2f}" for g, v in summary.items())
-    return [f"input channels equalized for rounding before the search (activation-aware scales folded into the "
+    cut = ", ".join(f"{names.get(g, g)} x{v['error_ratio']:.2f}" for g, v in groups.items())
+    tuned = f" for {', '.join(summary['formats'])}" if summary.get("formats") else ""
+    return [f"input channels equalized{tuned} before the search (activation-aware scales folded into the "
             f"norms, up and v; the float model is unchanged): rounding error of each group's outputs, median "
             f"over layers: {cut}"]  # fmt: skip
 
@@ -606,16 +626,6 @@ def cost_fn(target: Target, runtime: str):
                 "memory_mb": c.peak_memory_mb, "size_mb": c.size_mb}  # fmt: skip
 
     return fn
-
-
-
-
-
-
-
-
-
-
 
 
 def _artifact(d: dict):

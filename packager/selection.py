@@ -7,6 +7,7 @@ Pure functions of search evaluations and short-recovery outcomes; the recoveries
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 
 from search.problem import Evaluation
@@ -18,6 +19,12 @@ from subnet.spec import SubnetSpec
 def candidate_key(x: list[int]) -> str:
     """A search candidate's name in work files (its encoding, comma-joined)."""
     return ",".join(map(str, x))
+
+
+def share_try_key(spec: SubnetSpec, narrow: list[int]) -> str:
+    """A runtime's format-share try's name in work files: how many blocks it narrows and a digest of
+    the spec it recovers, so a checkpoint resumes only into the same try (a new winner, a new name)."""
+    return f"narrow-{len(narrow)}-{hashlib.sha1(spec.to_json().encode()).hexdigest()[:10]}"
 
 
 def format_family(spec: SubnetSpec) -> tuple[str, ...]:

@@ -173,3 +173,44 @@ def test_rounding_rank_is_measured_when_the_search_did_not_rank_blocks(small_mod
     rank = p.rounding_rank()
     assert sorted(rank) == list(range(4))
     assert Importance.load(p.work / "importance.json").quant_rank == rank
+
+
+def test_equalization_is_tuned_for_the_narrow_formats_the_cost_model_finds_faster(monkeypatch):
+    """q5_0 decoding slower than q8_0 (as on an AVX-512 CPU) is left out; none faster, or a table that
+    cannot tell, keeps every narrow format."""
+    from types import SimpleNamespace
+
+    import packager.pack as pack
+    from profiles.costmodel import CostModelError
+    from subnet.arch import arch_of
+    from targets.registry import get_target
+
+    arch, target = arch_of(tiny_model("llama").config), get_target("laptop-cpu")
+
+    def costs(ms):
+        return lambda spec, *_: SimpleNamespace(decode_ms_per_token=ms[spec.layers[0].formats["q_proj"]])
+
+    monkeypatch.setattr(pack, "predict", costs({"q8_0": 8.3, "q5_0": 8.6, "iq4_nl": 6.6, "q4_0": 5.8}))
+    assert pack.equalization_formats(arch, target, "llama.cpp") == ["iq4_nl", "q4_0"]
+    monkeypatch.setattr(pack, "predict", costs({"q8_0": 5.0, "q5_0": 8.6, "iq4_nl": 6.6, "q4_0": 5.8}))
+    assert pack.equalization_formats(arch, target, "llama.cpp") == ["q5_0", "iq4_nl", "q4_0"]
+
+    def no_table(*_):
+        raise CostModelError("no table")
+
+    monkeypatch.setattr(pack, "predict", no_table)
+    assert pack.equalization_formats(arch, target, "llama.cpp") == ["q5_0", "iq4_nl", "q4_0"]
+
+
+def test_the_equalization_note_names_the_formats_and_reads_runs_prepared_before_they_were_recorded():
+    from packager.pack import equalization_notes, equalization_summary
+
+    rows = [{"layer": i, "group": g, "alpha": a, "error_ratio": e, "formats": ["iq4_nl", "q4_0"]}
+            for i, (a, e) in enumerate([(0.5, 0.5), (0.7, 0.6), (0.6, 0.7)]) for g in ("qkv", "down")]  # fmt: skip
+    summary = equalization_summary(rows)
+    assert summary["groups"]["qkv"] == {"alpha": 0.6, "error_ratio": 0.6}
+    (note,) = equalization_notes(summary)
+    assert "equalized for iq4_nl, q4_0 before" in note and "q/k/v x0.60, down x0.60" in note
+    (old,) = equalization_notes(summary["groups"])
+    assert "equalized before" in old and "q/k/v x0.60" in old
+    assert equalization_notes(None) == [] and equalization_summary([]) is None

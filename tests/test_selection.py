@@ -2,7 +2,8 @@
 
 from types import SimpleNamespace
 
-from packager.selection import candidate_key, format_family, ladder_probes, promotion_candidate, shortlist_by_family, spread
+from packager.selection import (candidate_key, format_family, ladder_probes, promotion_candidate, share_try_key,
+                                shortlist_by_family, spread)
 from subnet.arch import ATTN_LINEARS, MLP_LINEARS, arch_of
 from subnet.spec import SubnetSpec
 from tests.conftest import tiny_model
@@ -15,6 +16,13 @@ def cand(ppl, attn, mlp, narrowed, ms=None):
         ly.formats.update({n: attn for n in ATTN_LINEARS} | {n: mlp for n in MLP_LINEARS})
     return SimpleNamespace(ppl=ppl, decode_ms=ms if ms is not None else 10.0 - ppl / 10, x=[narrowed, int(ppl * 10)],
                            spec_obj=lambda: spec)  # fmt: skip
+
+
+def test_a_share_try_is_named_by_the_spec_it_recovers():
+    """A new winner narrowing as many blocks gets a new name: a stale checkpoint is not resumed into it."""
+    a, b = cand(1.0, "q4_0", "q4_0", 3).spec_obj(), cand(1.0, "iq4_nl", "q4_0", 3).spec_obj()
+    assert share_try_key(a, [0, 1, 2]) == share_try_key(SubnetSpec.from_json(a.to_json()), [0, 1, 2])
+    assert share_try_key(a, [0, 1, 2]).startswith("narrow-3-") and share_try_key(a, [0, 1, 2]) != share_try_key(b, [0, 1, 2])
 
 
 def test_spread_picks_evenly_from_most_to_least_accurate():
