@@ -504,13 +504,25 @@ def shipped_tables(target: str, runtime: str) -> list[Path]:
 
 def table_path(target: str, runtime: str) -> Path:
     """The table used for target+runtime: a profiled one in $PACKAGER_HOME/profiles wins over the shipped
-    ones; of those, the first measured on a machine like this one (``machine_mismatch``), else the default."""
+    ones; of those, the one measured on the machine most like this one (``machine_distance``: the same
+    SIMD features first, else the fewest differing), the default on a tie or where none compares."""
     user = user_tables_dir() / table_name(target, runtime)
     if user.is_file():
         return user
     shipped = shipped_tables(target, runtime)
-    like_here = [p for p in shipped if machine_mismatch(_fingerprint(str(p), p.stat().st_mtime)) is None]
-    return (like_here or shipped or [TABLES_DIR / table_name(target, runtime)])[0]
+    if not shipped:
+        return TABLES_DIR / table_name(target, runtime)
+    return min(shipped, key=lambda p: machine_distance(_fingerprint(str(p), p.stat().st_mtime)))
+
+
+def machine_distance(fp: dict | None) -> float:
+    """How many SIMD features differ between the machine of a measured table's fingerprint and this one
+    (0: alike, or no fingerprint); infinite where the CPU name or core count differs."""
+    if fp is None:
+        return 0
+    if (fp.get("device"), fp.get("cores")) != (cpu_model(), os.cpu_count()):
+        return float("inf")
+    return len(set(fp.get("cpu_features") or cpu_features()) ^ set(cpu_features()))
 
 
 @lru_cache(maxsize=32)
