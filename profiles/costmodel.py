@@ -517,12 +517,14 @@ def table_path(target: str, runtime: str) -> Path:
 
 def machine_distance(fp: dict | None) -> float:
     """How many SIMD features differ between the machine of a measured table's fingerprint and this one
-    (0: alike, or no fingerprint); infinite where the CPU name or core count differs."""
+    (0: alike, or no fingerprint or features recorded, as ``machine_mismatch`` reads them); infinite
+    where the CPU name or core count differs."""
     if fp is None:
         return 0
     if (fp.get("device"), fp.get("cores")) != (cpu_model(), os.cpu_count()):
         return float("inf")
-    return len(set(fp.get("cpu_features") or cpu_features()) ^ set(cpu_features()))
+    theirs = fp.get("cpu_features")
+    return 0 if theirs is None else len(set(theirs) ^ set(cpu_features()))
 
 
 @lru_cache(maxsize=32)
