@@ -247,6 +247,8 @@ def tune_supernet_cmd(model, target, runtime, mode, steps, calib_blocks, seed, o
                    "meeting it, gets the full recovery.")
 @click.option("--equalize/--no-equalize", default=True, show_default=True,
               help="Scale input channels for rounding (activation-aware, folded into norms, up and v) before the search.")
+@click.option("--gptq/--no-gptq", default=True, show_default=True,
+              help="Round iq4_nl linears by GPTQ (error compensation on calibration text) before every recovery.")
 @click.option("--ladder", default=2, show_default=True,
               help="Rounds of bisection toward faster members of each format family whose shortlisted candidate met "
                    "the floor (a short recovery each; 0: the shortlist only).")
@@ -258,7 +260,7 @@ def tune_supernet_cmd(model, target, runtime, mode, steps, calib_blocks, seed, o
 @pickle_option
 def pack(target, model, latency_ms, memory_mb, size_mb, accuracy_floor, runtimes, strategy, mode, budget,
          recover_steps, runtime_recover_steps, runtime_format_shares, shortlist, recoverable, promote_margin,
-         equalize, ladder, seed, threads, out, resume, force, allow_pickle):  # fmt: skip
+         equalize, gptq, ladder, seed, threads, out, resume, force, allow_pickle):  # fmt: skip
     """One command from model to bundle: search, select, recover, export, measure, scorecard."""
     from pathlib import Path
 
@@ -268,7 +270,7 @@ def pack(target, model, latency_ms, memory_mb, size_mb, accuracy_floor, runtimes
                      accuracy_floor=accuracy_floor, runtimes=list(runtimes), strategy=strategy, mode=mode,
                      budget=budget, seed=seed, recover_steps=recover_steps, runtime_recover_steps=runtime_recover_steps,
                      runtime_format_shares=_shares(runtime_format_shares),
-                     shortlist=shortlist, recoverable=recoverable, promote_margin=promote_margin, equalize=equalize, ladder=ladder,
+                     shortlist=shortlist, recoverable=recoverable, promote_margin=promote_margin, equalize=equalize, gptq=gptq, ladder=ladder,
                      threads=threads,
                      allow_pickle=allow_pickle)  # fmt: skip
     folder = Pack(cfg, Path(out), resume=resume, force=force).run()

@@ -32,6 +32,7 @@ from subnet.arch import ATTN_LINEARS, MLP_LINEARS, arch_of
 from subnet.equalize import equalize_channels
 from subnet.extract import extract
 from subnet.formats import get_format
+from subnet.gptq import gptq_round
 from subnet.loading import LoadedModel, load_model
 from subnet.quant import SCALE_SEARCH_FORMATS, fake_quantize_model
 from subnet.spec import SubnetSpec, lossy_retargets, retarget_formats
@@ -63,6 +64,7 @@ class PackConfig:
     shortlist_steps: int = 30  # recovery steps per shortlisted candidate
     promote_margin: float = 0.05  # a shortlisted candidate missing the floor by at most this gets the full recovery
     equalize: bool = True  # scale input channels for rounding (activation-aware) before the search
+    gptq: bool = True  # round scale-search-format linears by GPTQ before every recovery (subnet.gptq)
     ladder: int = 2  # rounds of bisection toward faster members of each family whose shortlisted member met the floor
     runtimes: list[str] = field(default_factory=list)  # default: every runtime of the target
     strategy: str = "nsga2"
@@ -249,14 +251,16 @@ class Pack:
         spec = Evaluation(**t["evaluation"]).spec_obj()
         calib, val = self.recovery_blocks()
         console.print(f"  promoted to full recovery: {_spec_summary(spec)}")
-        res = recover(model, extract(model, spec), spec, calib, val, self.recovery_config(),
+        sub, scales = self.rounded_subnet(model, spec, calib)
+        res = recover(model, sub, spec, calib, val, self.recovery_config(), block_scales=scales,
                       out_dir=self.work / "promotion" / candidate_key(t["evaluation"]["x"]), resume=True)  # fmt: skip
         ok = res.ppl_after <= t["val_ppl_limit"]
         if ok:
             save_model(res.model, self.work / "recovered", block_scales=res.block_scales)
         console.print(f"  promoted: held-out ppl {res.ppl_before:.2f} → {res.ppl_after:.2f} after {res.steps_run} "
                       f"steps (limit {t['val_ppl_limit']:.2f}): {'meets' if ok else 'misses'} the floor")  # fmt: skip
-        return {"evaluation": t["evaluation"], "recovery": res.summary(), "val_ppl_limit": t["val_ppl_limit"],
+        return {"evaluation": t["evaluation"], "recovery": res.summary() | {"gptq_linears": len(scales)},
+                "val_ppl_limit": t["val_ppl_limit"],
                 "meets_floor": ok}  # fmt: skip
 
     def short_recoveries(self, net: Supernet, base_ev: Evaluation, candidates: list[Evaluation]) -> list[dict]:
@@ -279,8 +283,9 @@ class Pack:
             if key in done:
                 continue
             spec = e.spec_obj()
-            res = recover(model, extract(model, spec), spec, calib, val,
-                          RecoveryConfig(max_steps=self.cfg.shortlist_steps, eval_every=10, qat=True))  # fmt: skip
+            sub, scales = self.rounded_subnet(model, spec, calib)
+            res = recover(model, sub, spec, calib, val, block_scales=scales,
+                          config=RecoveryConfig(max_steps=self.cfg.shortlist_steps, eval_every=10, qat=True))  # fmt: skip
             done[key] = {"evaluation": asdict(e), "val_ppl_before": res.ppl_before, "val_ppl_after": res.ppl_after,
                          "val_ppl_limit": limit, "meets_floor": res.ppl_after <= limit, "wall_s": res.wall_s,
                          "val_curve": [[h["step"], h["val_ppl"]] for h in res.history if "val_ppl" in h]}  # fmt: skip
@@ -293,6 +298,13 @@ class Pack:
         """(training, held-out) calibration blocks for recovery's early stopping and the floor check; the
         held-out ones are spread over the split (``holdout_blocks``); the evaluation text stays unseen."""
         return holdout_blocks(self.base().tokenizer, "calibration", 256, self.cfg.calib_blocks, self.cfg.val_blocks)
+
+    def rounded_subnet(self, model, spec: SubnetSpec, calib: torch.Tensor) -> tuple[torch.nn.Module, dict]:
+        """What each recovery starts from: ``spec`` extracted from ``model`` with its scale-search-format
+        linears put through GPTQ on ``calib`` (unless ``gptq`` is off), and the block scales that round
+        them to GPTQ's choice ({} without)."""
+        sub = extract(model, spec)
+        return sub, (gptq_round(sub, spec, calib) if self.cfg.gptq else {})
 
     def recovery_config(self):
         """The winner's recovery: LoRA + distillation against its simulated formats."""
@@ -314,17 +326,18 @@ class Pack:
     def recover_winner(self) -> dict:
         spec = SubnetSpec.load(self.work / "spec.json")
         model = self.sorted_model()
-        sub = extract(model, spec)
         from search.recovery import base_format, nothing_to_recover, recover
 
         why = nothing_to_recover(spec, base_format(model), qat=True)
         if why:  # the base itself at lossless formats
-            save_model(sub, self.work / "recovered")
+            save_model(extract(model, spec), self.work / "recovered")
             return {"skipped": why}
         calib, val = self.recovery_blocks()
-        res = recover(model, sub, spec, calib, val, self.recovery_config(), out_dir=self.work / "recovery", resume=True)
+        sub, scales = self.rounded_subnet(model, spec, calib)
+        res = recover(model, sub, spec, calib, val, self.recovery_config(), block_scales=scales,
+                      out_dir=self.work / "recovery", resume=True)  # fmt: skip
         save_model(res.model, self.work / "recovered", block_scales=res.block_scales)
-        return res.summary()
+        return res.summary() | {"gptq_linears": len(scales)}
 
     def runtime_recovery(self, runtime: str) -> dict | None:
         """Recover the winner again at ``runtime``'s formats where they round weights the search
@@ -596,6 +609,16 @@ def equalization_notes(summary: dict | None) -> list[str]:
             f"over layers: {cut}"]  # fmt: skip
 
 
+def gptq_notes(recovery: dict, spec: SubnetSpec, calib_tokens: int) -> list[str]:
+    """The scorecard's line on the GPTQ rounding the winner's recovery started from (none without it)."""
+    n = recovery.get("gptq_linears")
+    if not n:
+        return []
+    fmts = ", ".join(sorted(spec.formats_used() & set(SCALE_SEARCH_FORMATS)))
+    return [f"{n} {fmts} linears rounded by GPTQ (each rounding's error moved onto the columns not yet rounded, "
+            f"on {calib_tokens:,} calibration tokens) before recovery trained from there"]
+
+
 QUANT_RANK_BLOCKS = 4  # x 256 calibration tokens per block-sensitivity evaluation (30 of them on SmolLM2)
 
 
@@ -750,7 +773,8 @@ def build_card(p: Pack) -> dict:
     loaded = p.base()
     return {
         "model": {"source": loaded.source, "architecture": loaded.arch.to_dict(),
-                  "notes": loaded.notes + equalization_notes(p.result("prepare").get("equalization"))},
+                  "notes": loaded.notes + equalization_notes(p.result("prepare").get("equalization"))
+                  + gptq_notes(rec, spec, p.cfg.calib_blocks * 256)},
         "target": p.target.to_dict(),
         "workload": asdict(p.target.workload) if not isinstance(p.target.workload, dict) else p.target.workload,
         "machine": fp or fingerprint("none", "", None),

@@ -6,10 +6,11 @@ student's next-token distributions at temperature T (times T^2), optionally plus
 LM cross-entropy. With ``qat`` the student's forward sees the spec's simulated weight formats: each
 linear uses fake_quantize(W + BA) with a straight-through estimator, so the adapters learn to
 compensate the rounding the runtime will apply (iq4_nl keeps the block scales ggml picks for W, see
-``subnet.quant.TrainingRounder``; the result carries them, the final perplexity is scored at them and
-the GGUF exporter writes the weights with them). Training evaluates held-out perplexity every
-``eval_every`` steps, keeps the best adapters, stops early, writes resumable checkpoints, and finally
-merges the adapters into the weights (``merge_and_unload``): the result is a plain HF model of the
+``subnet.quant.TrainingRounder``, or those GPTQ rounded W at, ``subnet.gptq``; the result carries
+them, the final perplexity is scored at them and the GGUF exporter writes the weights with them).
+Training evaluates held-out perplexity every ``eval_every`` steps, keeps the best adapters, stops
+early, writes resumable checkpoints, and finally merges the adapters into the weights
+(``merge_and_unload``): the result is a plain HF model of the
 sub-network's class and shapes, ready for quantization and export.
 """
 
@@ -198,10 +199,13 @@ def _qat_forward(self, x, *args, **kwargs):
     return F.linear(x, w.to(x.dtype), base.bias)
 
 
-def _enable_qat(peft_model, spec: SubnetSpec) -> tuple[dict, dict[str, torch.Tensor]]:
+def _enable_qat(peft_model, spec: SubnetSpec, scales: dict[str, torch.Tensor] | None = None
+                ) -> tuple[dict, dict[str, torch.Tensor]]:  # fmt: skip
     """Route every LoRA linear through _qat_forward with its spec format; fake-quantize the (frozen)
     embedding / lm_head in place. Returns the original embedding weights to restore before merging,
-    and the block scales the scale-search linears are rounded at (by module name)."""
+    and the block scales the scale-search linears are rounded at (by module name): ``scales`` where
+    given (GPTQ's), else ggml's search on the starting weight."""
+    scales = scales or {}
     inner = peft_model.get_base_model()
     names = {id(m): n for n, m in inner.named_modules()}
     saved, kept = {}, {}
@@ -216,7 +220,7 @@ def _enable_qat(peft_model, spec: SubnetSpec) -> tuple[dict, dict[str, torch.Ten
                 mod.weight.data.copy_(fake_quantize(mod.weight.data, fmt))
                 continue
             mod._packager_fmt, mod._packager_act = fmt, input_quantizer(fmt, 4)
-            mod._packager_round = TrainingRounder(mod.base_layer.weight, fmt)
+            mod._packager_round = TrainingRounder(mod.base_layer.weight, fmt, scales.get(names[id(mod)]))
             if mod._packager_round.scales is not None:
                 kept[names[id(mod)]] = mod._packager_round.scales
             mod.forward = types.MethodType(_qat_forward, mod)
@@ -251,12 +255,15 @@ def _load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
             params[n].copy_(v)
 
 
-def _run_key(config: RecoveryConfig, spec: SubnetSpec, windows: torch.Tensor, val_blocks: torch.Tensor) -> str:
-    """Fingerprint of what a checkpoint may be resumed into (config, spec, data)."""
+def _run_key(config: RecoveryConfig, spec: SubnetSpec, windows: torch.Tensor, val_blocks: torch.Tensor,
+             block_scales: dict[str, torch.Tensor]) -> str:  # fmt: skip
+    """Fingerprint of what a checkpoint may be resumed into (config, spec, data, the scales it starts on)."""
     h = hashlib.sha256(json.dumps(asdict(config), sort_keys=True, default=str).encode())
     h.update(spec.to_json(indent=None).encode())
     h.update(windows.numpy().tobytes())
     h.update(val_blocks.numpy().tobytes())
+    for name in sorted(block_scales):
+        h.update(name.encode() + block_scales[name].numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -315,13 +322,16 @@ def recover(
     out_dir=None,
     resume: bool = False,
     progress: bool = True,
+    block_scales: dict[str, torch.Tensor] | None = None,
 ) -> RecoveryResult:
     """Recover ``sub_model`` (extracted from ``base_model`` by ``spec``) with LoRA + KD; return it merged.
 
     ``sub_model`` is not modified (a copy is trained). Checkpoints go to ``out_dir/checkpoint-<step>``
     every ``config.checkpoint_every`` steps; ``resume`` continues from the latest one exactly (same
     data order, optimizer, schedule and RNG). Perplexities are measured on ``val_blocks``, under the
-    spec's simulated formats when ``config.qat``.
+    spec's simulated formats when ``config.qat``. ``block_scales`` (module name -> scales): the scales to
+    round ``sub_model``'s scale-search weights at (GPTQ's, ``subnet.gptq.gptq_round``) instead of ggml's
+    search on them; QAT keeps them.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -339,14 +349,15 @@ def recover(
     out_dir = Path(out_dir) if out_dir is not None else None
     if resume and out_dir is None:
         raise RecoveryError("resume=True needs the out_dir the interrupted run wrote its checkpoints to")
-    key = _run_key(config, spec, windows, val_blocks)
+    block_scales = block_scales or {}
+    key = _run_key(config, spec, windows, val_blocks, block_scales)
 
     torch.manual_seed(config.seed)
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                       target_modules=list(config.targets), bias="none")  # fmt: skip
     student = get_peft_model(copy.deepcopy(sub_model), lora)
     teacher = base_model.eval()
-    saved_embed, kept_scales = _enable_qat(student, spec) if config.qat else ({}, {})
+    saved_embed, kept_scales = _enable_qat(student, spec, block_scales) if config.qat else ({}, {})
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config))

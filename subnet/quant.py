@@ -373,8 +373,15 @@ def _iq4_nl_block_scales(w: torch.Tensor) -> torch.Tensor:
 def _iq4_nl_round(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``w`` [rows, n] at the nearest iq4_nl level of its blocks' float32 ``scales`` [rows, n/32]
     (ggml's final index pick with 1/scale), dequantized with the fp16 scale the block stores."""
-    s = scales.unsqueeze(-1)
-    return _nearest_level(_blocks(w, 32) * _recip(s)).mul_(_fp16(s)).reshape(w.shape)
+    return round_at_scale(_blocks(w, 32), scales.unsqueeze(-1), "iq4_nl").reshape(w.shape)
+
+
+def round_at_scale(x: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Each element of ``x`` at the nearest level of ``fmt`` (a scale-search format) for the float32
+    block ``scale`` it belongs to (broadcast against ``x``), as the exported block decodes it: what
+    ``round_to_scales`` does to whole blocks, for any slice of their columns (GPTQ rounds one at a time)."""
+    _check_scale_search(fmt)
+    return _nearest_level(x * _recip(scale)).mul_(_fp16(scale))
 
 
 def _check_scale_search(fmt: str) -> None:
@@ -428,11 +435,14 @@ class TrainingRounder:
     """How quantization-aware training rounds a weight that starts as ``weight`` and drifts from it:
     ``fake_quantize`` for formats with a cheap exact rounding; for scale-search formats, the nearest
     level at the starting weight's block ``scales`` (exact at the start, a search-free step after).
-    Those scales are what the trained weight is exact at: ``encode_to_scales`` exports it with them."""
+    Those scales are what the trained weight is exact at: ``encode_to_scales`` exports it with them.
+    ``scales``: given ones (GPTQ's, ``subnet.gptq``), kept instead of searching the starting weight's."""
 
-    def __init__(self, weight: torch.Tensor, fmt: str):
+    def __init__(self, weight: torch.Tensor, fmt: str, scales: torch.Tensor | None = None):
         self.fmt = fmt
-        self.scales = block_scales(weight, fmt) if fmt in SCALE_SEARCH_FORMATS else None
+        self.scales = None
+        if fmt in SCALE_SEARCH_FORMATS:
+            self.scales = block_scales(weight, fmt) if scales is None else _check_scales(weight, scales, fmt)
 
     def __call__(self, w: torch.Tensor) -> torch.Tensor:
         if self.scales is None:
@@ -605,7 +615,7 @@ def input_quantizer(fmt: str, accuracy_level: int | None, int8_scope: str = "tok
     return None
 
 
-def _plan(model, spec) -> list[tuple[str, object, str]]:
+def quantized_weights(model, spec) -> list[tuple[str, object, str]]:
     """(module name, module, format) of every weight the spec rounds (f32 ones left out)."""
     layers = model.model.layers
     if len(layers) != len(spec.layers):
@@ -641,7 +651,7 @@ def fake_quantize_model(
     at the scales training kept instead of searching them again, as the GGUF exporter writes them.
     Returns the model (a copy unless ``inplace``).
     """
-    plan = _plan(model, spec)
+    plan = quantized_weights(model, spec)
     kept = block_scales or {}
 
     def rounded(name: str, w: torch.Tensor, fmt: str) -> torch.Tensor:

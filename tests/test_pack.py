@@ -148,6 +148,7 @@ def test_a_runtime_that_rounds_the_winner_differently_gets_its_own_recovery(smal
     spec.save(p.work / "spec.json")
     p.state["done"]["select"] = {"result": {"promoted": None}, "wall_s": 0}
     rec = p.stage_recover()
+    assert rec["gptq_linears"] == 3 * 7  # the winner's recovery started from GPTQ's rounding of its iq4_nl linears
     own = rec["runtimes"]["onnxruntime"]
     assert own["steps_run"] == 2 and own["changed"] == 3 * 7 and "iq4_nl->int4" in own["example"]
     assert "llama.cpp" not in rec["runtimes"]  # the search runtime holds its own formats
@@ -163,6 +164,26 @@ def test_a_runtime_that_rounds_the_winner_differently_gets_its_own_recovery(smal
     assert p.recovered_dir("llama.cpp").name == "recovered"
     _, scales = p._recovered("llama.cpp")
     assert scales and not p._recovered("onnxruntime")[1]  # iq4_nl's block scales stay with the GGUF export
+
+
+def test_each_recovery_starts_from_gptq_unless_it_is_off(small_model_dir, tmp_path):
+    import torch
+
+    from packager.pack import gptq_notes
+    from subnet.arch import arch_of
+    from subnet.extract import extract
+
+    model = tiny_model("llama", vocab_size=128)
+    spec = SubnetSpec.uniform(arch_of(model.config), layers=[0, 1], fmt="iq4_nl", embed_format="q8_0")
+    calib, plain = torch.randint(3, 128, (4, 32)), extract(model, spec)
+    sub, scales = Pack(small_config(small_model_dir), tmp_path / "on").rounded_subnet(model, spec, calib)
+    assert len(scales) == 2 * 7
+    assert not torch.equal(sub.model.layers[0].mlp.up_proj.weight, plain.model.layers[0].mlp.up_proj.weight)
+    sub, scales = Pack(small_config(small_model_dir, gptq=False), tmp_path / "off").rounded_subnet(model, spec, calib)
+    assert scales == {} and all(torch.equal(a, b) for a, b in zip(sub.parameters(), plain.parameters()))
+    (note,) = gptq_notes({"gptq_linears": 14}, spec, 1024)
+    assert note.startswith("14 iq4_nl linears rounded by GPTQ") and "on 1,024 calibration tokens" in note
+    assert gptq_notes({"ppl_after": 1.0}, spec, 1024) == []  # recovered without GPTQ (off, or before it existed)
 
 
 def test_rounding_rank_is_measured_when_the_search_did_not_rank_blocks(small_model_dir, tmp_path):
