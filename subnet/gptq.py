@@ -169,3 +169,14 @@ def gptq_round(model, spec, blocks: torch.Tensor, damp: float = 0.01, micro_batc
             m.weight.data.copy_(w)
     return kept
 
+
+
+@torch.no_grad()
+def take_out_compensation(model, compensated, plain, linears) -> None:
+    """Take GPTQ's error compensation back out of ``model``, a sub-network trained from ``compensated``
+    (``gptq_round``'s output for ``plain``), in place, for the (layer index, linear name) pairs
+    ``linears``: each of those weights gets ``plain``'s minus ``compensated``'s added. What training
+    changed stays; the compensation, which offsets the rounding errors of one format at its scales, goes."""
+    for i, name in linears:
+        w = linear_of(model.model.layers[i], name).weight
+        w += linear_of(plain.model.layers[i], name).weight - linear_of(compensated.model.layers[i], name).weight

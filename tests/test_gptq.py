@@ -1,11 +1,13 @@
 """GPTQ rounding of scale-search-format linears (subnet.gptq) on random weights and a tiny Llama."""
 
+import copy
+
 import pytest
 import torch
 
 from subnet.arch import LINEARS, arch_of
 from subnet.extract import extract
-from subnet.gptq import gptq_round, gptq_weight
+from subnet.gptq import gptq_round, gptq_weight, take_out_compensation
 from subnet.quant import block_scales, fake_quantize_model, round_to_scales
 from subnet.spec import SubnetSpec
 from tests.conftest import tiny_model
@@ -72,6 +74,29 @@ def test_gptq_round_brings_the_quantized_model_closer_to_the_float_one():
             return float(((m(blocks).logits - ref) ** 2).mean())
 
         assert err(gptq_model) < err(rtn_model)
+
+
+def test_take_out_compensation_keeps_what_training_changed():
+    model = tiny_model("llama", vocab_size=128)
+    spec = _spec(model)
+    plain = extract(model, spec)
+    compensated = extract(model, spec)
+    gptq_round(compensated, spec, torch.randint(3, 128, (8, 32)), progress=False)
+    trained = copy.deepcopy(compensated)
+    g = torch.Generator().manual_seed(3)
+    delta = {n: 1e-3 * torch.randn(p.shape, generator=g) for n, p in trained.named_parameters()}
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            p += delta[n]
+    before = {n: p.clone() for n, p in trained.named_parameters()}
+    take_out_compensation(trained, compensated, plain, [(0, "q_proj"), (1, "down_proj")])
+    plain_w, comp_w = dict(plain.named_parameters()), dict(compensated.named_parameters())
+    for n, p in trained.named_parameters():
+        if n in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+            assert not torch.equal(plain_w[n], comp_w[n])
+            torch.testing.assert_close(p, plain_w[n] + delta[n])
+        else:
+            assert torch.equal(p, before[n]), n
 
 
 def test_gptq_round_leaves_a_spec_without_scale_search_formats_alone():

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from packager.cli import main
@@ -162,13 +163,15 @@ def test_a_runtime_that_rounds_the_winner_differently_gets_its_own_recovery(smal
     assert len(wide) == 4 - own["narrow_blocks"] and {f for ly in base.layers for f in ly.formats.values()} == {"int8s_b32"}
     assert p.recovered_dir("onnxruntime").name == "recovered-onnxruntime"
     assert p.recovered_dir("llama.cpp").name == "recovered"
-    _, scales = p._recovered("llama.cpp")
+    recovered, scales = p._recovered("llama.cpp")
     assert scales and not p._recovered("onnxruntime")[1]  # iq4_nl's block scales stay with the GGUF export
+    # the warm start is the winner's recovered model less GPTQ's compensation, in exactly its iq4_nl linears
+    start = p.runtime_warm_start(p.retargeted_specs("onnxruntime")[0], p.recovery_blocks()[0])
+    moved = {n for (n, a), b in zip(start.named_parameters(), recovered.parameters()) if not torch.equal(a, b)}
+    assert len(moved) == 3 * 7 and {n.split(".")[2] for n in moved} == {"0", "1", "2"}
 
 
 def test_each_recovery_starts_from_gptq_unless_it_is_off(small_model_dir, tmp_path):
-    import torch
-
     from packager.pack import gptq_notes
     from subnet.arch import arch_of
     from subnet.extract import extract
