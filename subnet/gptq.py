@@ -170,7 +170,6 @@ def gptq_round(model, spec, blocks: torch.Tensor, damp: float = 0.01, micro_batc
     return kept
 
 
-
 @torch.no_grad()
 def take_out_compensation(model, compensated, plain, linears) -> None:
     """Take GPTQ's error compensation back out of ``model``, a sub-network trained from ``compensated``
