@@ -6,11 +6,13 @@ sequential prune-then-quantize bundle's GGUF (if given), the base in the search'
 GGUF); for ONNX Runtime, the packed model vs the base in the same formats and, where onnxruntime-genai
 is installed (``pip install -e '.[bench]'``), its model builder's int4 export of the base (what an
 ONNX Runtime user would do instead). Columns: size, decode
-tokens/s, prefill ms, peak RSS, held-out perplexity (scored in the runtime), and decode speed as a
-fraction of this machine's memory-bandwidth roofline (bytes read per token / measured bandwidth).
+tokens/s, prefill ms, peak RSS, held-out perplexity (scored in the runtime on the scorecard's evaluation
+blocks, none of which the search scored) and its ratio to the base at the same precision with a paired
+bootstrap 95% interval, and decode speed as a fraction of this machine's memory-bandwidth roofline (bytes
+read per token / measured bandwidth).
 
     .venv/bin/python benchmarks/bench_headline.py --packed out/smollm2-laptop-cpu [--sequential out/seq] \\
-        [--rounds 3] [--eval-blocks 8]
+        [--rounds 3] [--eval-blocks 32]
 """
 
 from __future__ import annotations
@@ -29,12 +31,30 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from search.text import token_blocks
+from search.evaluate import perplexity_ratio
+from search.text import report_blocks
 from subnet.extract import extract
 from subnet.loading import embedded_model_dir, load_model
 from subnet.spec import SubnetSpec
 from targets import llamacpp, onnxrt
-from targets.backend import Workload, runner_perplexity
+from targets.backend import Workload, runner_nll_per_block
+
+
+def perplexity_cells(mod, variants: dict, blocks, threads: int, ref: str) -> dict[str, str]:
+    """Table cells per variant: its perplexity on ``blocks`` scored in runtime ``mod``, and its ratio to
+    variant ``ref``'s on the same blocks with a paired bootstrap 95% interval."""
+    tokens = blocks.shape[1] - 1
+    nll = {}
+    for name, path in variants.items():
+        runner = mod.load(path, threads=threads)
+        nll[name] = runner_nll_per_block(runner, blocks)
+        getattr(runner, "close", lambda: None)()
+    cells = {}
+    for name, sums in nll.items():
+        r = perplexity_ratio(nll[ref], sums, tokens)
+        vs = "—" if name == ref else f"{r['ratio'] - 1:+.1%} ({r['low'] - 1:+.1%} to {r['high'] - 1:+.1%})"
+        cells[name] = f"{np.exp(sums.mean() / tokens):.2f} | {vs}"
+    return cells
 
 
 def memory_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
@@ -100,7 +120,7 @@ def main():
     ap.add_argument("--packed", required=True, type=Path, help="bundle folder written by `packager pack`")
     ap.add_argument("--sequential", type=Path, default=None, help="bundle packed with --strategy sequential")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds (medians reported)")
-    ap.add_argument("--eval-blocks", type=int, default=8)
+    ap.add_argument("--eval-blocks", type=int, default=32, help="x 256 evaluation tokens scored in each runtime")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
@@ -108,7 +128,7 @@ def main():
     wl = Workload(**card["workload"])
     loaded = load_model(card["config"]["model"])
     tok = loaded.tokenizer
-    evals = token_blocks(tok, "evaluation", 256, args.eval_blocks)
+    evals = report_blocks(tok, args.eval_blocks)
     work = Path(tempfile.mkdtemp(prefix="headline-"))
 
     # the base in the packed model's reference formats was exported by pack next to the bundle
@@ -137,18 +157,18 @@ def main():
           f"{args.threads} threads, workload {wl}, {args.rounds} interleaved rounds, medians; "
           f"measured copy bandwidth {bw:.1f} GB/s")
     print("\n### llama.cpp\n")
-    print("| model | size MiB | decode tok/s | prefill ms | peak RSS MiB | ppl (held-out, in llama.cpp) | % of bandwidth roofline |")
-    print("|---|---|---|---|---|---|---|")
+    ref = "base, same precision (our exporter)"
+    ppl = perplexity_cells(llamacpp, variants, evals, args.threads, ref)
+    print(f"| model | size MiB | decode tok/s | prefill ms | peak RSS MiB | ppl (held-out, in llama.cpp) | vs {ref} "
+          "(95% interval) | % of bandwidth roofline |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, path in variants.items():
         r = rows[name]
         dec = statistics.median(r["decode"])
-        runner = llamacpp.load(path, threads=args.threads)
-        ppl = runner_perplexity(runner, evals)
-        runner.close()
         nbytes = gguf_weight_bytes(Path(path))
         roofline_tps = bw * 1e9 / nbytes
         print(f"| {name} | {Path(path).stat().st_size / 2**20:.1f} | {1000 / dec:.1f} | "
-              f"{statistics.median(r['prefill']):.1f} | {statistics.median(r['rss']):.0f} | {ppl:.2f} | "
+              f"{statistics.median(r['prefill']):.1f} | {statistics.median(r['rss']):.0f} | {ppl[name]} | "
               f"{100 * (1000 / dec) / roofline_tps:.0f}% |")  # fmt: skip
 
     onnx_packed = bundle_artifact(args.packed, "onnxruntime")
@@ -166,15 +186,16 @@ def main():
                 orows[name]["prefill"].append(m.prefill_ms)
                 orows[name]["rss"].append(m.peak_rss_mb)
         print("\n### ONNX Runtime\n")
-        print("| model | size MiB | decode tok/s | prefill ms | peak RSS MiB | ppl (held-out, in ORT) |")
-        print("|---|---|---|---|---|---|")
+        ppl = perplexity_cells(onnxrt, ov, evals, args.threads, "base, same precision")
+        print("| model | size MiB | decode tok/s | prefill ms | peak RSS MiB | ppl (held-out, in ORT) | vs base, same "
+              "precision (95% interval) |")
+        print("|---|---|---|---|---|---|---|")
         for name, path in ov.items():
             r = orows[name]
-            runner = onnxrt.load(path, threads=args.threads)
             size = sum(p.stat().st_size for p in Path(path).parent.glob("model.onnx*"))
             print(f"| {name} | {size / 2**20:.1f} | {1000 / statistics.median(r['decode']):.1f} | "
                   f"{statistics.median(r['prefill']):.1f} | {statistics.median(r['rss']):.0f} | "
-                  f"{runner_perplexity(runner, evals):.2f} |")  # fmt: skip
+                  f"{ppl[name]} |")  # fmt: skip
 
 
 if __name__ == "__main__":

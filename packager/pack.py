@@ -8,6 +8,7 @@ bundle is assembled there and renamed to ``<out>`` at the very end, beside ``<ou
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import statistics
 import time
@@ -22,12 +23,12 @@ from packager.bundle import make_tarball, write_manifest
 from packager.scorecard import figure, write_all
 from packager.selection import candidate_key, ladder_probes, promotion_candidate, share_try_key, shortlist_by_family
 from profiles.costmodel import CostModelError, predict, runtime_version
-from search.evaluate import perplexity
+from search.evaluate import perplexity, perplexity_ratio
 from search.importance import Importance, quantization_rank, sort_model
 from search.problem import Budgets, Evaluation, Problem, pareto_front
 from search.run import infeasible, plot_front, require_feasible, run_search
 from search.space import DEFAULT_FORMATS, SearchSpace, SpaceConfig, least_sensitive
-from search.text import holdout_blocks, token_blocks
+from search.text import holdout_blocks, report_blocks, token_blocks
 from subnet.arch import ATTN_LINEARS, LINEARS, MLP_LINEARS, arch_of
 from subnet.equalize import equalize_channels
 from subnet.extract import extract
@@ -37,7 +38,7 @@ from subnet.loading import LoadedModel, load_model
 from subnet.quant import SCALE_SEARCH_FORMATS, fake_quantize_model
 from subnet.spec import SubnetSpec, lossy_retargets, retarget_formats
 from subnet.supernet import Supernet
-from targets.backend import atomic_output, backend, fingerprint, runner_perplexity
+from targets.backend import atomic_output, backend, fingerprint, runner_nll_per_block
 from targets.registry import Target, get_target
 
 BLOCK_SCALES = "block_scales.safetensors"  # beside a recovered model: its scale-search weights' kept scales
@@ -74,6 +75,7 @@ class PackConfig:
     calib_blocks: int = 32  # x 256 tokens
     val_blocks: int = 8  # x 256 calibration tokens, spread over the split, held out of recovery: its floor check
     eval_blocks: int = 8  # x 256 tokens (search accuracy; held out)
+    report_blocks: int = 32  # x 256 evaluation tokens each runtime scores for the scorecard (none the search scored)
     recover_steps: int = 120
     runtime_recover_steps: int = 60  # per other runtime whose formats round differently (0: export them as is)
     # the shares of blocks that keep their carried formats, tried in turn until that runtime meets the floor
@@ -473,7 +475,7 @@ class Pack:
     def stage_measure(self) -> dict:
         out = {}
         wl = self.target.workload
-        ppl_blocks = self.blocks("evaluation", 4)
+        ppl_blocks = report_blocks(self.base().tokenizer, self.cfg.report_blocks)
         for rt, arts in self.result("export").items():
             mod = backend(rt)
             entry = {}
@@ -489,8 +491,10 @@ class Pack:
                     m = mod.measure(art, wl, threads=self.cfg.threads)
                     rec["measured"] = m.to_dict()
                     runner = mod.load(art, threads=self.cfg.threads)
-                    rec["perplexity_runtime"] = runner_perplexity(runner, ppl_blocks)
+                    nll = runner_nll_per_block(runner, ppl_blocks)
                     rec["perplexity_tokens"] = int(ppl_blocks.shape[0] * (ppl_blocks.shape[1] - 1))
+                    rec["perplexity_runtime"] = math.exp(nll.sum() / rec["perplexity_tokens"])
+                    rec["nll_per_block"] = nll.tolist()
                     getattr(runner, "close", lambda: None)()
                 entry[which] = rec
             out[rt] = entry
@@ -779,6 +783,10 @@ def build_card(p: Pack) -> dict:
             limit = ppl[0] * (1 + p.cfg.accuracy_floor)
             sec["accuracy_floor"] = {"max_increase": p.cfg.accuracy_floor, "base": ppl[0], "packaged": ppl[1],
                                      "limit": limit, "met": ppl[1] <= limit}  # fmt: skip
+            nll = [entry[w].get("nll_per_block") for w in ("base", "packaged")]
+            if None not in nll:  # measured before per-block scores were kept: no interval
+                tokens = entry["base"]["perplexity_tokens"] // len(nll[0])
+                sec["accuracy_floor"]["increase_ci95"] = perplexity_ratio(*nll, tokens)
         if rt in rec.get("runtimes", {}):
             sec["recovery"] = rec["runtimes"][rt]
         par = export[rt]["packaged"].get("meta", {}).get("parity")

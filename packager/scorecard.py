@@ -110,8 +110,15 @@ def floor_line(sec: dict) -> str | None:
     if not f:
         return None
     verdict = "met" if f["met"] else "MISSED"
-    return (f"accuracy floor in this runtime (+{f['max_increase']:.0%} over the base's {f['base']:.2f}, at most "
-            f"{f['limit']:.2f}): {verdict} ({f['packaged']:.2f})")
+    line = (f"accuracy floor in this runtime (+{f['max_increase']:.0%} over the base's {f['base']:.2f}, at most "
+            f"{f['limit']:.2f}): {verdict} ({f['packaged']:.2f}, {f['packaged'] / f['base'] - 1:+.1%}")
+    ci = f.get("increase_ci95")
+    if not ci:
+        return line + ")"
+    line += f"; 95% interval {ci['low'] - 1:+.1%} to {ci['high'] - 1:+.1%}, paired bootstrap over {ci['blocks']} blocks)"
+    if f["met"] and ci["high"] > 1 + f["max_increase"]:
+        line += ": the interval reaches past the floor"
+    return line
 
 
 def recovery_line(sec: dict) -> str | None:

@@ -67,3 +67,24 @@ def perplexity(model, blocks: torch.LongTensor, batch_size: int = 4, progress: b
     sums = nll_per_block(model, blocks, batch_size=batch_size, progress=progress)
     mean = sums.sum().item() / (blocks.shape[0] * (blocks.shape[1] - 1))
     return math.exp(mean)
+
+
+def perplexity_ratio(base_nll, other_nll, tokens_per_block: int, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Perplexity of one model over another's on the same blocks, with a paired bootstrap 95% interval.
+
+    ``base_nll`` and ``other_nll`` are per-block summed NLLs (``nll_per_block``, or a runtime's
+    ``targets.backend.runner_nll_per_block``) of the same equal-length blocks. Blocks are resampled in
+    pairs, so text that is hard for both models does not widen the interval. Returns ``ratio``, ``low``,
+    ``high`` (perplexity ratios) and ``blocks``.
+    """
+    base = torch.as_tensor(base_nll, dtype=torch.float64).flatten()
+    other = torch.as_tensor(other_nll, dtype=torch.float64).flatten()
+    if other.numel() != base.numel() or base.numel() < 2 or tokens_per_block < 1:
+        raise EvaluateError(f"need per-block NLLs of the same >= 2 blocks for both models (got {base.numel()} and "
+                            f"{other.numel()}) and tokens_per_block >= 1: score both on the same blocks")  # fmt: skip
+    diff = other - base
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, diff.numel(), (n_boot, diff.numel()), generator=gen)
+    boots = torch.exp(diff[picks].mean(1) / tokens_per_block)
+    low, high = torch.quantile(boots, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"ratio": math.exp(diff.mean().item() / tokens_per_block), "low": low, "high": high, "blocks": diff.numel()}

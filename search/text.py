@@ -89,11 +89,11 @@ def split_token_ids(tokenizer, split: str) -> torch.Tensor:
     return ids
 
 
-def token_blocks(tokenizer, split: str, seq_len: int, n_blocks: int) -> torch.LongTensor:
+def token_blocks(tokenizer, split: str, seq_len: int, n_blocks: int, phase: float = 0.0) -> torch.LongTensor:
     """``n_blocks`` non-overlapping contiguous chunks of ``seq_len`` tokens, spread evenly over the split.
 
-    Deterministic: block i starts at token ``i * (N // n_blocks)`` of the split's N tokens, so a few blocks
-    still sample every source and genre of the split. Returns a LongTensor ``[n_blocks, seq_len]``.
+    Deterministic: block i starts at token ``(i + phase) * (N // n_blocks)`` of the split's N tokens, so a
+    few blocks still sample every source and genre of the split. Returns a LongTensor ``[n_blocks, seq_len]``.
     """
     _check_split(split)
     if seq_len < 2 or n_blocks < 1:
@@ -106,7 +106,17 @@ def token_blocks(tokenizer, split: str, seq_len: int, n_blocks: int) -> torch.Lo
             "ask for fewer or shorter blocks"
         )
     stride = len(ids) // n_blocks
-    return torch.stack([ids[i * stride : i * stride + seq_len] for i in range(n_blocks)])
+    shift = int(phase * stride)
+    if not 0.0 <= phase < 1.0 or shift + seq_len > stride:
+        raise TextError(f"phase {phase} does not fit blocks of {seq_len} tokens in strides of {stride}: use 0 <= phase "
+                        f"<= {(stride - seq_len) / stride:.2f}")  # fmt: skip
+    return torch.stack([ids[i * stride + shift : i * stride + shift + seq_len] for i in range(n_blocks)])
+
+
+def report_blocks(tokenizer, n_blocks: int, seq_len: int = 256) -> torch.LongTensor:
+    """Evaluation-split blocks for the perplexity a scorecard or benchmark reports: each starts half a stride
+    in, so with a multiple of the search's block count none overlaps the blocks (phase 0) it scored."""
+    return token_blocks(tokenizer, "evaluation", seq_len, n_blocks, phase=0.5)
 
 
 def holdout_blocks(tokenizer, split: str, seq_len: int, n_train: int, n_held: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -170,15 +170,23 @@ def backend(runtime: str):
         raise ExportError(f"runtime {runtime} is not installed ({e.name} missing): pip install {package}") from None
 
 
-def runner_perplexity(runner, blocks) -> float:
-    """Perplexity of a loaded artifact (any runner with ``logits(ids) -> [n, vocab]``) on token blocks."""
+def runner_nll_per_block(runner, blocks):
+    """Summed negative log-likelihood (nats) of each block's predicted tokens, scored by a loaded artifact
+    (any runner with ``logits(ids) -> [n, vocab]``): a float64 array of shape [n_blocks]."""
     import numpy as np
 
-    total, count = 0.0, 0
+    sums = []
     for row in np.asarray(blocks):
         logits = runner.logits(row.tolist()).astype(np.float64)[:-1]
         logits -= logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        total -= float(logp[np.arange(len(row) - 1), row[1:]].sum())
-        count += len(row) - 1
-    return float(np.exp(total / count))
+        sums.append(-float(logp[np.arange(len(row) - 1), row[1:]].sum()))
+    return np.array(sums)
+
+
+def runner_perplexity(runner, blocks) -> float:
+    """Perplexity of a loaded artifact (any runner with ``logits(ids) -> [n, vocab]``) on token blocks."""
+    import numpy as np
+
+    blocks = np.asarray(blocks)
+    return float(np.exp(runner_nll_per_block(runner, blocks).sum() / (blocks.shape[0] * (blocks.shape[1] - 1))))

@@ -115,9 +115,13 @@ def test_scorecard_says_whether_each_runtime_meets_the_accuracy_floor():
     card["runtimes"]["llama.cpp"]["accuracy_floor"] = {"max_increase": 0.05, "base": 26.5, "packaged": 27.7,
                                                        "limit": 27.825, "met": True}
     md = to_markdown(card)
-    assert "accuracy floor in this runtime (+5% over the base's 26.50, at most 27.82): met (27.70)" in md
-    assert "(+5% over the base's 26.40, at most 27.72): MISSED (31.20)" in md
-    assert "MISSED (31.20)" in to_html(card, [])
+    assert "accuracy floor in this runtime (+5% over the base's 26.50, at most 27.82): met (27.70, +4.5%)" in md
+    assert "(+5% over the base's 26.40, at most 27.72): MISSED (31.20, +18.2%)" in md
+    assert "MISSED (31.20, +18.2%)" in to_html(card, [])
+    card["runtimes"]["llama.cpp"]["accuracy_floor"]["increase_ci95"] = {"ratio": 1.045, "low": 1.031, "high": 1.058,
+                                                                         "blocks": 32}  # fmt: skip
+    assert ("met (27.70, +4.5%; 95% interval +3.1% to +5.8%, paired bootstrap over 32 blocks): the interval "
+            "reaches past the floor") in to_markdown(card)
     assert "recovered again" not in md
     card["runtimes"]["onnxruntime"]["recovery"] = {
         "changed": 210, "example": "layers.0.q_proj iq4_nl->int4s_b32", "ppl_before": 35.86, "ppl_after": 32.2,
@@ -126,7 +130,7 @@ def test_scorecard_says_whether_each_runtime_meets_the_accuracy_floor():
             "iq4_nl->int4s_b32): held-out ppl 35.86 → 32.20 after 60 steps (729 s, warm-started from the winner's "
             "recovery), floor 30.65: missed (formats simulated)")  # fmt: skip
     md = to_markdown(card)
-    assert line in md and md.index(line) < md.index("MISSED (31.20)") and md.count("recovered again") == 1
+    assert line in md and md.index(line) < md.index("MISSED (31.20,") and md.count("recovered again") == 1
     assert html.escape(line) in to_html(card, [])
     card["runtimes"]["onnxruntime"]["recovery"].update(format_share=0.8, narrow_blocks=24, tries=[
         {"format_share": 1.0, "ppl_after": 32.2, "wall_s": 300.0}, {"format_share": 0.8, "ppl_after": 30.5, "wall_s": 310.0}])

@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from search.evaluate import EvaluateError, nll_per_block, perplexity
-from search.text import SPLITS, TextError, document_sentences, documents, holdout_blocks, load_text, token_blocks
+from search.evaluate import EvaluateError, nll_per_block, perplexity, perplexity_ratio
+from search.text import (SPLITS, TextError, document_sentences, documents, holdout_blocks, load_text, report_blocks,
+                         split_token_ids, token_blocks)
+from targets.backend import runner_nll_per_block, runner_perplexity
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +67,49 @@ def test_holdout_blocks_are_spread_over_the_split_and_disjoint(tokenizer):
     assert len(rows) == 8 and not any(tuple(r.tolist()) in rows for r in held)
     with pytest.raises(TextError, match="at least one block on each side"):
         holdout_blocks(tokenizer, "calibration", 64, 8, 0)
+
+
+def test_report_blocks_miss_every_token_the_search_scores(tokenizer):
+    n = len(split_token_ids(tokenizer, "evaluation"))
+    searched = {i * (n // 8) + k for i in range(8) for k in range(256)}
+    for count in (8, 32):
+        blocks = report_blocks(tokenizer, count)
+        stride = n // count
+        starts = [i * stride + stride // 2 for i in range(count)]
+        assert blocks.shape == (count, 256)
+        assert torch.equal(blocks[1], split_token_ids(tokenizer, "evaluation")[starts[1] : starts[1] + 256])
+        assert not searched & {s + k for s in starts for k in range(256)}
+    with pytest.raises(TextError, match="phase 0.5 does not fit blocks of 4096 tokens"):
+        token_blocks(tokenizer, "evaluation", 4096, 20, phase=0.5)
+
+
+def test_perplexity_ratio_pairs_blocks_and_brackets_the_ratio():
+    torch.manual_seed(0)
+    hardness = torch.rand(40) * 400 + 300  # per-block NLL sums: some text is far harder than the rest
+    other = hardness + 6 + torch.randn(40)  # +6 nats per 255-token block, give or take one
+    r = perplexity_ratio(hardness, other, 255)
+    assert r["ratio"] == pytest.approx(math.exp((other - hardness).mean().item() / 255))
+    assert r["low"] < r["ratio"] < r["high"] and r["blocks"] == 40
+    # paired: the spread of hardness between blocks does not widen the interval
+    assert r["high"] - r["low"] < 0.005  # unpaired, it would be about 0.1 wide
+    assert perplexity_ratio(hardness, hardness, 255) == {"ratio": 1.0, "low": 1.0, "high": 1.0, "blocks": 40}
+    with pytest.raises(EvaluateError, match="same >= 2 blocks"):
+        perplexity_ratio(hardness, other[:5], 255)
+
+
+def test_runner_nll_per_block_matches_torch():
+    model = tiny_model(vocab_size=128)
+    torch.manual_seed(2)
+    blocks = torch.randint(0, 128, (3, 9))
+
+    class Runner:  # a runtime's runner: logits of one sequence as numpy
+        def logits(self, ids):
+            with torch.no_grad():
+                return model(torch.tensor([ids])).logits[0].numpy()
+
+    got = runner_nll_per_block(Runner(), blocks)
+    assert got == pytest.approx(nll_per_block(model, blocks).numpy(), rel=1e-4)
+    assert runner_perplexity(Runner(), blocks) == pytest.approx(perplexity(model, blocks), rel=1e-4)
 
 
 def test_perplexity_is_exp_of_mean_token_nll():

@@ -31,7 +31,7 @@ def small_model_dir(tmp_path_factory):
 
 def small_config(model_dir, **over):
     kw = dict(target="laptop-cpu", model=str(model_dir), runtimes=["llama.cpp"], budget=6, calib_blocks=8, val_blocks=2,
-              eval_blocks=2, recover_steps=4, accuracy_floor=10.0, seed=0)
+              eval_blocks=2, report_blocks=4, recover_steps=4, accuracy_floor=10.0, seed=0)
     kw.update(over)
     return PackConfig(**kw)
 
@@ -45,6 +45,10 @@ def test_pack_end_to_end_and_verify(small_model_dir, tmp_path):
     assert sec["packaged"]["decode_ms_per_token"]["kind"] == "measured"
     assert sec["packaged"]["predicted_decode_ms"]["kind"] == "estimated"
     assert card["spec"]["base"]["num_layers"] == 4
+    floor, ci = sec["accuracy_floor"], sec["accuracy_floor"]["increase_ci95"]
+    assert sec["packaged"]["perplexity_runtime"]["source"].startswith("1,020 held-out tokens")
+    assert ci["blocks"] == 4 and ci["low"] <= ci["ratio"] <= ci["high"]
+    assert ci["ratio"] == pytest.approx(floor["packaged"] / floor["base"])
     assert (folder / "scorecard.html").read_text().count("data:image/png;base64,") >= 1
     # a finished run is refused without --force; verify passes, then catches a changed byte
     with pytest.raises(PackError, match="already exists"):
