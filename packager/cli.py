@@ -252,6 +252,8 @@ def tune_supernet_cmd(model, target, runtime, mode, steps, calib_blocks, seed, o
 @click.option("--ladder", default=2, show_default=True,
               help="Rounds of bisection toward faster members of each format family whose shortlisted candidate met "
                    "the floor (a short recovery each; 0: the shortlist only).")
+@click.option("--report-blocks", default=32, show_default=True,
+              help="Blocks of 256 evaluation tokens (none the search scored) each runtime's perplexity is reported on.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=2, show_default=True)
 @click.option("--out", type=click.Path(), default="out/pack", show_default=True)
@@ -260,7 +262,7 @@ def tune_supernet_cmd(model, target, runtime, mode, steps, calib_blocks, seed, o
 @pickle_option
 def pack(target, model, latency_ms, memory_mb, size_mb, accuracy_floor, runtimes, strategy, mode, budget,
          recover_steps, runtime_recover_steps, runtime_format_shares, shortlist, recoverable, promote_margin,
-         equalize, gptq, ladder, seed, threads, out, resume, force, allow_pickle):  # fmt: skip
+         equalize, gptq, ladder, report_blocks, seed, threads, out, resume, force, allow_pickle):  # fmt: skip
     """One command from model to bundle: search, select, recover, export, measure, scorecard."""
     from pathlib import Path
 
@@ -271,7 +273,7 @@ def pack(target, model, latency_ms, memory_mb, size_mb, accuracy_floor, runtimes
                      budget=budget, seed=seed, recover_steps=recover_steps, runtime_recover_steps=runtime_recover_steps,
                      runtime_format_shares=_shares(runtime_format_shares),
                      shortlist=shortlist, recoverable=recoverable, promote_margin=promote_margin, equalize=equalize, gptq=gptq, ladder=ladder,
-                     threads=threads,
+                     report_blocks=report_blocks, threads=threads,
                      allow_pickle=allow_pickle)  # fmt: skip
     folder = Pack(cfg, Path(out), resume=resume, force=force).run()
     click.echo((folder / "scorecard.md").read_text())

@@ -88,6 +88,9 @@ class Pack:
     """One pack run: its folders, its checkpointed stage results, and the stages themselves."""
 
     def __init__(self, cfg: PackConfig, out: Path, resume: bool = False, force: bool = False):
+        if cfg.report_blocks < 2 or cfg.report_blocks % cfg.eval_blocks:
+            raise PackError(f"report_blocks {cfg.report_blocks} must be a multiple (>= 2) of eval_blocks "
+                            f"{cfg.eval_blocks}, so that no reported block overlaps one the search scored")  # fmt: skip
         self.cfg, self.out = cfg, Path(out)
         self.work = self.out.with_name(self.out.name + ".work")
         if self.out.exists() and not force:

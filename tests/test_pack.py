@@ -76,6 +76,8 @@ def test_pack_resumes_from_the_last_finished_stage(small_model_dir, tmp_path, mo
     monkeypatch.undo()
     with pytest.raises(PackError, match="pass --resume"):
         Pack(cfg, out)
+    with pytest.raises(PackError, match="report_blocks 5 must be a multiple"):
+        Pack(small_config(small_model_dir, report_blocks=5), tmp_path / "c")
     with pytest.raises(PackError, match="other options"):
         Pack(small_config(small_model_dir, budget=7), out, resume=True)
     p = Pack(cfg, out, resume=True)
