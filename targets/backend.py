@@ -183,10 +183,3 @@ def runner_nll_per_block(runner, blocks):
         sums.append(-float(logp[np.arange(len(row) - 1), row[1:]].sum()))
     return np.array(sums)
 
-
-def runner_perplexity(runner, blocks) -> float:
-    """Perplexity of a loaded artifact (any runner with ``logits(ids) -> [n, vocab]``) on token blocks."""
-    import numpy as np
-
-    blocks = np.asarray(blocks)
-    return float(np.exp(runner_nll_per_block(runner, blocks).sum() / (blocks.shape[0] * (blocks.shape[1] - 1))))
