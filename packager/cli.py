@@ -233,6 +233,8 @@ def tune_supernet_cmd(model, target, runtime, mode, steps, calib_blocks, seed, o
 @click.option("--mode", default="uniform", show_default=True, type=click.Choice(["uniform", "hetero"]))
 @click.option("--budget", default=100, show_default=True, help="Search evaluations.")
 @click.option("--recover-steps", default=120, show_default=True)
+@click.option("--recover-blocks", default=160, show_default=True,
+              help="Blocks of 256 calibration tokens recovery trains on (spread over the split; none held out).")
 @click.option("--runtime-recover-steps", default=60, show_default=True,
               help="Recovery steps for each other runtime whose formats round the winner differently (0: none).")
 @click.option("--runtime-format-shares", default="1.0,0.8", show_default=True,
@@ -261,7 +263,7 @@ def tune_supernet_cmd(model, target, runtime, mode, steps, calib_blocks, seed, o
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @pickle_option
 def pack(target, model, latency_ms, memory_mb, size_mb, accuracy_floor, runtimes, strategy, mode, budget,
-         recover_steps, runtime_recover_steps, runtime_format_shares, shortlist, recoverable, promote_margin,
+         recover_steps, recover_blocks, runtime_recover_steps, runtime_format_shares, shortlist, recoverable, promote_margin,
          equalize, gptq, ladder, report_blocks, seed, threads, out, resume, force, allow_pickle):  # fmt: skip
     """One command from model to bundle: search, select, recover, export, measure, scorecard."""
     from pathlib import Path
@@ -270,7 +272,8 @@ def pack(target, model, latency_ms, memory_mb, size_mb, accuracy_floor, runtimes
 
     cfg = PackConfig(target=target, model=model, latency_ms=latency_ms, memory_mb=memory_mb, size_mb=size_mb,
                      accuracy_floor=accuracy_floor, runtimes=list(runtimes), strategy=strategy, mode=mode,
-                     budget=budget, seed=seed, recover_steps=recover_steps, runtime_recover_steps=runtime_recover_steps,
+                     budget=budget, seed=seed, recover_steps=recover_steps, recover_blocks=recover_blocks,
+                     runtime_recover_steps=runtime_recover_steps,
                      runtime_format_shares=_shares(runtime_format_shares),
                      shortlist=shortlist, recoverable=recoverable, promote_margin=promote_margin, equalize=equalize, gptq=gptq, ladder=ladder,
                      report_blocks=report_blocks, threads=threads,

@@ -72,7 +72,8 @@ class PackConfig:
     mode: str = "uniform"
     budget: int = 100
     seed: int = 0
-    calib_blocks: int = 32  # x 256 tokens
+    calib_blocks: int = 32  # x 256 tokens (importance, equalization, GPTQ)
+    recover_blocks: int = 160  # x 256 calibration tokens recovery trains on, spread over the split, none held out
     val_blocks: int = 8  # x 256 calibration tokens, spread over the split, held out of recovery: its floor check
     eval_blocks: int = 8  # x 256 tokens (search accuracy; held out)
     report_blocks: int = 32  # x 256 evaluation tokens each runtime scores for the scorecard (none the search scored)
@@ -300,9 +301,16 @@ class Pack:
         return [done[key] for key in keys]
 
     def recovery_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(training, held-out) calibration blocks for recovery's early stopping and the floor check; the
-        held-out ones are spread over the split (``holdout_blocks``); the evaluation text stays unseen."""
-        return holdout_blocks(self.base().tokenizer, "calibration", 256, self.cfg.calib_blocks, self.cfg.val_blocks)
+        """(training, held-out) calibration blocks of recovery: ``recover_blocks`` to train on, and
+        ``val_blocks`` for its early stopping and the floor check, every k-th of ``calib_blocks + val_blocks``
+        blocks spread over the split (``holdout_blocks``); the evaluation text stays unseen.
+
+        Measured on the all-iq4_nl member promoted in stop 25 (120 steps, the same held-out blocks): training
+        on the 32 calibration blocks, held-out ppl 20.53 → 19.93 and +5.6% in llama.cpp on the report blocks;
+        on 152 blocks spread over the split, 20.53 → 19.84 and +4.4%."""
+        c = self.cfg
+        return holdout_blocks(self.base().tokenizer, "calibration", 256, c.recover_blocks, c.val_blocks,
+                              grid=c.calib_blocks + c.val_blocks)
 
     def rounded_subnet(self, model, spec: SubnetSpec, calib: torch.Tensor) -> tuple[torch.nn.Module, dict]:
         """What each recovery starts from: ``spec`` extracted from ``model`` with its scale-search-format

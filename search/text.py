@@ -119,14 +119,33 @@ def report_blocks(tokenizer, n_blocks: int, seq_len: int = 256) -> torch.LongTen
     return token_blocks(tokenizer, "evaluation", seq_len, n_blocks, phase=0.5)
 
 
-def holdout_blocks(tokenizer, split: str, seq_len: int, n_train: int, n_held: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training, held-out) blocks of one split: ``n_train + n_held`` blocks spread over it (``token_blocks``),
-    every k-th held out, so the held-out text samples the whole split rather than its end."""
+def holdout_blocks(tokenizer, split: str, seq_len: int, n_train: int, n_held: int,
+                   grid: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, held-out) blocks of one split, sharing no token.
+
+    The held-out ones are every k-th of ``grid`` blocks spread over the split (``token_blocks``; default
+    ``n_train + n_held``), so they sample the whole split rather than its end. The ``n_train`` training ones
+    are spread evenly over the split too, each moved just past a held-out block it would overlap: more of
+    them than the grid holds gives recovery more text without moving the held-out blocks.
+    """
     if n_train < 1 or n_held < 1:
         raise TextError(f"holdout_blocks needs at least one block on each side (got {n_train}, {n_held})")
-    blocks = token_blocks(tokenizer, split, seq_len, n_train + n_held)
-    total = n_train + n_held
-    held = torch.tensor([(2 * i + 1) * total // (2 * n_held) for i in range(n_held)])
-    keep = torch.ones(total, dtype=torch.bool)
-    keep[held] = False
-    return blocks[keep], blocks[held]
+    grid = grid or n_train + n_held
+    if grid <= n_held:
+        raise TextError(f"holdout_blocks: a grid of {grid} blocks cannot hold {n_held} held-out ones plus training ones")
+    held_index = [(2 * i + 1) * grid // (2 * n_held) for i in range(n_held)]
+    held = token_blocks(tokenizer, split, seq_len, grid)[held_index]
+    ids = split_token_ids(tokenizer, split)
+    held_at = [i * (len(ids) // grid) for i in held_index]
+    stride = len(ids) // n_train
+    train = []
+    for i in range(n_train):
+        start = i * stride
+        for h in held_at:  # ascending: a block moved past one held-out block is checked against the next
+            if start < h + seq_len and h < start + seq_len:
+                start = h + seq_len
+        if start + seq_len > min(len(ids), (i + 1) * stride):
+            raise TextError(f"{split} text too short for {n_train} training blocks of {seq_len} tokens around "
+                            f"{n_held} held-out ones ({len(ids)} tokens): ask for fewer or shorter blocks")  # fmt: skip
+        train.append(ids[start : start + seq_len])
+    return torch.stack(train), held

@@ -57,16 +57,31 @@ def test_token_blocks_are_deterministic_disjoint_and_real(tokenizer):
     assert not torch.equal(a, token_blocks(tokenizer, "calibration", 64, 5))
 
 
+def _where(ids: torch.Tensor, block: torch.Tensor) -> int:
+    """The token offset of ``block`` in ``ids`` (the shipped text never repeats 64 tokens)."""
+    hits = (ids.unfold(0, len(block), 1) == block).all(dim=1).nonzero().flatten()
+    assert len(hits) == 1
+    return int(hits[0])
+
+
 def test_holdout_blocks_are_spread_over_the_split_and_disjoint(tokenizer):
+    ids = split_token_ids(tokenizer, "calibration")
     train, held = holdout_blocks(tokenizer, "calibration", 64, 8, 2)
     every = token_blocks(tokenizer, "calibration", 64, 10)
     assert train.shape == (8, 64) and held.shape == (2, 64)
-    # one held-out block from each half of the split, none of them trained on
+    # one held-out block from each half of the split
     assert torch.equal(held, every[[2, 7]])
-    rows = {tuple(r.tolist()) for r in train}
-    assert len(rows) == 8 and not any(tuple(r.tolist()) in rows for r in held)
+    # more training blocks on the same grid: the held-out ones stay put, and no training token is held out
+    more, same = holdout_blocks(tokenizer, "calibration", 64, 40, 2, grid=10)
+    assert more.shape == (40, 64) and torch.equal(same, held)
+    for t in (train, more):
+        starts = sorted(_where(ids, b) for b in t)
+        assert starts[-1] > len(ids) * 3 // 4 and all(b - a >= 64 for a, b in zip(starts, starts[1:]))
+        assert all(abs(s - _where(ids, h)) >= 64 for s in starts for h in held)
     with pytest.raises(TextError, match="at least one block on each side"):
         holdout_blocks(tokenizer, "calibration", 64, 8, 0)
+    with pytest.raises(TextError, match="too short for"):
+        holdout_blocks(tokenizer, "calibration", 64, len(ids) // 64, 2, grid=10)
 
 
 def test_report_blocks_miss_every_token_the_search_scores(tokenizer):
