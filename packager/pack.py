@@ -257,7 +257,7 @@ class Pack:
         spec = Evaluation(**t["evaluation"]).spec_obj()
         calib, val = self.recovery_blocks()
         console.print(f"  promoted to full recovery: {_spec_summary(spec)}")
-        sub, scales = self.rounded_subnet(model, spec, calib)
+        sub, scales = self.rounded_subnet(model, spec, self.rounding_blocks())
         res = recover(model, sub, spec, calib, val, self.recovery_config(), block_scales=scales,
                       out_dir=self.work / "promotion" / candidate_key(t["evaluation"]["x"]), resume=True)  # fmt: skip
         ok = res.ppl_after <= t["val_ppl_limit"]
@@ -289,7 +289,7 @@ class Pack:
             if key in done:
                 continue
             spec = e.spec_obj()
-            sub, scales = self.rounded_subnet(model, spec, calib)
+            sub, scales = self.rounded_subnet(model, spec, self.rounding_blocks())
             res = recover(model, sub, spec, calib, val, block_scales=scales,
                           config=RecoveryConfig(max_steps=self.cfg.shortlist_steps, eval_every=10, qat=True))  # fmt: skip
             done[key] = {"evaluation": asdict(e), "val_ppl_before": res.ppl_before, "val_ppl_after": res.ppl_after,
@@ -311,6 +311,11 @@ class Pack:
         c = self.cfg
         return holdout_blocks(self.base().tokenizer, "calibration", 256, c.recover_blocks, c.val_blocks,
                               grid=c.calib_blocks + c.val_blocks)
+
+    def rounding_blocks(self) -> torch.Tensor:
+        """The ``calib_blocks`` calibration blocks that GPTQ fits on, as the prepare stage's importance
+        sort and equalization do (none of them held out: ``recovery_blocks``)."""
+        return self.blocks("calibration", self.cfg.calib_blocks)
 
     def rounded_subnet(self, model, spec: SubnetSpec, calib: torch.Tensor) -> tuple[torch.nn.Module, dict]:
         """What each recovery starts from: ``spec`` extracted from ``model`` with its scale-search-format
@@ -346,7 +351,7 @@ class Pack:
             save_model(extract(model, spec), self.work / "recovered")
             return {"skipped": why}
         calib, val = self.recovery_blocks()
-        sub, scales = self.rounded_subnet(model, spec, calib)
+        sub, scales = self.rounded_subnet(model, spec, self.rounding_blocks())
         res = recover(model, sub, spec, calib, val, self.recovery_config(), block_scales=scales,
                       out_dir=self.work / "recovery", resume=True)  # fmt: skip
         save_model(res.model, self.work / "recovered", block_scales=res.block_scales)
@@ -377,7 +382,7 @@ class Pack:
         limit = base_ppl * (1 + self.cfg.accuracy_floor)
         wide = {ly.index: ly.formats for ly in base_spec.layers}
         narrowed, tries = [ly.index for ly in spec.layers if ly.formats != wide[ly.index]], []
-        start = self.runtime_warm_start(spec, calib)
+        start = self.runtime_warm_start(spec, self.rounding_blocks())
         for share in self.cfg.runtime_format_shares:
             narrow = least_sensitive(self.rounding_rank() if share < 1 else None, narrowed, share)
             if any(narrow == t[3] for t in tries):  # e.g. a winner already at that share: nothing new to try
