@@ -185,9 +185,12 @@ def to_markdown(card: dict) -> str:
             out += ["", promoted]
     rec = card.get("recovery")
     if rec:
+        cfg = card.get("config", {})
+        text = (f", trained on {256 * cfg['recover_blocks']:,} calibration tokens, scored on {256 * cfg['val_blocks']:,} "
+                "held-out ones" if "recover_blocks" in cfg else "")
         out += ["", "## Recovery", "", f"LoRA + distillation: perplexity {rec['ppl_before']:.2f} → {rec['ppl_after']:.2f} "
                 f"on held-out calibration blocks ({rec['steps_run']} steps, {rec['wall_s']:.0f} s, "
-                f"{rec['stopped_reason']})"]  # fmt: skip
+                f"{rec['stopped_reason']}{text})"]  # fmt: skip
     out += ["", "Figures marked *measured* were taken on the machine above; *estimated* ones come from the "
             "named profile; *computed* ones are exact counts.", ""]  # fmt: skip
     return "\n".join(out)

@@ -50,6 +50,7 @@ def test_pack_end_to_end_and_verify(small_model_dir, tmp_path):
     assert ci["blocks"] == 4 and ci["low"] <= ci["ratio"] <= ci["high"]
     assert ci["ratio"] == pytest.approx(floor["packaged"] / floor["base"])
     assert (folder / "scorecard.html").read_text().count("data:image/png;base64,") >= 1
+    assert "trained on 40,960 calibration tokens, scored on 512 held-out ones" in (folder / "scorecard.md").read_text()
     # a finished run is refused without --force; verify passes, then catches a changed byte
     with pytest.raises(PackError, match="already exists"):
         Pack(small_config(small_model_dir), out)
