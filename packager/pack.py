@@ -163,7 +163,7 @@ class Pack:
     def stage_prepare(self) -> dict:
         loaded = self.base()
         model = loaded.model
-        calib = self.blocks("calibration", self.cfg.calib_blocks)
+        calib = self.calibration_blocks()
         imp, equalized = prepare_for_search(model, calib, self.target, self.search_runtime, self.cfg.mode,
                                             self.cfg.strategy, self.cfg.equalize)  # fmt: skip
         save_model(model, self.work / "sorted", loaded.tokenizer)
@@ -179,7 +179,7 @@ class Pack:
         budgets = Budgets(latency_ms=c.latency_ms, memory_mb=c.memory_mb, size_mb=c.size_mb,
                           max_ppl_increase=max_ppl_increase)  # fmt: skip
         return Problem(self.space(Importance.load(self.work / "importance.json")), Supernet(model),
-                       self.blocks("evaluation", c.eval_blocks), self.blocks("calibration", c.calib_blocks),
+                       self.blocks("evaluation", c.eval_blocks), self.calibration_blocks(),
                        cost_fn(self.target, self.search_runtime), budgets)  # fmt: skip
 
     def stage_search(self) -> dict:
@@ -257,7 +257,7 @@ class Pack:
         spec = Evaluation(**t["evaluation"]).spec_obj()
         calib, val = self.recovery_blocks()
         console.print(f"  promoted to full recovery: {_spec_summary(spec)}")
-        sub, scales = self.rounded_subnet(model, spec, self.rounding_blocks())
+        sub, scales = self.rounded_subnet(model, spec, self.calibration_blocks())
         res = recover(model, sub, spec, calib, val, self.recovery_config(), block_scales=scales,
                       out_dir=self.work / "promotion" / candidate_key(t["evaluation"]["x"]), resume=True)  # fmt: skip
         ok = res.ppl_after <= t["val_ppl_limit"]
@@ -289,7 +289,7 @@ class Pack:
             if key in done:
                 continue
             spec = e.spec_obj()
-            sub, scales = self.rounded_subnet(model, spec, self.rounding_blocks())
+            sub, scales = self.rounded_subnet(model, spec, self.calibration_blocks())
             res = recover(model, sub, spec, calib, val, block_scales=scales,
                           config=RecoveryConfig(max_steps=self.cfg.shortlist_steps, eval_every=10, qat=True))  # fmt: skip
             done[key] = {"evaluation": asdict(e), "val_ppl_before": res.ppl_before, "val_ppl_after": res.ppl_after,
@@ -313,9 +313,9 @@ class Pack:
         return holdout_blocks(self.base().tokenizer, "calibration", 256, c.recover_blocks, c.val_blocks,
                               grid=c.calib_blocks + c.val_blocks)
 
-    def rounding_blocks(self) -> torch.Tensor:
-        """The ``calib_blocks`` calibration blocks that GPTQ fits on, as the prepare stage's importance
-        sort and equalization do (none of them held out: ``recovery_blocks``)."""
+    def calibration_blocks(self) -> torch.Tensor:
+        """The ``calib_blocks`` calibration blocks that importance sorting, equalization, rounding
+        sensitivity and GPTQ fit on (none of them held out: ``recovery_blocks``)."""
         return self.blocks("calibration", self.cfg.calib_blocks)
 
     def rounded_subnet(self, model, spec: SubnetSpec, calib: torch.Tensor) -> tuple[torch.nn.Module, dict]:
@@ -352,7 +352,7 @@ class Pack:
             save_model(extract(model, spec), self.work / "recovered")
             return {"skipped": why}
         calib, val = self.recovery_blocks()
-        sub, scales = self.rounded_subnet(model, spec, self.rounding_blocks())
+        sub, scales = self.rounded_subnet(model, spec, self.calibration_blocks())
         res = recover(model, sub, spec, calib, val, self.recovery_config(), block_scales=scales,
                       out_dir=self.work / "recovery", resume=True)  # fmt: skip
         save_model(res.model, self.work / "recovered", block_scales=res.block_scales)
@@ -383,7 +383,7 @@ class Pack:
         limit = base_ppl * (1 + self.cfg.accuracy_floor)
         wide = {ly.index: ly.formats for ly in base_spec.layers}
         narrowed, tries = [ly.index for ly in spec.layers if ly.formats != wide[ly.index]], []
-        start = self.runtime_warm_start(spec, self.rounding_blocks())
+        start = self.runtime_warm_start(spec)
         for share in self.cfg.runtime_format_shares:
             narrow = least_sensitive(self.rounding_rank() if share < 1 else None, narrowed, share)
             if any(narrow == t[3] for t in tries):  # e.g. a winner already at that share: nothing new to try
@@ -407,10 +407,10 @@ class Pack:
                       for t in tries],
         }  # fmt: skip
 
-    def runtime_warm_start(self, spec: SubnetSpec, calib: torch.Tensor) -> torch.nn.Module:
+    def runtime_warm_start(self, spec: SubnetSpec) -> torch.nn.Module:
         """What ``runtime_recovery`` starts from for a runtime that holds the winner as ``spec``: the
         winner's recovered model, with GPTQ's error compensation taken back out of the linears ``spec``
-        rounds another way (``take_out_compensation``; GPTQ is run again on ``calib`` to know it).
+        rounds another way (``take_out_compensation``; GPTQ is run again to know it).
         Carried into ONNX Runtime's 4-bit blocks, the compensation for iq4_nl's rounding made the
         start worse: held-out 21.58 with it, 20.05 without (the same winner, format share 0.8)."""
         student, _ = self._recovered(self.search_runtime)
@@ -421,7 +421,7 @@ class Pack:
                    if a.formats[n] in SCALE_SEARCH_FORMATS and not same_weights(a.formats[n], b.formats[n])]  # fmt: skip
         if linears:
             model = self.sorted_model()
-            compensated, _ = self.rounded_subnet(model, winner, calib)
+            compensated, _ = self.rounded_subnet(model, winner, self.calibration_blocks())
             take_out_compensation(student, compensated, extract(model, winner), linears)
         return student
 
@@ -430,8 +430,7 @@ class Pack:
         used one, else measured now (narrowest vs widest search format) and kept in importance.json."""
         imp = Importance.load(self.work / "importance.json")
         if imp.quant_rank is None:
-            calib = self.blocks("calibration", self.cfg.calib_blocks)
-            measure_rounding(imp, self.sorted_model(), calib, self.target, self.search_runtime)
+            measure_rounding(imp, self.sorted_model(), self.calibration_blocks(), self.target, self.search_runtime)
             imp.save(self.work / "importance.json")
         return imp.quant_rank
 

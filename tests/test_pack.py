@@ -173,7 +173,7 @@ def test_a_runtime_that_rounds_the_winner_differently_gets_its_own_recovery(smal
     recovered, scales = p._recovered("llama.cpp")
     assert scales and not p._recovered("onnxruntime")[1]  # iq4_nl's block scales stay with the GGUF export
     # the warm start is the winner's recovered model less GPTQ's compensation, in exactly its iq4_nl linears
-    start = p.runtime_warm_start(p.retargeted_specs("onnxruntime")[0], p.rounding_blocks())
+    start = p.runtime_warm_start(p.retargeted_specs("onnxruntime")[0])
     moved = {n for (n, a), b in zip(start.named_parameters(), recovered.parameters()) if not torch.equal(a, b)}
     assert len(moved) == 3 * 7 and {n.split(".")[2] for n in moved} == {"0", "1", "2"}
 
