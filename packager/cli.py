@@ -235,6 +235,9 @@ def tune_supernet_cmd(model, target, runtime, mode, steps, calib_blocks, seed, o
 @click.option("--recover-steps", default=120, show_default=True)
 @click.option("--recover-blocks", default=160, show_default=True,
               help="Blocks of 256 calibration tokens recovery trains on (spread over the split; none held out).")
+@click.option("--floor-blocks", default=32, show_default=True,
+              help="Blocks of 256 calibration tokens the floor check scores after recovery (neither its training nor "
+                   "its early stopping sees them).")
 @click.option("--runtime-recover-steps", default=60, show_default=True,
               help="Recovery steps for each other runtime whose formats round the winner differently (0: none).")
 @click.option("--runtime-format-shares", default="1.0,0.8", show_default=True,
@@ -263,7 +266,7 @@ def tune_supernet_cmd(model, target, runtime, mode, steps, calib_blocks, seed, o
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @pickle_option
 def pack(target, model, latency_ms, memory_mb, size_mb, accuracy_floor, runtimes, strategy, mode, budget,
-         recover_steps, recover_blocks, runtime_recover_steps, runtime_format_shares, shortlist, recoverable, promote_margin,
+         recover_steps, recover_blocks, floor_blocks, runtime_recover_steps, runtime_format_shares, shortlist, recoverable, promote_margin,
          equalize, gptq, ladder, report_blocks, seed, threads, out, resume, force, allow_pickle):  # fmt: skip
     """One command from model to bundle: search, select, recover, export, measure, scorecard."""
     from pathlib import Path
@@ -273,7 +276,7 @@ def pack(target, model, latency_ms, memory_mb, size_mb, accuracy_floor, runtimes
     cfg = PackConfig(target=target, model=model, latency_ms=latency_ms, memory_mb=memory_mb, size_mb=size_mb,
                      accuracy_floor=accuracy_floor, runtimes=list(runtimes), strategy=strategy, mode=mode,
                      budget=budget, seed=seed, recover_steps=recover_steps, recover_blocks=recover_blocks,
-                     runtime_recover_steps=runtime_recover_steps,
+                     floor_blocks=floor_blocks, runtime_recover_steps=runtime_recover_steps,
                      runtime_format_shares=_shares(runtime_format_shares),
                      shortlist=shortlist, recoverable=recoverable, promote_margin=promote_margin, equalize=equalize, gptq=gptq, ladder=ladder,
                      report_blocks=report_blocks, threads=threads,
@@ -310,9 +313,9 @@ def recover(model, spec_path, out, steps, qat, calib_blocks, val_blocks, resume,
 
     loaded = load_model(model, allow_pickle=allow_pickle)
     spec = SubnetSpec.load(spec_path).validate(loaded.arch)
-    calib, val = holdout_blocks(loaded.tokenizer, "calibration", 256, calib_blocks, val_blocks)
+    blocks = holdout_blocks(loaded.tokenizer, "calibration", 256, calib_blocks, val_blocks)
     work = Path(out).with_name(Path(out).name + ".work")
-    res = run_recovery(loaded.model, extract(loaded.model, spec), spec, calib, val,
+    res = run_recovery(loaded.model, extract(loaded.model, spec), spec, blocks.train, blocks.held,
                        RecoveryConfig(max_steps=steps, qat=qat), out_dir=work, resume=resume)  # fmt: skip
     with atomic_output(out, force=resume) as tmp:
         res.model.save_pretrained(tmp)

@@ -28,7 +28,7 @@ from search.importance import Importance, quantization_rank, sort_model
 from search.problem import Budgets, Evaluation, Problem, pareto_front
 from search.run import infeasible, plot_front, require_feasible, run_search
 from search.space import DEFAULT_FORMATS, SearchSpace, SpaceConfig, least_sensitive
-from search.text import holdout_blocks, report_blocks, token_blocks
+from search.text import Holdout, holdout_blocks, report_blocks, split_token_ids, spread_starts, token_blocks
 from subnet.arch import ATTN_LINEARS, LINEARS, MLP_LINEARS, arch_of
 from subnet.equalize import equalize_channels
 from subnet.extract import extract
@@ -74,7 +74,8 @@ class PackConfig:
     seed: int = 0
     calib_blocks: int = 32  # x 256 tokens (importance, equalization, GPTQ)
     recover_blocks: int = 160  # x 256 calibration tokens recovery trains on, spread over the split, none held out
-    val_blocks: int = 8  # x 256 calibration tokens, spread over the split, held out of recovery: its floor check
+    val_blocks: int = 8  # x 256 calibration tokens, spread over the split, held out of recovery: its early stopping
+    floor_blocks: int = 32  # x 256 calibration tokens held out of recovery and its early stopping: the floor check
     eval_blocks: int = 8  # x 256 tokens (search accuracy; held out)
     report_blocks: int = 32  # x 256 evaluation tokens each runtime scores for the scorecard (none the search scored)
     recover_steps: int = 120
@@ -255,63 +256,83 @@ class Pack:
         if t is None:
             return None
         spec = Evaluation(**t["evaluation"]).spec_obj()
-        calib, val = self.recovery_blocks()
+        blocks = self.recovery_blocks()
         console.print(f"  promoted to full recovery: {_spec_summary(spec)}")
         sub, scales = self.rounded_subnet(model, spec, self.calibration_blocks())
-        res = recover(model, sub, spec, calib, val, self.recovery_config(), block_scales=scales,
+        res = recover(model, sub, spec, blocks.train, blocks.held, self.recovery_config(), block_scales=scales,
                       out_dir=self.work / "promotion" / candidate_key(t["evaluation"]["x"]), resume=True)  # fmt: skip
-        ok = res.ppl_after <= t["val_ppl_limit"]
+        after = self.checked_ppl(res.model, spec, res.block_scales)
+        ok = after <= t["floor_ppl_limit"]
         if ok:
             save_model(res.model, self.work / "recovered", block_scales=res.block_scales)
-        console.print(f"  promoted: held-out ppl {res.ppl_before:.2f} → {res.ppl_after:.2f} after {res.steps_run} "
-                      f"steps (limit {t['val_ppl_limit']:.2f}): {'meets' if ok else 'misses'} the floor")  # fmt: skip
+        console.print(f"  promoted: floor-check ppl {t['floor_ppl_before']:.2f} → {after:.2f} after {res.steps_run} "
+                      f"steps (limit {t['floor_ppl_limit']:.2f}): {'meets' if ok else 'misses'} the floor")  # fmt: skip
         return {"evaluation": t["evaluation"], "recovery": res.summary() | {"gptq_linears": len(scales)},
-                "val_ppl_limit": t["val_ppl_limit"],
-                "meets_floor": ok}  # fmt: skip
+                "floor_ppl_before": t["floor_ppl_before"], "floor_ppl_after": after,
+                "floor_ppl_limit": t["floor_ppl_limit"], "meets_floor": ok}  # fmt: skip
 
     def short_recoveries(self, net: Supernet, base_ev: Evaluation, candidates: list[Evaluation]) -> list[dict]:
         """Give each candidate ``shortlist_steps`` of recovery; its perplexity before/after vs the floor.
 
-        Perplexity is measured on held-out calibration blocks against the base (widest formats) on the
-        same blocks. Finished candidates are kept in ``shortlist.json`` (with their held-out perplexity
-        every 10 steps, ``val_curve``), so a resumed run skips them.
+        Perplexity is the floor check's (``checked_ppl``), against the base (widest formats) on the same
+        blocks (``floor_limit``). Finished candidates are kept in ``shortlist.json`` (with the early-stopping
+        blocks' perplexity every 10 steps, ``val_curve``), under the options of the run that made them, so a
+        resumed run skips them unless an option changed since.
         """
         from search.recovery import RecoveryConfig, recover
 
         if not candidates:
             return []
-        model, (calib, val) = net.model, self.recovery_blocks()
-        limit = net.activate(base_ev.spec_obj()).perplexity(val) * (1 + self.cfg.accuracy_floor)
+        model, blocks = net.model, self.recovery_blocks()
+        limit = self.floor_limit(model, base_ev.spec_obj())
         done_path = self.work / "shortlist.json"
-        done = json.loads(done_path.read_text()) if done_path.exists() else {}
+        saved = json.loads(done_path.read_text()) if done_path.exists() else {}
+        options = json.loads(json.dumps(asdict(self.cfg)))  # as JSON reads it back (tuples as lists)
+        done = saved.get("candidates", {}) if saved.get("options") == options else {}
         keys = [candidate_key(e.x) for e in candidates]
         for key, e in zip(keys, candidates):
             if key in done:
                 continue
             spec = e.spec_obj()
             sub, scales = self.rounded_subnet(model, spec, self.calibration_blocks())
-            res = recover(model, sub, spec, calib, val, block_scales=scales,
+            before = self.checked_ppl(sub, spec, scales)
+            res = recover(model, sub, spec, blocks.train, blocks.held, block_scales=scales,
                           config=RecoveryConfig(max_steps=self.cfg.shortlist_steps, eval_every=10, qat=True))  # fmt: skip
-            done[key] = {"evaluation": asdict(e), "val_ppl_before": res.ppl_before, "val_ppl_after": res.ppl_after,
-                         "val_ppl_limit": limit, "meets_floor": res.ppl_after <= limit, "wall_s": res.wall_s,
+            after = self.checked_ppl(res.model, spec, res.block_scales)
+            done[key] = {"evaluation": asdict(e), "floor_ppl_before": before, "floor_ppl_after": after,
+                         "floor_ppl_limit": limit, "meets_floor": after <= limit, "wall_s": res.wall_s,
                          "val_curve": [[h["step"], h["val_ppl"]] for h in res.history if "val_ppl" in h]}  # fmt: skip
-            done_path.write_text(json.dumps(done))
-            console.print(f"  shortlist: {_spec_summary(spec)}: {e.decode_ms:.2f} ms/token, held-out ppl "
-                          f"{res.ppl_before:.2f} → {res.ppl_after:.2f} after {res.steps_run} steps (limit {limit:.2f})")  # fmt: skip
+            done_path.write_text(json.dumps({"options": options, "candidates": done}))
+            console.print(f"  shortlist: {_spec_summary(spec)}: {e.decode_ms:.2f} ms/token, floor-check ppl "
+                          f"{before:.2f} → {after:.2f} after {res.steps_run} steps (limit {limit:.2f})")  # fmt: skip
         return [done[key] for key in keys]
 
-    def recovery_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(training, held-out) calibration blocks of recovery: ``recover_blocks`` to train on, and
-        ``val_blocks`` for its early stopping and the floor check, every k-th of ``calib_blocks + val_blocks``
-        blocks spread over the split (``holdout_blocks``); the evaluation text stays unseen.
+    def floor_limit(self, model, base_spec: SubnetSpec) -> float:
+        """The most perplexity the floor check lets through: the base (``model`` at ``base_spec``'s simulated
+        formats) on the floor-check blocks, plus ``accuracy_floor``."""
+        base = fake_quantize_model(extract(model, base_spec), base_spec)
+        return perplexity(base, self.recovery_blocks().check) * (1 + self.cfg.accuracy_floor)
+
+    def checked_ppl(self, model, spec: SubnetSpec, block_scales: dict[str, torch.Tensor]) -> float:
+        """The floor check: ``model``'s perplexity at ``spec``'s simulated formats (scale-search weights at
+        ``block_scales``) on ``floor_blocks`` calibration blocks that neither recovery's training nor its
+        early stopping saw, so the choice among checkpoints does not flatter it."""
+        return perplexity(fake_quantize_model(model, spec, block_scales=block_scales), self.recovery_blocks().check)
+
+    def recovery_blocks(self) -> Holdout:
+        """Recovery's calibration blocks (``holdout_blocks``): ``recover_blocks`` to train on (``train``);
+        ``val_blocks`` for its early stopping (``held``), every k-th of ``calib_blocks + val_blocks`` blocks
+        spread over the split; and ``floor_blocks`` for the floor check (``check``), clear of both and of the
+        ``calib_blocks`` that GPTQ and equalization fit on. The evaluation text stays unseen.
 
         Measured on the all-iq4_nl member promoted in stop 25 (120 steps, the same held-out blocks): training
         on the 32 calibration blocks, held-out ppl 20.53 → 19.93 and +5.6% in llama.cpp on the report blocks;
         on 152 blocks spread over the split, 20.53 → 19.84 and +4.4%. Stop 26's pack run shipped the same spec as
         before at +4.9% (+4.2% with 32 blocks), inside the ±1.2-point interval of either."""
-        c = self.cfg
-        return holdout_blocks(self.base().tokenizer, "calibration", 256, c.recover_blocks, c.val_blocks,
-                              grid=c.calib_blocks + c.val_blocks)
+        c, tok = self.cfg, self.base().tokenizer
+        fitted = spread_starts(len(split_token_ids(tok, "calibration")), 256, c.calib_blocks)  # calibration_blocks
+        return holdout_blocks(tok, "calibration", 256, c.recover_blocks, c.val_blocks, grid=c.calib_blocks + c.val_blocks,
+                              n_check=c.floor_blocks, avoid=fitted)  # fmt: skip
 
     def calibration_blocks(self) -> torch.Tensor:
         """The ``calib_blocks`` calibration blocks that importance sorting, equalization, rounding
@@ -336,7 +357,7 @@ class Pack:
         differently (``runtime_recovery``)."""
         promoted = self.result("select").get("promoted")
         if promoted and promoted["meets_floor"]:  # the select stage already recovered the winner in full
-            out = promoted["recovery"] | {"done_in": "select"}
+            out = promoted["recovery"] | {k: v for k, v in promoted.items() if k.startswith("floor_")} | {"done_in": "select"}
         else:
             out = self.recover_winner()
         others = {rt: self.runtime_recovery(rt) for rt in self.runtimes if rt != self.search_runtime}
@@ -351,12 +372,16 @@ class Pack:
         if why:  # the base itself at lossless formats
             save_model(extract(model, spec), self.work / "recovered")
             return {"skipped": why}
-        calib, val = self.recovery_blocks()
+        blocks = self.recovery_blocks()
         sub, scales = self.rounded_subnet(model, spec, self.calibration_blocks())
-        res = recover(model, sub, spec, calib, val, self.recovery_config(), block_scales=scales,
+        before = self.checked_ppl(sub, spec, scales)
+        res = recover(model, sub, spec, blocks.train, blocks.held, self.recovery_config(), block_scales=scales,
                       out_dir=self.work / "recovery", resume=True)  # fmt: skip
         save_model(res.model, self.work / "recovered", block_scales=res.block_scales)
-        return res.summary() | {"gptq_linears": len(scales)}
+        limit = self.floor_limit(model, self.base_spec())
+        after = self.checked_ppl(res.model, spec, res.block_scales)
+        return res.summary() | {"gptq_linears": len(scales), "floor_ppl_before": before, "floor_ppl_after": after,
+                                "floor_ppl_limit": limit, "meets_floor": after <= limit}  # fmt: skip
 
     def runtime_recovery(self, runtime: str) -> dict | None:
         """Recover the winner again at ``runtime``'s formats where they round weights the search
@@ -377,10 +402,8 @@ class Pack:
         if not changed or not self.cfg.runtime_recover_steps:
             return None
         console.print(f"  recovery for {runtime}: {len(changed)} tensors change format ({changed[0]}, ...)")
-        sorted_model = self.sorted_model()
-        calib, val = self.recovery_blocks()
-        base_ppl = perplexity(fake_quantize_model(extract(sorted_model, base_spec), base_spec), val)
-        limit = base_ppl * (1 + self.cfg.accuracy_floor)
+        sorted_model, blocks = self.sorted_model(), self.recovery_blocks()
+        limit = self.floor_limit(sorted_model, base_spec)
         wide = {ly.index: ly.formats for ly in base_spec.layers}
         narrowed, tries = [ly.index for ly in spec.layers if ly.formats != wide[ly.index]], []
         start = self.runtime_warm_start(spec)
@@ -389,21 +412,23 @@ class Pack:
             if any(narrow == t[3] for t in tries):  # e.g. a winner already at that share: nothing new to try
                 continue
             tried = widen_blocks(spec, base_spec, narrow)
-            res = recover(sorted_model, start, tried, calib, val,
+            res = recover(sorted_model, start, tried, blocks.train, blocks.held,
                           RecoveryConfig(max_steps=self.cfg.runtime_recover_steps, qat=True),
                           out_dir=self.work / f"recovery-{runtime}" / share_try_key(tried, narrow), resume=True)  # fmt: skip
-            tries.append((share, tried, res, narrow))
-            console.print(f"  {runtime} at format share {share:g}: held-out ppl {res.ppl_after:.2f} (floor {limit:.2f})")
-            if res.ppl_after <= limit:
+            checked = (self.checked_ppl(start, tried, {}), self.checked_ppl(res.model, tried, res.block_scales))
+            tries.append((share, tried, res, narrow, checked))
+            console.print(f"  {runtime} at format share {share:g}: floor-check ppl {checked[1]:.2f} (floor {limit:.2f})")
+            if checked[1] <= limit:
                 break
-        share, tried, res, narrow = next((t for t in tries if t[2].ppl_after <= limit),
-                                           min(tries, key=lambda t: t[2].ppl_after))  # fmt: skip
+        share, tried, res, narrow, checked = next((t for t in tries if t[4][1] <= limit),
+                                                    min(tries, key=lambda t: t[4][1]))  # fmt: skip
         save_model(res.model, self.work / f"recovered-{runtime}", block_scales=res.block_scales)
         tried.save(self.work / f"spec-{runtime}.json")
         return res.summary() | {
-            "changed": len(changed), "example": changed[0], "val_ppl_limit": limit,
-            "meets_floor": res.ppl_after <= limit, "format_share": share, "narrow_blocks": len(narrow),
-            "tries": [{"format_share": t[0], "ppl_after": t[2].ppl_after, "wall_s": t[2].summary()["wall_s"]}
+            "changed": len(changed), "example": changed[0], "floor_ppl_before": checked[0],
+            "floor_ppl_after": checked[1], "floor_ppl_limit": limit, "meets_floor": checked[1] <= limit,
+            "format_share": share, "narrow_blocks": len(narrow),
+            "tries": [{"format_share": t[0], "floor_ppl_after": t[4][1], "wall_s": t[2].summary()["wall_s"]}
                       for t in tries],
         }  # fmt: skip
 
@@ -457,12 +482,14 @@ class Pack:
         spec, base = self.retargeted_specs(runtime)
         return (SubnetSpec.load(self.work / f"spec-{runtime}.json") if self.own_recovery(runtime) else spec), base
 
+    def base_spec(self) -> SubnetSpec:
+        """The base at the search's widest formats (the largest member of its space)."""
+        space = self.space(Importance.load(self.work / "importance.json"))
+        return space.decode(space.largest())
+
     def retargeted_specs(self, runtime: str) -> tuple[SubnetSpec, SubnetSpec]:
         """(packaged, base) specs carried to ``runtime``'s formats: the base at the search's widest formats."""
-        spec = SubnetSpec.load(self.work / "spec.json")
-        imp = Importance.load(self.work / "importance.json")
-        space = self.space(imp)
-        base = space.decode(space.largest())
+        spec, base = SubnetSpec.load(self.work / "spec.json"), self.base_spec()
         held = self.target.formats(runtime)
         allowed = runtime_formats(self.target, runtime)
         allowed += [f for f in held if get_format(f).same_as and f not in allowed]  # exact twins: q4_0 -> int4s_b32
@@ -837,13 +864,13 @@ def selection_summary(sel: dict) -> dict:
     """How the winner was chosen, and each shortlisted candidate's short-recovery outcome."""
     rows = [{"spec": _spec_summary(SubnetSpec.from_dict(t["evaluation"]["spec"])),
              "predicted_decode_ms": t["evaluation"]["decode_ms"], "ppl_simulated": t["evaluation"]["ppl"],
-             **{k: t[k] for k in ("val_ppl_before", "val_ppl_after", "val_ppl_limit", "meets_floor", "wall_s")}}
+             **{k: t[k] for k in ("floor_ppl_before", "floor_ppl_after", "floor_ppl_limit", "meets_floor", "wall_s")}}
             for t in sel["shortlist"]]  # fmt: skip
     pro = sel.get("promoted")
     if pro:
         pro = {"spec": _spec_summary(SubnetSpec.from_dict(pro["evaluation"]["spec"])),
-               **{k: pro["recovery"][k] for k in ("ppl_before", "ppl_after", "steps_run", "wall_s")},
-               **{k: pro[k] for k in ("val_ppl_limit", "meets_floor")}}  # fmt: skip
+               **{k: pro["recovery"][k] for k in ("steps_run", "wall_s")},
+               **{k: pro[k] for k in ("floor_ppl_before", "floor_ppl_after", "floor_ppl_limit", "meets_floor")}}  # fmt: skip
     return {"how": sel["how"], "shortlist": rows, "promoted": pro}
 
 

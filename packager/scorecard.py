@@ -83,14 +83,14 @@ def write_json(card: dict, path: Path) -> Path:
     return path
 
 
-SELECTION_HEADER = ("shortlisted candidate", "predicted decode ms", "ppl before recovery (held-out calibration)",
+SELECTION_HEADER = ("shortlisted candidate", "predicted decode ms", "floor-check ppl before recovery",
                     "after short recovery", "floor", "meets it")  # fmt: skip
 
 
 def selection_rows(sel: dict) -> list[tuple[str, ...]]:
     """One row of text per shortlisted candidate, in SELECTION_HEADER's order."""
-    return [(t["spec"], f"{t['predicted_decode_ms']:.2f}", f"{t['val_ppl_before']:.2f}", f"{t['val_ppl_after']:.2f}",
-             f"{t['val_ppl_limit']:.2f}", "yes" if t["meets_floor"] else "no") for t in sel["shortlist"]]  # fmt: skip
+    return [(t["spec"], f"{t['predicted_decode_ms']:.2f}", f"{t['floor_ppl_before']:.2f}", f"{t['floor_ppl_after']:.2f}",
+             f"{t['floor_ppl_limit']:.2f}", "yes" if t["meets_floor"] else "no") for t in sel["shortlist"]]  # fmt: skip
 
 
 def promotion_line(sel: dict) -> str | None:
@@ -99,8 +99,8 @@ def promotion_line(sel: dict) -> str | None:
     if not p:
         return None
     other = "the fastest shortlisted candidate meeting it" if any(t["meets_floor"] for t in sel["shortlist"]) else "the fallback"
-    return (f"promoted to full recovery: {p['spec']}: held-out ppl {p['ppl_before']:.2f} → {p['ppl_after']:.2f} "
-            f"after {p['steps_run']} steps ({p['wall_s']:.0f} s), floor {p['val_ppl_limit']:.2f}: "
+    return (f"promoted to full recovery: {p['spec']}: floor-check ppl {p['floor_ppl_before']:.2f} → "
+            f"{p['floor_ppl_after']:.2f} after {p['steps_run']} steps ({p['wall_s']:.0f} s), floor {p['floor_ppl_limit']:.2f}: "
             f"{'met, so it won' if p['meets_floor'] else f'missed, so {other} won'}.")
 
 
@@ -121,6 +121,17 @@ def floor_line(sec: dict) -> str | None:
     return line
 
 
+def recovery_summary(rec: dict, cfg: dict) -> str:
+    """One sentence on the winner's recovery: the floor check's perplexity before and after it, and on what."""
+    line = (f"LoRA + distillation ({rec['steps_run']} steps, {rec['wall_s']:.0f} s, {rec['stopped_reason']}; trained on "
+            f"{256 * cfg['recover_blocks']:,} calibration tokens, early-stopped on {255 * cfg['val_blocks']:,} held-out ones)")
+    if "floor_ppl_after" not in rec:
+        return line + f": perplexity {rec['ppl_before']:.2f} → {rec['ppl_after']:.2f} on the early-stopping blocks"
+    return (line + f": floor-check perplexity {rec['floor_ppl_before']:.2f} → {rec['floor_ppl_after']:.2f} on "
+            f"{255 * cfg['floor_blocks']:,} held-out calibration tokens neither saw, floor {rec['floor_ppl_limit']:.2f}: "
+            f"{'met' if rec['meets_floor'] else 'missed'} (formats simulated)")  # fmt: skip
+
+
 def recovery_line(sec: dict) -> str | None:
     """One sentence on this runtime's own recovery (where its formats round the winner differently)."""
     r = sec.get("recovery")
@@ -131,10 +142,10 @@ def recovery_line(sec: dict) -> str | None:
                                     "the more rounding-sensitive rest the base's")  # fmt: skip
     tries = r.get("tries", [])
     tried = "" if len(tries) < 2 else "; tried " + ", ".join(
-        f"share {t['format_share']:g} → {t['ppl_after']:.2f} ({t['wall_s']:.0f} s)" for t in tries)
+        f"share {t['format_share']:g} → {t['floor_ppl_after']:.2f} ({t['wall_s']:.0f} s)" for t in tries)
     return (f"recovered again for this runtime's formats ({r['changed']} tensors change format, e.g. {r['example']}"
-            f"{kept}): held-out ppl {r['ppl_before']:.2f} → {r['ppl_after']:.2f} after {r['steps_run']} steps "
-            f"({r['wall_s']:.0f} s, warm-started from the winner's recovery), floor {r['val_ppl_limit']:.2f}: "
+            f"{kept}): floor-check ppl {r['floor_ppl_before']:.2f} → {r['floor_ppl_after']:.2f} after {r['steps_run']} "
+            f"steps ({r['wall_s']:.0f} s, warm-started from the winner's recovery), floor {r['floor_ppl_limit']:.2f}: "
             f"{'met' if r['meets_floor'] else 'missed'} (formats simulated){tried}")  # fmt: skip
 
 
@@ -186,11 +197,7 @@ def to_markdown(card: dict) -> str:
     rec = card.get("recovery")
     if rec:
         cfg = card.get("config", {})
-        text = (f", trained on {256 * cfg['recover_blocks']:,} calibration tokens, scored on {256 * cfg['val_blocks']:,} "
-                "held-out ones" if "recover_blocks" in cfg else "")
-        out += ["", "## Recovery", "", f"LoRA + distillation: perplexity {rec['ppl_before']:.2f} → {rec['ppl_after']:.2f} "
-                f"on held-out calibration blocks ({rec['steps_run']} steps, {rec['wall_s']:.0f} s, "
-                f"{rec['stopped_reason']}{text})"]  # fmt: skip
+        out += ["", "## Recovery", "", recovery_summary(rec, cfg)]
     out += ["", "Figures marked *measured* were taken on the machine above; *estimated* ones come from the "
             "named profile; *computed* ones are exact counts.", ""]  # fmt: skip
     return "\n".join(out)

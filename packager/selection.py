@@ -66,7 +66,7 @@ def spread(front: list[Evaluation], k: int) -> list[Evaluation]:
 def promotion_candidate(tried: list[dict], margin: float, faster_than: float | None) -> dict | None:
     """The fastest short-recovered candidate that missed the floor by at most ``margin`` (relative) and
     is faster than ``faster_than`` (the fastest one that met it; None when none did), if any."""
-    near = [t for t in tried if not t["meets_floor"] and t["val_ppl_after"] <= t["val_ppl_limit"] * (1 + margin)
+    near = [t for t in tried if not t["meets_floor"] and t["floor_ppl_after"] <= t["floor_ppl_limit"] * (1 + margin)
             and (faster_than is None or t["evaluation"]["decode_ms"] < faster_than)]  # fmt: skip
     return min(near, key=lambda t: t["evaluation"]["decode_ms"]) if near else None
 

@@ -8,10 +8,12 @@ benchmarks/make_text_data.py; sources and licences: search/data/SOURCES.md.
 
 from __future__ import annotations
 
+import bisect
 import re
 import weakref
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -89,11 +91,32 @@ def split_token_ids(tokenizer, split: str) -> torch.Tensor:
     return ids
 
 
+def spread_starts(n_tokens: int, seq_len: int, n_blocks: int, phase: float = 0.0,
+                  avoid: Sequence[int] = ()) -> list[int]:
+    """Token offsets of ``n_blocks`` blocks of ``seq_len`` spread evenly over ``n_tokens``: block i at
+    ``(i + phase) * (n_tokens // n_blocks)``, moved just past any block (also ``seq_len`` long) starting at an
+    offset in ``avoid`` that it would overlap. A block pushed out of its stride is a ``TextError``."""
+    stride, taken = n_tokens // n_blocks, sorted(avoid)
+    starts = []
+    for i in range(n_blocks):
+        start = i * stride + int(phase * stride)
+        for a in taken[bisect.bisect_right(taken, start - seq_len) :]:  # ascending: moved past one, check the next
+            if a >= start + seq_len:
+                break
+            start = a + seq_len
+        if start + seq_len > min(n_tokens, (i + 1) * stride):
+            raise TextError(f"text too short for {n_blocks} blocks of {seq_len} tokens around {len(avoid)} others "
+                            f"({n_tokens} tokens): ask for fewer or shorter blocks")  # fmt: skip
+        starts.append(start)
+    return starts
+
+
 def token_blocks(tokenizer, split: str, seq_len: int, n_blocks: int, phase: float = 0.0) -> torch.LongTensor:
     """``n_blocks`` non-overlapping contiguous chunks of ``seq_len`` tokens, spread evenly over the split.
 
-    Deterministic: block i starts at token ``(i + phase) * (N // n_blocks)`` of the split's N tokens, so a
-    few blocks still sample every source and genre of the split. Returns a LongTensor ``[n_blocks, seq_len]``.
+    Deterministic: block i starts at token ``(i + phase) * (N // n_blocks)`` of the split's N tokens
+    (``spread_starts``), so a few blocks still sample every source and genre of the split. Returns a
+    LongTensor ``[n_blocks, seq_len]``.
     """
     _check_split(split)
     if seq_len < 2 or n_blocks < 1:
@@ -106,11 +129,14 @@ def token_blocks(tokenizer, split: str, seq_len: int, n_blocks: int, phase: floa
             "ask for fewer or shorter blocks"
         )
     stride = len(ids) // n_blocks
-    shift = int(phase * stride)
-    if not 0.0 <= phase < 1.0 or shift + seq_len > stride:
+    if not 0.0 <= phase < 1.0 or int(phase * stride) + seq_len > stride:
         raise TextError(f"phase {phase} does not fit blocks of {seq_len} tokens in strides of {stride}: use 0 <= phase "
                         f"<= {(stride - seq_len) / stride:.2f}")  # fmt: skip
-    return torch.stack([ids[i * stride + shift : i * stride + shift + seq_len] for i in range(n_blocks)])
+    return _cut(ids, spread_starts(len(ids), seq_len, n_blocks, phase), seq_len)
+
+
+def _cut(ids: torch.Tensor, starts: Sequence[int], seq_len: int) -> torch.LongTensor:
+    return torch.stack([ids[s : s + seq_len] for s in starts])
 
 
 def report_blocks(tokenizer, n_blocks: int, seq_len: int = 256) -> torch.LongTensor:
@@ -119,33 +145,36 @@ def report_blocks(tokenizer, n_blocks: int, seq_len: int = 256) -> torch.LongTen
     return token_blocks(tokenizer, "evaluation", seq_len, n_blocks, phase=0.5)
 
 
-def holdout_blocks(tokenizer, split: str, seq_len: int, n_train: int, n_held: int,
-                   grid: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training, held-out) blocks of one split, sharing no token.
+class Holdout(NamedTuple):
+    """Blocks of one split that share no token: ``train``, ``held`` (e.g. early stopping) and ``check``
+    (e.g. a floor check that neither training nor the choice among checkpoints saw; empty if none asked)."""
+
+    train: torch.LongTensor
+    held: torch.LongTensor
+    check: torch.LongTensor
+
+
+def holdout_blocks(tokenizer, split: str, seq_len: int, n_train: int, n_held: int, grid: int | None = None,
+                   n_check: int = 0, avoid: Sequence[int] = ()) -> Holdout:  # fmt: skip
+    """(training, held-out, check) blocks of one split, sharing no token.
 
     The held-out ones are every k-th of ``grid`` blocks spread over the split (``token_blocks``; default
     ``n_train + n_held``), so they sample the whole split rather than its end. The ``n_train`` training ones
     are spread evenly over the split too, each moved just past a held-out block it would overlap: more of
-    them than the grid holds gives recovery more text without moving the held-out blocks.
+    them than the grid holds gives recovery more text without moving the held-out ones. The ``n_check`` check
+    blocks sit half a stride in on a grid of their own, each moved past any training or held-out block, and
+    past the blocks at token offsets ``avoid`` (e.g. those a quantizer was fitted on).
     """
     if n_train < 1 or n_held < 1:
         raise TextError(f"holdout_blocks needs at least one block on each side (got {n_train}, {n_held})")
     grid = grid or n_train + n_held
     if grid <= n_held:
         raise TextError(f"holdout_blocks: a grid of {grid} blocks cannot hold {n_held} held-out ones plus training ones")
-    held_index = [(2 * i + 1) * grid // (2 * n_held) for i in range(n_held)]
-    held = token_blocks(tokenizer, split, seq_len, grid)[held_index]
+    _check_split(split)
     ids = split_token_ids(tokenizer, split)
-    held_at = [i * (len(ids) // grid) for i in held_index]
-    stride = len(ids) // n_train
-    train = []
-    for i in range(n_train):
-        start = i * stride
-        for h in held_at:  # ascending: a block moved past one held-out block is checked against the next
-            if start < h + seq_len and h < start + seq_len:
-                start = h + seq_len
-        if start + seq_len > min(len(ids), (i + 1) * stride):
-            raise TextError(f"{split} text too short for {n_train} training blocks of {seq_len} tokens around "
-                            f"{n_held} held-out ones ({len(ids)} tokens): ask for fewer or shorter blocks")  # fmt: skip
-        train.append(ids[start : start + seq_len])
-    return torch.stack(train), held
+    on_grid = spread_starts(len(ids), seq_len, grid)
+    held_at = [on_grid[(2 * i + 1) * grid // (2 * n_held)] for i in range(n_held)]
+    train_at = spread_starts(len(ids), seq_len, n_train, avoid=held_at)
+    check_at = spread_starts(len(ids), seq_len, n_check, 0.5, [*held_at, *train_at, *avoid]) if n_check else []
+    return Holdout(_cut(ids, train_at, seq_len), _cut(ids, held_at, seq_len),
+                   _cut(ids, check_at, seq_len) if check_at else ids.new_zeros(0, seq_len))  # fmt: skip

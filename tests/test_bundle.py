@@ -124,16 +124,17 @@ def test_scorecard_says_whether_each_runtime_meets_the_accuracy_floor():
             "reaches past the floor") in to_markdown(card)
     assert "recovered again" not in md
     card["runtimes"]["onnxruntime"]["recovery"] = {
-        "changed": 210, "example": "layers.0.q_proj iq4_nl->int4s_b32", "ppl_before": 35.86, "ppl_after": 32.2,
-        "steps_run": 60, "wall_s": 729.0, "val_ppl_limit": 30.65, "meets_floor": False}  # fmt: skip
+        "changed": 210, "example": "layers.0.q_proj iq4_nl->int4s_b32", "floor_ppl_before": 35.86, "floor_ppl_after": 32.2,
+        "steps_run": 60, "wall_s": 729.0, "floor_ppl_limit": 30.65, "meets_floor": False}  # fmt: skip
     line = ("recovered again for this runtime's formats (210 tensors change format, e.g. layers.0.q_proj "
-            "iq4_nl->int4s_b32): held-out ppl 35.86 → 32.20 after 60 steps (729 s, warm-started from the winner's "
+            "iq4_nl->int4s_b32): floor-check ppl 35.86 → 32.20 after 60 steps (729 s, warm-started from the winner's "
             "recovery), floor 30.65: missed (formats simulated)")  # fmt: skip
     md = to_markdown(card)
     assert line in md and md.index(line) < md.index("MISSED (31.20,") and md.count("recovered again") == 1
     assert html.escape(line) in to_html(card, [])
     card["runtimes"]["onnxruntime"]["recovery"].update(format_share=0.8, narrow_blocks=24, tries=[
-        {"format_share": 1.0, "ppl_after": 32.2, "wall_s": 300.0}, {"format_share": 0.8, "ppl_after": 30.5, "wall_s": 310.0}])
+        {"format_share": 1.0, "floor_ppl_after": 32.2, "wall_s": 300.0},
+        {"format_share": 0.8, "floor_ppl_after": 30.5, "wall_s": 310.0}])
     md = to_markdown(card)
     assert "iq4_nl->int4s_b32; at format share 0.8: 24 blocks keep the carried formats" in md
     assert "(formats simulated); tried share 1 → 32.20 (300 s), share 0.8 → 30.50 (310 s)" in md
@@ -141,10 +142,10 @@ def test_scorecard_says_whether_each_runtime_meets_the_accuracy_floor():
 
 def test_scorecard_shows_the_shortlist_and_the_promoted_candidate():
     card = sample_card()
-    row = {"spec": "29/30 layers", "predicted_decode_ms": 9.95, "val_ppl_before": 32.21, "val_ppl_after": 30.8,
-           "val_ppl_limit": 30.6, "meets_floor": False}
-    promoted = {"spec": "29/30 layers", "ppl_before": 32.21, "ppl_after": 30.52, "steps_run": 80, "wall_s": 242,
-                "val_ppl_limit": 30.6, "meets_floor": True}
+    row = {"spec": "29/30 layers", "predicted_decode_ms": 9.95, "floor_ppl_before": 32.21, "floor_ppl_after": 30.8,
+           "floor_ppl_limit": 30.6, "meets_floor": False}
+    promoted = {"spec": "29/30 layers", "floor_ppl_before": 32.21, "floor_ppl_after": 30.52, "steps_run": 80,
+                "wall_s": 242, "floor_ppl_limit": 30.6, "meets_floor": True}
     card["selection"] = {"how": "promoted", "shortlist": [row], "promoted": promoted}
     md = to_markdown(card)
     assert "| 29/30 layers | 9.95 | 32.21 | 30.80 | 30.60 | no |" in md
@@ -152,7 +153,7 @@ def test_scorecard_shows_the_shortlist_and_the_promoted_candidate():
     assert "met, so it won." in to_html(card, [])
     promoted["meets_floor"] = False
     assert "floor 30.60: missed, so the fallback won." in to_markdown(card)
-    card["selection"]["shortlist"].append(dict(row, val_ppl_after=30.5, meets_floor=True))
+    card["selection"]["shortlist"].append(dict(row, floor_ppl_after=30.5, meets_floor=True))
     assert "missed, so the fastest shortlisted candidate meeting it won." in to_markdown(card)
     card["selection"]["promoted"] = None
     assert "promoted to full recovery" not in to_markdown(card)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import tiny_model
 from search.evaluate import EvaluateError, nll_per_block, perplexity, perplexity_ratio
 from search.text import (SPLITS, TextError, document_sentences, documents, holdout_blocks, load_text, report_blocks,
-                         split_token_ids, token_blocks)
+                         split_token_ids, spread_starts, token_blocks)
 from targets.backend import runner_nll_per_block
 
 
@@ -66,13 +66,13 @@ def _where(ids: torch.Tensor, block: torch.Tensor) -> int:
 
 def test_holdout_blocks_are_spread_over_the_split_and_disjoint(tokenizer):
     ids = split_token_ids(tokenizer, "calibration")
-    train, held = holdout_blocks(tokenizer, "calibration", 64, 8, 2)
+    train, held, _ = holdout_blocks(tokenizer, "calibration", 64, 8, 2)
     every = token_blocks(tokenizer, "calibration", 64, 10)
     assert train.shape == (8, 64) and held.shape == (2, 64)
     # one held-out block from each half of the split
     assert torch.equal(held, every[[2, 7]])
     # more training blocks on the same grid: the held-out ones stay put, and no training token is held out
-    more, same = holdout_blocks(tokenizer, "calibration", 64, 40, 2, grid=10)
+    more, same, _ = holdout_blocks(tokenizer, "calibration", 64, 40, 2, grid=10)
     assert more.shape == (40, 64) and torch.equal(same, held)
     for t in (train, more):
         starts = sorted(_where(ids, b) for b in t)
@@ -82,6 +82,23 @@ def test_holdout_blocks_are_spread_over_the_split_and_disjoint(tokenizer):
         holdout_blocks(tokenizer, "calibration", 64, 8, 0)
     with pytest.raises(TextError, match="too short for"):
         holdout_blocks(tokenizer, "calibration", 64, len(ids) // 64, 2, grid=10)
+
+
+def test_check_blocks_miss_training_held_out_and_avoided_blocks(tokenizer):
+    """The floor check's blocks: spread over the split, clear of every training and held-out block and of
+    the blocks a quantizer fitted on (``avoid``), none of which move."""
+    ids = split_token_ids(tokenizer, "calibration")
+    fitted = spread_starts(len(ids), 64, 12)
+    train, held, check = holdout_blocks(tokenizer, "calibration", 64, 40, 2, grid=10, n_check=12, avoid=fitted)
+    plain = holdout_blocks(tokenizer, "calibration", 64, 40, 2, grid=10)
+    assert torch.equal(train, plain.train) and torch.equal(held, plain.held) and plain.check.shape == (0, 64)
+    assert check.shape == (12, 64)
+    starts = [_where(ids, b) for b in check]
+    assert starts == sorted(starts) and starts[0] < len(ids) // 12 and starts[-1] > len(ids) * 11 // 12
+    others = [_where(ids, b) for b in (*train, *held)] + fitted
+    assert all(abs(s - o) >= 64 for s in starts for o in others)
+    with pytest.raises(TextError, match="too short for"):  # strides of 64 tokens leave no room to move
+        holdout_blocks(tokenizer, "calibration", 64, 40, 2, n_check=len(ids) // 64)
 
 
 def test_report_blocks_miss_every_token_the_search_scores(tokenizer):

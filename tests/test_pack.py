@@ -10,6 +10,7 @@ from packager.cli import main
 from packager.pack import Pack, PackConfig, PackError
 from packager.selection import candidate_key, format_family
 from search.importance import Importance
+from search.problem import Evaluation
 from subnet.spec import SubnetSpec
 from tests.conftest import tiny_model
 
@@ -31,7 +32,7 @@ def small_model_dir(tmp_path_factory):
 
 def small_config(model_dir, **over):
     kw = dict(target="laptop-cpu", model=str(model_dir), runtimes=["llama.cpp"], budget=6, calib_blocks=8, val_blocks=2,
-              eval_blocks=2, report_blocks=4, recover_steps=4, accuracy_floor=10.0, seed=0)
+              floor_blocks=4, eval_blocks=2, report_blocks=4, recover_steps=4, accuracy_floor=10.0, seed=0)
     kw.update(over)
     return PackConfig(**kw)
 
@@ -50,7 +51,9 @@ def test_pack_end_to_end_and_verify(small_model_dir, tmp_path):
     assert ci["blocks"] == 4 and ci["low"] <= ci["ratio"] <= ci["high"]
     assert ci["ratio"] == pytest.approx(floor["packaged"] / floor["base"])
     assert (folder / "scorecard.html").read_text().count("data:image/png;base64,") >= 1
-    assert "trained on 40,960 calibration tokens, scored on 512 held-out ones" in (folder / "scorecard.md").read_text()
+    md = (folder / "scorecard.md").read_text()
+    assert "trained on 40,960 calibration tokens, early-stopped on 510 held-out ones)" in md
+    assert card["recovery"]["meets_floor"] and "on 1,020 held-out calibration tokens neither saw, floor" in md
     # a finished run is refused without --force; verify passes, then catches a changed byte
     with pytest.raises(PackError, match="already exists"):
         Pack(small_config(small_model_dir), out)
@@ -112,12 +115,24 @@ def test_select_recovers_a_shortlist_and_keeps_the_fastest_that_meets_the_floor(
         if candidate_key(t["evaluation"]["x"]) in sel["ladder"]:
             assert format_family(SubnetSpec.from_dict(t["evaluation"]["spec"])) in met
     for t in sel["shortlist"]:
-        assert t["meets_floor"] == (t["val_ppl_after"] <= t["val_ppl_limit"])
-        assert t["val_curve"][0] == [0, pytest.approx(t["val_ppl_before"])]
+        assert t["meets_floor"] == (t["floor_ppl_after"] <= t["floor_ppl_limit"])
+        assert t["val_curve"][0][0] == 0 and t["floor_ppl_before"] != t["val_curve"][0][1]  # two sets of blocks
     passing = [t["evaluation"] for t in sel["shortlist"] if t["meets_floor"]]
     want = min(passing, key=lambda e: e["decode_ms"]) if passing else sel["fallback"]
     assert sel["winner"] == want
     assert json.loads((p.work / "spec.json").read_text())["meta"]["selected"] == sel["how"]
+    # a resumed run reuses the short recoveries made under its options, and redoes those made under others
+    # (an option added since, resumed at its default, may change what recovery trains on)
+    first = sel["shortlist"][0]
+    net, base_ev = p.problem(p.sorted_model(), cfg.accuracy_floor).supernet, Evaluation(**p.result("search")["base"])
+    again = p.short_recoveries(net, base_ev, [Evaluation(**first["evaluation"])])[0]
+    assert (again["wall_s"], again["floor_ppl_after"]) == (first["wall_s"], first["floor_ppl_after"])
+    saved = json.loads((p.work / "shortlist.json").read_text())
+    saved["options"]["recover_blocks"] += 1
+    (p.work / "shortlist.json").write_text(json.dumps(saved))
+    redone = p.short_recoveries(net, base_ev, [Evaluation(**first["evaluation"])])[0]
+    assert redone["wall_s"] != first["wall_s"] and redone["floor_ppl_limit"] == pytest.approx(first["floor_ppl_limit"])
+    assert json.loads((p.work / "shortlist.json").read_text())["options"]["recover_blocks"] == cfg.recover_blocks
 
 
 def test_promotion_gives_a_near_miss_the_full_recovery_and_the_recover_stage_reuses_it(small_model_dir, tmp_path):
@@ -129,7 +144,8 @@ def test_promotion_gives_a_near_miss_the_full_recovery_and_the_recover_stage_reu
     model = p.sorted_model()
 
     def near(limit, after):
-        return [{"evaluation": pruned, "val_ppl_after": after, "val_ppl_limit": limit, "meets_floor": False}]
+        return [{"evaluation": pruned, "floor_ppl_before": after, "floor_ppl_after": after, "floor_ppl_limit": limit,
+                 "meets_floor": False}]
 
     assert p.promotion(model, near(1.0, 1.2), None) is None  # 20% above the floor: not promoted
     missed = p.promotion(model, near(1.0, 1.04), None)  # promoted, but no model reaches perplexity 1
@@ -160,9 +176,9 @@ def test_a_runtime_that_rounds_the_winner_differently_gets_its_own_recovery(smal
     own = rec["runtimes"]["onnxruntime"]
     assert own["steps_run"] == 2 and own["changed"] == 3 * 7 and "iq4_nl->int4" in own["example"]
     assert "llama.cpp" not in rec["runtimes"]  # the search runtime holds its own formats
-    assert own["ppl_before"] != pytest.approx(rec["ppl_after"])  # scored at ONNX Runtime's rounding, not iq4_nl's
+    assert own["floor_ppl_before"] != pytest.approx(rec["floor_ppl_after"])  # at ONNX Runtime's rounding, not iq4_nl's
     assert not own["meets_floor"] and [t["format_share"] for t in own["tries"]] == [1.0, 0.5]
-    assert own["ppl_after"] == min(t["ppl_after"] for t in own["tries"])
+    assert own["floor_ppl_after"] == min(t["floor_ppl_after"] for t in own["tries"])
     assert own["narrow_blocks"] == (3 if own["format_share"] == 1.0 else 2)
     p.state["done"]["recover"] = {"result": rec, "wall_s": 0}
     shipped, base = p.runtime_specs("onnxruntime")  # the kept try's spec goes to the export

@@ -34,7 +34,7 @@ def test_spread_picks_evenly_from_most_to_least_accurate():
 
 def test_promotion_takes_the_fastest_near_miss_faster_than_every_passing_candidate():
     def tried(ms, after, meets):
-        return {"evaluation": {"decode_ms": ms}, "val_ppl_after": after, "val_ppl_limit": 30.0, "meets_floor": meets}
+        return {"evaluation": {"decode_ms": ms}, "floor_ppl_after": after, "floor_ppl_limit": 30.0, "meets_floor": meets}
 
     fast_near, slow_near, far, passing = tried(8.0, 31.0, False), tried(9.0, 30.5, False), tried(7.0, 40.0, False), tried(8.5, 29.9, True)
     assert promotion_candidate([slow_near, fast_near, far], 0.05, None) is fast_near  # 40 is beyond the 5% margin
