@@ -357,7 +357,8 @@ class Pack:
         differently (``runtime_recovery``)."""
         promoted = self.result("select").get("promoted")
         if promoted and promoted["meets_floor"]:  # the select stage already recovered the winner in full
-            out = promoted["recovery"] | {k: v for k, v in promoted.items() if k.startswith("floor_")} | {"done_in": "select"}
+            floor = ("floor_ppl_before", "floor_ppl_after", "floor_ppl_limit", "meets_floor")
+            out = promoted["recovery"] | {k: promoted[k] for k in floor} | {"done_in": "select"}
         else:
             out = self.recover_winner()
         others = {rt: self.runtime_recovery(rt) for rt in self.runtimes if rt != self.search_runtime}

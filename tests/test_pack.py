@@ -1,6 +1,7 @@
 """`packager pack` end to end on a small random model that carries SmolLM2's tokenizer."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from click.testing import CliRunner
 
 from packager.cli import main
 from packager.pack import Pack, PackConfig, PackError
+from packager.scorecard import recovery_summary
 from packager.selection import candidate_key, format_family
 from search.importance import Importance
 from search.problem import Evaluation
@@ -153,7 +155,9 @@ def test_promotion_gives_a_near_miss_the_full_recovery_and_the_recover_stage_reu
     met = p.promotion(model, near(1e9, 1.04e9), None)
     assert met["meets_floor"] and met["recovery"]["steps_run"] == 2 and (p.work / "recovered" / "config.json").is_file()
     p.state["done"]["select"] = {"result": {"promoted": met}, "wall_s": 0}
-    assert p.stage_recover()["done_in"] == "select"
+    rec = p.stage_recover()
+    assert rec["done_in"] == "select" and rec["floor_ppl_after"] == met["floor_ppl_after"]
+    assert recovery_summary(rec, asdict(p.cfg)).endswith("floor 1000000000.00: met (formats simulated)")
 
 
 def test_a_runtime_that_rounds_the_winner_differently_gets_its_own_recovery(small_model_dir, tmp_path):
