@@ -42,6 +42,7 @@ from targets.backend import atomic_output, backend, fingerprint, runner_nll_per_
 from targets.registry import Target, get_target
 
 BLOCK_SCALES = "block_scales.safetensors"  # beside a recovered model: its scale-search weights' kept scales
+FLOOR_KEYS = ("floor_ppl_before", "floor_ppl_after", "floor_ppl_limit", "meets_floor")  # a floor check's outcome
 STAGES = ("prepare", "search", "select", "recover", "export", "measure", "scorecard", "bundle")
 console = Console(stderr=True)
 
@@ -357,8 +358,7 @@ class Pack:
         differently (``runtime_recovery``)."""
         promoted = self.result("select").get("promoted")
         if promoted and promoted["meets_floor"]:  # the select stage already recovered the winner in full
-            floor = ("floor_ppl_before", "floor_ppl_after", "floor_ppl_limit", "meets_floor")
-            out = promoted["recovery"] | {k: promoted[k] for k in floor} | {"done_in": "select"}
+            out = promoted["recovery"] | {k: promoted[k] for k in FLOOR_KEYS} | {"done_in": "select"}
         else:
             out = self.recover_winner()
         others = {rt: self.runtime_recovery(rt) for rt in self.runtimes if rt != self.search_runtime}
@@ -865,13 +865,13 @@ def selection_summary(sel: dict) -> dict:
     """How the winner was chosen, and each shortlisted candidate's short-recovery outcome."""
     rows = [{"spec": _spec_summary(SubnetSpec.from_dict(t["evaluation"]["spec"])),
              "predicted_decode_ms": t["evaluation"]["decode_ms"], "ppl_simulated": t["evaluation"]["ppl"],
-             **{k: t[k] for k in ("floor_ppl_before", "floor_ppl_after", "floor_ppl_limit", "meets_floor", "wall_s")}}
+             **{k: t[k] for k in (*FLOOR_KEYS, "wall_s")}}
             for t in sel["shortlist"]]  # fmt: skip
     pro = sel.get("promoted")
     if pro:
         pro = {"spec": _spec_summary(SubnetSpec.from_dict(pro["evaluation"]["spec"])),
                **{k: pro["recovery"][k] for k in ("steps_run", "wall_s")},
-               **{k: pro[k] for k in ("floor_ppl_before", "floor_ppl_after", "floor_ppl_limit", "meets_floor")}}  # fmt: skip
+               **{k: pro[k] for k in FLOOR_KEYS}}  # fmt: skip
     return {"how": sel["how"], "shortlist": rows, "promoted": pro}
 
 
