@@ -416,20 +416,19 @@ class Pack:
             res = recover(sorted_model, start, tried, blocks.train, blocks.held,
                           RecoveryConfig(max_steps=self.cfg.runtime_recover_steps, qat=True),
                           out_dir=self.work / f"recovery-{runtime}" / share_try_key(tried, narrow), resume=True)  # fmt: skip
-            checked = (self.checked_ppl(start, tried, {}), self.checked_ppl(res.model, tried, res.block_scales))
-            tries.append((share, tried, res, narrow, checked))
-            console.print(f"  {runtime} at format share {share:g}: floor-check ppl {checked[1]:.2f} (floor {limit:.2f})")
-            if checked[1] <= limit:
+            after = self.checked_ppl(res.model, tried, res.block_scales)
+            tries.append((share, tried, res, narrow, after))
+            console.print(f"  {runtime} at format share {share:g}: floor-check ppl {after:.2f} (floor {limit:.2f})")
+            if after <= limit:
                 break
-        share, tried, res, narrow, checked = next((t for t in tries if t[4][1] <= limit),
-                                                    min(tries, key=lambda t: t[4][1]))  # fmt: skip
+        share, tried, res, narrow, after = next((t for t in tries if t[4] <= limit), min(tries, key=lambda t: t[4]))
         save_model(res.model, self.work / f"recovered-{runtime}", block_scales=res.block_scales)
         tried.save(self.work / f"spec-{runtime}.json")
         return res.summary() | {
-            "changed": len(changed), "example": changed[0], "floor_ppl_before": checked[0],
-            "floor_ppl_after": checked[1], "floor_ppl_limit": limit, "meets_floor": checked[1] <= limit,
+            "changed": len(changed), "example": changed[0], "floor_ppl_before": self.checked_ppl(start, tried, {}),
+            "floor_ppl_after": after, "floor_ppl_limit": limit, "meets_floor": after <= limit,
             "format_share": share, "narrow_blocks": len(narrow),
-            "tries": [{"format_share": t[0], "floor_ppl_after": t[4][1], "wall_s": t[2].summary()["wall_s"]}
+            "tries": [{"format_share": t[0], "floor_ppl_after": t[4], "wall_s": t[2].summary()["wall_s"]}
                       for t in tries],
         }  # fmt: skip
 
