@@ -5,11 +5,12 @@ sequential prune-then-quantize bundle's GGUF (if given), the base in the search'
 (our exporter), and llama.cpp's own Q8_0 and Q4_K_M of the base (llama_model_quantize from an F32
 GGUF); for ONNX Runtime, the packed model vs the base in the same formats and, where onnxruntime-genai
 is installed (``pip install -e '.[bench]'``), its model builder's int4 export of the base (what an
-ONNX Runtime user would do instead). Columns: size, decode
-tokens/s, prefill ms, peak RSS, held-out perplexity (scored in the runtime on the scorecard's evaluation
-blocks, none of which the search scored) and its ratio to the base at the same precision with a paired
-bootstrap 95% interval, and decode speed as a fraction of this machine's memory-bandwidth roofline (bytes
-read per token / measured bandwidth).
+ONNX Runtime user would do instead). Columns: size, decode tokens/s (median over rounds), decode
+speed-up over the base at the same precision (the median of the per-round ratios, each pairing two
+measurements taken moments apart, and their range), prefill ms, peak RSS, held-out perplexity (scored
+in the runtime on the scorecard's evaluation blocks, none of which the search scored) and its ratio to
+the base at the same precision with a paired bootstrap 95% interval, and decode speed as a fraction of
+this machine's memory-bandwidth roofline (bytes read per token / measured bandwidth).
 
     .venv/bin/python benchmarks/bench_headline.py --packed out/smollm2-laptop-cpu [--sequential out/seq] \\
         [--rounds 3] [--eval-blocks 32]
@@ -55,6 +56,28 @@ def perplexity_cells(mod, variants: dict, blocks, threads: int, ref: str) -> dic
         vs = "—" if name == ref else f"{r['ratio'] - 1:+.1%} ({r['low'] - 1:+.1%} to {r['high'] - 1:+.1%})"
         cells[name] = f"{np.exp(sums.mean() / tokens):.2f} | {vs}"
     return cells
+
+
+def measure_rounds(mod, variants: dict, wl: Workload, threads: int, rounds: int) -> dict[str, dict[str, list]]:
+    """Decode ms/token, prefill ms and peak RSS of each variant in runtime ``mod``, once per round; the
+    variants take turns within a round, so drift in machine load hits every one alike."""
+    rows = {k: {"decode": [], "prefill": [], "rss": []} for k in variants}
+    for _ in range(rounds):
+        for name, path in variants.items():
+            m = mod.measure(path, wl, threads=threads, repeats=3)
+            rows[name]["decode"].append(m.decode_ms_per_token)
+            rows[name]["prefill"].append(m.prefill_ms)
+            rows[name]["rss"].append(m.peak_rss_mb)
+    return rows
+
+
+def speedup_cell(rows: dict, name: str, ref: str) -> str:
+    """``name``'s decode speed-up over ``ref`` round by round (each ratio pairs two measurements taken
+    moments apart): the median ratio and the range over the rounds."""
+    if name == ref:
+        return "—"
+    ratios = [b / a for a, b in zip(rows[name]["decode"], rows[ref]["decode"])]
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}x to {max(ratios):.2f}x)"
 
 
 def memory_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
@@ -146,28 +169,22 @@ def main():
     variants = {k: v for k, v in variants.items() if v is not None and Path(v).exists()}
 
     bw = memory_bandwidth_gbs()
-    rows = {k: {"decode": [], "prefill": [], "rss": []} for k in variants}
-    for _ in range(args.rounds):  # interleaved, so drift in machine load hits every variant alike
-        for name, path in variants.items():
-            m = llamacpp.measure(path, wl, threads=args.threads, repeats=3)
-            rows[name]["decode"].append(m.decode_ms_per_token)
-            rows[name]["prefill"].append(m.prefill_ms)
-            rows[name]["rss"].append(m.peak_rss_mb)
+    rows = measure_rounds(llamacpp, variants, wl, args.threads, args.rounds)
     print(f"\nHeadline benchmark — {loaded.source} on this machine ({card['machine'].get('device')}), "
           f"{args.threads} threads, workload {wl}, {args.rounds} interleaved rounds, medians; "
           f"measured copy bandwidth {bw:.1f} GB/s")
     print("\n### llama.cpp\n")
     ref = "base, same precision (our exporter)"
     ppl = perplexity_cells(llamacpp, variants, evals, args.threads, ref)
-    print(f"| model | size MiB | decode tok/s | prefill ms | peak RSS MiB | ppl (held-out, in llama.cpp) | vs {ref} "
-          "(95% interval) | % of bandwidth roofline |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| model | size MiB | decode tok/s | decode vs {ref} (per round: median, range) | prefill ms | "
+          f"peak RSS MiB | ppl (held-out, in llama.cpp) | vs {ref} (95% interval) | % of bandwidth roofline |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, path in variants.items():
         r = rows[name]
         dec = statistics.median(r["decode"])
         nbytes = gguf_weight_bytes(Path(path))
         roofline_tps = bw * 1e9 / nbytes
-        print(f"| {name} | {Path(path).stat().st_size / 2**20:.1f} | {1000 / dec:.1f} | "
+        print(f"| {name} | {Path(path).stat().st_size / 2**20:.1f} | {1000 / dec:.1f} | {speedup_cell(rows, name, ref)} | "
               f"{statistics.median(r['prefill']):.1f} | {statistics.median(r['rss']):.0f} | {ppl[name]} | "
               f"{100 * (1000 / dec) / roofline_tps:.0f}% |")  # fmt: skip
 
@@ -178,24 +195,19 @@ def main():
         genai = genai_int4(hf_dir, work / "genai-int4") if hf_dir.is_dir() else None
         if genai is not None:
             ov["base, onnxruntime-genai int4"] = genai
-        orows = {k: {"decode": [], "prefill": [], "rss": []} for k in ov}
-        for _ in range(args.rounds):
-            for name, path in ov.items():
-                m = onnxrt.measure(path, wl, threads=args.threads, repeats=3)
-                orows[name]["decode"].append(m.decode_ms_per_token)
-                orows[name]["prefill"].append(m.prefill_ms)
-                orows[name]["rss"].append(m.peak_rss_mb)
+        orows = measure_rounds(onnxrt, ov, wl, args.threads, args.rounds)
         print("\n### ONNX Runtime\n")
-        ppl = perplexity_cells(onnxrt, ov, evals, args.threads, "base, same precision")
-        print("| model | size MiB | decode tok/s | prefill ms | peak RSS MiB | ppl (held-out, in ORT) | vs base, same "
-              "precision (95% interval) |")
-        print("|---|---|---|---|---|---|---|")
+        ref = "base, same precision"
+        ppl = perplexity_cells(onnxrt, ov, evals, args.threads, ref)
+        print(f"| model | size MiB | decode tok/s | decode vs {ref} (per round: median, range) | prefill ms | "
+              f"peak RSS MiB | ppl (held-out, in ORT) | vs {ref} (95% interval) |")
+        print("|---|---|---|---|---|---|---|---|")
         for name, path in ov.items():
             r = orows[name]
             size = sum(p.stat().st_size for p in Path(path).parent.glob("model.onnx*"))
             print(f"| {name} | {size / 2**20:.1f} | {1000 / statistics.median(r['decode']):.1f} | "
-                  f"{statistics.median(r['prefill']):.1f} | {statistics.median(r['rss']):.0f} | "
-                  f"{ppl[name]} |")  # fmt: skip
+                  f"{speedup_cell(orows, name, ref)} | {statistics.median(r['prefill']):.1f} | "
+                  f"{statistics.median(r['rss']):.0f} | {ppl[name]} |")  # fmt: skip
 
 
 if __name__ == "__main__":
