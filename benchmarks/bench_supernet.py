@@ -119,7 +119,7 @@ def main():
     tokens = evals.numel()
     print(f"\nSupernet benchmark — embedded SmolLM2-135M, {args.threads} threads, {tokens} eval tokens per candidate")
     print(f"importance sort (magnitude units + cosine blocks, {calib.numel()} calibration tokens): {sort_s:.1f} s")
-    print(f"block scales searched for the scale-search formats before the sweep: {prep_s:.1f} s (in the sweep's wall)")
+    print(f"block scales searched for the kept-scale formats before the sweep: {prep_s:.1f} s (in the sweep's wall)")
     print("\n| candidates | wall s | evaluations / min | s / evaluation |")
     print("|---|---|---|---|")
     print(f"| {args.candidates} (hetero, formats {', '.join(space.config.mlp_formats)} simulated) | {sweep_s:.1f} | {60 * args.candidates / sweep_s:.1f} "

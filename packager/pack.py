@@ -14,6 +14,7 @@ import statistics
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -21,7 +22,14 @@ from rich.console import Console
 
 from packager.bundle import make_tarball, write_manifest
 from packager.scorecard import figure, write_all
-from packager.selection import candidate_key, ladder_probes, promotion_candidate, share_try_key, shortlist_by_family
+from packager.selection import (
+    candidate_key,
+    ladder_probes,
+    promotion_candidate,
+    share_try_key,
+    shortlist_by_family,
+    spec_key,
+)
 from profiles.costmodel import CostModelError, predict, runtime_version
 from search.evaluate import perplexity, perplexity_ratio
 from search.importance import Importance, quantization_rank, sort_model
@@ -29,19 +37,19 @@ from search.problem import Budgets, Evaluation, Problem, pareto_front
 from search.run import infeasible, plot_front, require_feasible, run_search
 from search.space import DEFAULT_FORMATS, SearchSpace, SpaceConfig, least_sensitive
 from search.text import Holdout, holdout_blocks, report_blocks, split_token_ids, spread_starts, token_blocks
-from subnet.arch import ATTN_LINEARS, LINEARS, MLP_LINEARS, arch_of
+from subnet.arch import ATTN_LINEARS, LINEARS, MLP_LINEARS, arch_of, linear_module_name
 from subnet.equalize import equalize_channels
 from subnet.extract import extract
 from subnet.formats import get_format, same_weights
-from subnet.gptq import gptq_round, take_out_compensation
+from subnet.gptq import gptq_round, swap_compensation
 from subnet.loading import LoadedModel, load_model
-from subnet.quant import SCALE_SEARCH_FORMATS, fake_quantize_model
+from subnet.quant import KEPT_SCALE_FORMATS, fake_quantize_model
 from subnet.spec import SubnetSpec, lossy_retargets, retarget_formats
 from subnet.supernet import Supernet
 from targets.backend import atomic_output, backend, fingerprint, runner_nll_per_block
 from targets.registry import Target, get_target
 
-BLOCK_SCALES = "block_scales.safetensors"  # beside a recovered model: its scale-search weights' kept scales
+BLOCK_SCALES = "block_scales.safetensors"  # beside a recovered model: its kept-scale weights' kept scales
 FLOOR_KEYS = ("floor_ppl_before", "floor_ppl_after", "floor_ppl_limit", "meets_floor")  # a floor check's outcome
 STAGES = ("prepare", "search", "select", "recover", "export", "measure", "scorecard", "bundle")
 console = Console(stderr=True)
@@ -66,7 +74,7 @@ class PackConfig:
     shortlist_steps: int = 30  # recovery steps per shortlisted candidate
     promote_margin: float = 0.05  # a shortlisted candidate missing the floor by at most this gets the full recovery
     equalize: bool = True  # scale input channels for rounding (activation-aware) before the search
-    gptq: bool = True  # round scale-search-format linears by GPTQ before every recovery (subnet.gptq)
+    gptq: bool = True  # round kept-scale-format linears by GPTQ before every recovery (subnet.gptq)
     ladder: int = 2  # rounds of bisection toward faster members of each family whose shortlisted member met the floor
     runtimes: list[str] = field(default_factory=list)  # default: every runtime of the target
     strategy: str = "nsga2"
@@ -257,7 +265,7 @@ class Pack:
         if t is None:
             return None
         spec = Evaluation(**t["evaluation"]).spec_obj()
-        blocks = self.recovery_blocks()
+        blocks = self.recovery_blocks
         console.print(f"  promoted to full recovery: {_spec_summary(spec)}")
         sub, scales = self.rounded_subnet(model, spec, self.calibration_blocks())
         res = recover(model, sub, spec, blocks.train, blocks.held, self.recovery_config(), block_scales=scales,
@@ -284,7 +292,7 @@ class Pack:
 
         if not candidates:
             return []
-        model, blocks = net.model, self.recovery_blocks()
+        model, blocks = net.model, self.recovery_blocks
         limit = self.floor_limit(model, base_ev.spec_obj())
         done_path = self.work / "shortlist.json"
         saved = json.loads(done_path.read_text()) if done_path.exists() else {}
@@ -312,24 +320,21 @@ class Pack:
         """The most perplexity the floor check lets through: the base (``model`` at ``base_spec``'s simulated
         formats) on the floor-check blocks, plus ``accuracy_floor``."""
         base = fake_quantize_model(extract(model, base_spec), base_spec)
-        return perplexity(base, self.recovery_blocks().check) * (1 + self.cfg.accuracy_floor)
+        return perplexity(base, self.recovery_blocks.check) * (1 + self.cfg.accuracy_floor)
 
     def checked_ppl(self, model, spec: SubnetSpec, block_scales: dict[str, torch.Tensor]) -> float:
-        """The floor check: ``model``'s perplexity at ``spec``'s simulated formats (scale-search weights at
+        """The floor check: ``model``'s perplexity at ``spec``'s simulated formats (kept-scale weights at
         ``block_scales``) on ``floor_blocks`` calibration blocks that neither recovery's training nor its
         early stopping saw, so the choice among checkpoints does not flatter it."""
-        return perplexity(fake_quantize_model(model, spec, block_scales=block_scales), self.recovery_blocks().check)
+        return perplexity(fake_quantize_model(model, spec, block_scales=block_scales), self.recovery_blocks.check)
 
+    @cached_property
     def recovery_blocks(self) -> Holdout:
         """Recovery's calibration blocks (``holdout_blocks``): ``recover_blocks`` to train on (``train``);
         ``val_blocks`` for its early stopping (``held``), every k-th of ``calib_blocks + val_blocks`` blocks
         spread over the split; and ``floor_blocks`` for the floor check (``check``), clear of both and of the
-        ``calib_blocks`` that GPTQ and equalization fit on. The evaluation text stays unseen.
-
-        Measured on the all-iq4_nl member promoted in stop 25 (120 steps, the same held-out blocks): training
-        on the 32 calibration blocks, held-out ppl 20.53 → 19.93 and +5.6% in llama.cpp on the report blocks;
-        on 152 blocks spread over the split, 20.53 → 19.84 and +4.4%. Stop 26's pack run shipped the same spec as
-        before at +4.9% (+4.2% with 32 blocks), inside the ±1.2-point interval of either."""
+        ``calib_blocks`` that GPTQ and equalization fit on. The evaluation text stays unseen. Computed once
+        per run; the README gives what training on more text measured (stop 26)."""
         c, tok = self.cfg, self.base().tokenizer
         fitted = spread_starts(len(split_token_ids(tok, "calibration")), 256, c.calib_blocks)  # calibration_blocks
         return holdout_blocks(tok, "calibration", 256, c.recover_blocks, c.val_blocks, grid=c.calib_blocks + c.val_blocks,
@@ -341,7 +346,7 @@ class Pack:
         return self.blocks("calibration", self.cfg.calib_blocks)
 
     def rounded_subnet(self, model, spec: SubnetSpec, calib: torch.Tensor) -> tuple[torch.nn.Module, dict]:
-        """What each recovery starts from: ``spec`` extracted from ``model`` with its scale-search-format
+        """What each recovery starts from: ``spec`` extracted from ``model`` with its kept-scale-format
         linears put through GPTQ on ``calib`` (unless ``gptq`` is off), and the block scales that round
         them to GPTQ's choice ({} without)."""
         sub = extract(model, spec)
@@ -373,11 +378,11 @@ class Pack:
         if why:  # the base itself at lossless formats
             save_model(extract(model, spec), self.work / "recovered")
             return {"skipped": why}
-        blocks = self.recovery_blocks()
+        blocks = self.recovery_blocks
         sub, scales = self.rounded_subnet(model, spec, self.calibration_blocks())
         before = self.checked_ppl(sub, spec, scales)
         res = recover(model, sub, spec, blocks.train, blocks.held, self.recovery_config(), block_scales=scales,
-                      out_dir=self.work / "recovery", resume=True)  # fmt: skip
+                      out_dir=self.work / "recovery" / spec_key(spec), resume=True)  # fmt: skip
         save_model(res.model, self.work / "recovered", block_scales=res.block_scales)
         limit = self.floor_limit(model, self.base_spec())
         after = self.checked_ppl(res.model, spec, res.block_scales)
@@ -387,7 +392,7 @@ class Pack:
     def runtime_recovery(self, runtime: str) -> dict | None:
         """Recover the winner again at ``runtime``'s formats where they round weights the search
         runtime's don't hold exactly (ONNX Runtime has no iq4_nl): ``runtime_recover_steps`` of LoRA +
-        distillation warm-started from the winner's recovered model (``runtime_warm_start``), scored on
+        distillation warm-started from the winner's recovered model (``runtime_warm_start``, per try), scored on
         held-out text against the floor there (the base at that runtime's formats, plus
         ``accuracy_floor``). A try that misses the floor is followed by one at the next of
         ``runtime_format_shares``: only that share of the blocks the winner narrows, the least sensitive
@@ -403,52 +408,58 @@ class Pack:
         if not changed or not self.cfg.runtime_recover_steps:
             return None
         console.print(f"  recovery for {runtime}: {len(changed)} tensors change format ({changed[0]}, ...)")
-        sorted_model, blocks = self.sorted_model(), self.recovery_blocks()
+        sorted_model, blocks = self.sorted_model(), self.recovery_blocks
         limit = self.floor_limit(sorted_model, base_spec)
         wide = {ly.index: ly.formats for ly in base_spec.layers}
         narrowed, tries = [ly.index for ly in spec.layers if ly.formats != wide[ly.index]], []
-        start = self.runtime_warm_start(spec)
         for share in self.cfg.runtime_format_shares:
             narrow = least_sensitive(self.rounding_rank() if share < 1 else None, narrowed, share)
             if any(narrow == t[3] for t in tries):  # e.g. a winner already at that share: nothing new to try
                 continue
             tried = widen_blocks(spec, base_spec, narrow)
+            start, scales = self.runtime_warm_start(tried)
             res = recover(sorted_model, start, tried, blocks.train, blocks.held,
-                          RecoveryConfig(max_steps=self.cfg.runtime_recover_steps, qat=True),
+                          RecoveryConfig(max_steps=self.cfg.runtime_recover_steps, qat=True), block_scales=scales,
                           out_dir=self.work / f"recovery-{runtime}" / share_try_key(tried, narrow), resume=True)  # fmt: skip
             after = self.checked_ppl(res.model, tried, res.block_scales)
-            tries.append((share, tried, res, narrow, after))
+            tries.append((share, tried, res, narrow, after, (start, scales)))
             console.print(f"  {runtime} at format share {share:g}: floor-check ppl {after:.2f} (floor {limit:.2f})")
             if after <= limit:
                 break
-        share, tried, res, narrow, after = next((t for t in tries if t[4] <= limit), min(tries, key=lambda t: t[4]))
+        share, tried, res, narrow, after, (start, scales) = next((t for t in tries if t[4] <= limit),
+                                                                 min(tries, key=lambda t: t[4]))  # fmt: skip
+        winner = SubnetSpec.load(self.work / "spec.json")
+        regptq = [x for x in changed_linears(winner, tried) if tried.layers[x[0]].formats[x[1]] in KEPT_SCALE_FORMATS]
         save_model(res.model, self.work / f"recovered-{runtime}", block_scales=res.block_scales)
         tried.save(self.work / f"spec-{runtime}.json")
         return res.summary() | {
-            "changed": len(changed), "example": changed[0], "floor_ppl_before": self.checked_ppl(start, tried, {}),
+            "changed": len(changed), "example": changed[0], "floor_ppl_before": self.checked_ppl(start, tried, scales),
             "floor_ppl_after": after, "floor_ppl_limit": limit, "meets_floor": after <= limit,
-            "format_share": share, "narrow_blocks": len(narrow),
+            "format_share": share, "narrow_blocks": len(narrow), "gptq_linears": len(regptq) if self.cfg.gptq else 0,
             "tries": [{"format_share": t[0], "floor_ppl_after": t[4], "wall_s": t[2].summary()["wall_s"]}
                       for t in tries],
         }  # fmt: skip
 
-    def runtime_warm_start(self, spec: SubnetSpec) -> torch.nn.Module:
-        """What ``runtime_recovery`` starts from for a runtime that holds the winner as ``spec``: the
-        winner's recovered model, with GPTQ's error compensation taken back out of the linears ``spec``
-        rounds another way (``take_out_compensation``; GPTQ is run again to know it).
+    def runtime_warm_start(self, spec: SubnetSpec) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+        """What ``runtime_recovery`` starts from for a runtime that holds the winner as ``spec``, and the
+        block scales its kept-scale linears start at: the winner's recovered model, with GPTQ's error
+        compensation swapped (``swap_compensation``) in the linears ``spec`` rounds another way, the
+        compensation for the winner's formats out and that for ``spec``'s in (GPTQ is run for both), at
+        GPTQ's scales for ``spec``; the other linears keep the scales the winner's recovery kept.
         Carried into ONNX Runtime's 4-bit blocks, the compensation for iq4_nl's rounding made the
-        start worse: held-out 21.58 with it, 20.05 without (the same winner, format share 0.8)."""
-        student, _ = self._recovered(self.search_runtime)
-        if not self.cfg.gptq:
-            return student
+        start worse: held-out 21.58 with it, 20.05 without (the same winner, format share 0.8); the
+        README gives what putting int4s_b32's own in measured (stop 28)."""
+        student, kept = self._recovered(self.search_runtime)
         winner = SubnetSpec.load(self.work / "spec.json")
-        linears = [(i, n) for i, (a, b) in enumerate(zip(winner.layers, spec.layers)) for n in LINEARS
-                   if a.formats[n] in SCALE_SEARCH_FORMATS and not same_weights(a.formats[n], b.formats[n])]  # fmt: skip
-        if linears:
-            model = self.sorted_model()
-            compensated, _ = self.rounded_subnet(model, winner, self.calibration_blocks())
-            take_out_compensation(student, compensated, extract(model, winner), linears)
-        return student
+        linears = changed_linears(winner, spec)
+        moved = {linear_module_name(i, n) for i, n in linears}
+        scales = {k: v for k, v in kept.items() if k not in moved}
+        if linears and self.cfg.gptq:
+            model, calib = self.sorted_model(), self.calibration_blocks()
+            old, new = (self.rounded_subnet(model, s, calib) for s in (winner, spec))
+            swap_compensation(student, old[0], new[0], linears)
+            scales |= {k: v for k, v in new[1].items() if k in moved}
+        return student, scales
 
     def rounding_rank(self) -> list[int]:
         """The blocks, least sensitive to rounding first: the prepare stage's ranking where the search
@@ -468,7 +479,7 @@ class Pack:
         return self.work / (f"recovered-{runtime}" if self.own_recovery(runtime) else "recovered")
 
     def _recovered(self, runtime: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-        """The model recovered for ``runtime`` and the block scales its scale-search weights were trained at."""
+        """The model recovered for ``runtime`` and the block scales its kept-scale weights were trained at."""
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
 
@@ -507,7 +518,7 @@ class Pack:
             folder.mkdir(parents=True, exist_ok=True)
             model, scales = self._recovered(rt)
             # the weights recovery trained at kept block scales are written with them (llama.cpp's iq4_nl)
-            kept = {"block_scales": scales} if scales and spec.formats_used() & set(SCALE_SEARCH_FORMATS) else {}
+            kept = {"block_scales": scales} if scales and spec.formats_used() & set(KEPT_SCALE_FORMATS) else {}
             packed = mod.export(model, tok, spec, folder / _artifact_name(rt, "packaged"), force=True, **kept)
             sorted_model = sorted_model or self.sorted_model()
             base = mod.export(extract(sorted_model, base_spec), tok, base_spec, folder / _artifact_name(rt, "base"), force=True)
@@ -584,6 +595,12 @@ def save_model(model, folder: Path, tokenizer=None, block_scales: dict[str, torc
             tokenizer.save_pretrained(tmp)
         if block_scales:
             save_file({k: v.contiguous() for k, v in block_scales.items()}, str(tmp / BLOCK_SCALES))
+
+
+def changed_linears(spec: SubnetSpec, other: SubnetSpec) -> list[tuple[int, str]]:
+    """(layer index, linear name) of the linears ``other`` holds in weights other than ``spec``'s."""
+    return [(i, n) for i, (a, b) in enumerate(zip(spec.layers, other.layers)) for n in LINEARS
+            if not same_weights(a.formats[n], b.formats[n])]  # fmt: skip
 
 
 def widen_blocks(spec: SubnetSpec, wide: SubnetSpec, narrow: set[int]) -> SubnetSpec:
@@ -680,7 +697,7 @@ def gptq_notes(recovery: dict, spec: SubnetSpec, calib_tokens: int) -> list[str]
     n = recovery.get("gptq_linears")
     if not n:
         return []
-    fmts = ", ".join(sorted(spec.formats_used() & set(SCALE_SEARCH_FORMATS)))
+    fmts = ", ".join(sorted(spec.formats_used() & set(KEPT_SCALE_FORMATS)))
     return [f"{n} {fmts} linears rounded by GPTQ (each rounding's error moved onto the columns not yet rounded, "
             f"on {calib_tokens:,} calibration tokens) before recovery trained from there"]
 

@@ -143,9 +143,10 @@ def recovery_line(sec: dict) -> str | None:
     tries = r.get("tries", [])
     tried = "" if len(tries) < 2 else "; tried " + ", ".join(
         f"share {t['format_share']:g} → {t['floor_ppl_after']:.2f} ({t['wall_s']:.0f} s)" for t in tries)
+    gptq = f", with GPTQ redone for {r['gptq_linears']} linears at this runtime's formats" if r.get("gptq_linears") else ""
     return (f"recovered again for this runtime's formats ({r['changed']} tensors change format, e.g. {r['example']}"
             f"{kept}): floor-check ppl {r['floor_ppl_before']:.2f} → {r['floor_ppl_after']:.2f} after {r['steps_run']} "
-            f"steps ({r['wall_s']:.0f} s, warm-started from the winner's recovery), floor {r['floor_ppl_limit']:.2f}: "
+            f"steps ({r['wall_s']:.0f} s, warm-started from the winner's recovery{gptq}), floor {r['floor_ppl_limit']:.2f}: "
             f"{'met' if r['meets_floor'] else 'missed'} (formats simulated){tried}")  # fmt: skip
 
 

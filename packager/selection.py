@@ -21,10 +21,15 @@ def candidate_key(x: list[int]) -> str:
     return ",".join(map(str, x))
 
 
+def spec_key(spec: SubnetSpec) -> str:
+    """A digest of ``spec``, to name the work files of a recovery of it: a checkpoint resumes only into
+    a recovery of the same spec (a new winner, a new name)."""
+    return hashlib.sha1(spec.to_json().encode()).hexdigest()[:10]
+
+
 def share_try_key(spec: SubnetSpec, narrow: list[int]) -> str:
-    """A runtime's format-share try's name in work files: how many blocks it narrows and a digest of
-    the spec it recovers, so a checkpoint resumes only into the same try (a new winner, a new name)."""
-    return f"narrow-{len(narrow)}-{hashlib.sha1(spec.to_json().encode()).hexdigest()[:10]}"
+    """A runtime's format-share try's name in work files: how many blocks it narrows and ``spec_key``."""
+    return f"narrow-{len(narrow)}-{spec_key(spec)}"
 
 
 def format_family(spec: SubnetSpec) -> tuple[str, ...]:

@@ -107,7 +107,7 @@ class RecoveryResult:
     wall_s: float
     stopped_reason: str
     history: list[dict] = field(default_factory=list)
-    # module name -> the block scales QAT rounded a scale-search weight at (export it with them)
+    # module name -> the block scales QAT rounded a kept-scale weight at (export it with them)
     block_scales: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def summary(self) -> dict:
@@ -203,7 +203,7 @@ def _enable_qat(peft_model, spec: SubnetSpec, scales: dict[str, torch.Tensor] | 
                 ) -> tuple[dict, dict[str, torch.Tensor]]:  # fmt: skip
     """Route every LoRA linear through _qat_forward with its spec format; fake-quantize the (frozen)
     embedding / lm_head in place. Returns the original embedding weights to restore before merging,
-    and the block scales the scale-search linears are rounded at (by module name): ``scales`` where
+    and the block scales the kept-scale linears are rounded at (by module name): ``scales`` where
     given (GPTQ's), else ggml's search on the starting weight."""
     scales = scales or {}
     inner = peft_model.get_base_model()
@@ -330,7 +330,7 @@ def recover(
     every ``config.checkpoint_every`` steps; ``resume`` continues from the latest one exactly (same
     data order, optimizer, schedule and RNG). Perplexities are measured on ``val_blocks``, under the
     spec's simulated formats when ``config.qat``. ``block_scales`` (module name -> scales): the scales to
-    round ``sub_model``'s scale-search weights at (GPTQ's, ``subnet.gptq.gptq_round``) instead of ggml's
+    round ``sub_model``'s kept-scale weights at (GPTQ's, ``subnet.gptq.gptq_round``) instead of ggml's
     search on them; QAT keeps them.
     """
     from peft import LoraConfig, get_peft_model

@@ -20,6 +20,11 @@ def linear_of(layer, name: str):
     return getattr(layer.self_attn if name in ATTN_LINEARS else layer.mlp, name)
 
 
+def linear_module_name(i: int, name: str) -> str:
+    """The module name of layer ``i``'s linear ``name`` in an HF causal LM, as ``named_modules`` gives it."""
+    return f"model.layers.{i}.{'self_attn' if name in ATTN_LINEARS else 'mlp'}.{name}"
+
+
 class UnsupportedArchitecture(ValueError):
     pass
 

@@ -1,4 +1,4 @@
-"""GPTQ (Frantar et al. 2023) rounding for the block formats whose scales come from a search.
+"""GPTQ (Frantar et al. 2023) rounding for the block formats whose scales are kept beside the weights.
 
 Round-to-nearest rounds every weight on its own. GPTQ rounds a linear's input columns one at a time and
 moves the error each rounding makes onto the columns not yet rounded, weighted by the inverse Hessian
@@ -6,13 +6,13 @@ moves the error each rounding makes onto the columns not yet rounded, weighted b
 float ones. Layers are done in order, each fed the outputs of the layers before it as the runtime will
 compute them (every weight already rounded).
 
-A block's scale is ggml's search (``block_scales``) on the block's compensated weights when GPTQ
-reaches its first column (the "dynamic groups" of GPTQ). The model keeps each column as GPTQ found it
-when rounding it (float, compensated), and the scales: ``round_to_scales`` at them gives GPTQ's rounding,
-quantization-aware recovery trains from there and keeps them, and the GGUF exporter writes the codes at
-them (``encode_to_scales``). Formats whose scale is a
-block's absmax (q4_0, q8_0) are left to round-to-nearest: the exporter would recompute their scales
-from the compensated weights and pick other codes.
+A block's scale is ggml's (``block_scales``: iq4_nl's search, q4_0's absmax rule) on the block's
+compensated weights when GPTQ reaches its first column (the "dynamic groups" of GPTQ). The model keeps
+each column as GPTQ found it when rounding it (float, compensated), and the scales: ``round_to_scales``
+at them gives GPTQ's rounding, quantization-aware recovery trains from there and keeps them, and the
+exporters write the codes at them (``encode_to_scales`` for GGUF, ``block_codes`` for ONNX Runtime's
+int4s_b32, q4_0's twin). Formats whose scales are not kept (q8_0, q5_0, ...) are left to
+round-to-nearest: their exporters recompute the scales from the weights.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from subnet.arch import LINEARS, linear_of
 from subnet.formats import get_format
 from subnet.quant import (
-    SCALE_SEARCH_FORMATS,
+    KEPT_SCALE_FORMATS,
     block_scales,
     fake_quantize,
     quantized_weights,
@@ -82,7 +82,7 @@ def _hessian(layer, name: str, batches: list[tuple[torch.Tensor, dict]]) -> torc
 
 def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, fmt: str, damp: float = 0.01,
                 lazy_block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """GPTQ of ``weight`` [out, in] in ``fmt`` (a scale-search format) with ``hessian`` [in, in] (x^T x of
+    """GPTQ of ``weight`` [out, in] in ``fmt`` (a kept-scale format) with ``hessian`` [in, in] (x^T x of
     its inputs), damped by ``damp`` x its mean diagonal: (compensated weight, block scales).
 
     The compensated weight is each column as GPTQ found it when rounding it (the earlier columns' error
@@ -122,24 +122,24 @@ def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, fmt: str, damp: flo
 @torch.no_grad()
 def gptq_round(model, spec, blocks: torch.Tensor, damp: float = 0.01, micro_batch: int = 8,
                progress: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
-    """GPTQ for ``model``'s (an extracted sub-network of ``spec``) scale-search-format linears on
+    """GPTQ for ``model``'s (an extracted sub-network of ``spec``) kept-scale-format linears on
     calibration ``blocks`` [n, seq]: each weight is replaced in place by its compensated weight
     (``gptq_weight``); returns module name -> the block scales to round it at (``round_to_scales``,
     ``fake_quantize_model(block_scales=...)``, the GGUF exporter) to get GPTQ's rounding.
 
     The other weights are left as they are; while the layers are fed forward they are rounded through
     their spec formats (and put back after), so each layer sees its inputs as the runtime computes them.
-    Returns {} (and leaves the model alone) when the spec uses no scale-search format.
+    Returns {} (and leaves the model alone) when the spec uses no kept-scale format.
     """
     from rich.progress import Progress
 
     plan = quantized_weights(model, spec)
-    if not any(fmt in SCALE_SEARCH_FORMATS for *_, fmt in plan):
+    if not any(fmt in KEPT_SCALE_FORMATS for *_, fmt in plan):
         return {}
     saved = {}
-    for _name, m, fmt in plan:  # every weight as the runtime holds it; scale-search linears are replaced below
+    for _name, m, fmt in plan:  # every weight as the runtime holds it; kept-scale linears are replaced below
         saved[m] = m.weight.data.clone()
-        if fmt not in SCALE_SEARCH_FORMATS:
+        if fmt not in KEPT_SCALE_FORMATS:
             m.weight.data.copy_(fake_quantize(m.weight.data, fmt))
     kept: dict[str, torch.Tensor] = {}
     compensated: dict[torch.nn.Module, torch.Tensor] = {}
@@ -149,7 +149,7 @@ def gptq_round(model, spec, blocks: torch.Tensor, damp: float = 0.01, micro_batc
         with Progress(transient=True, disable=not progress) as bar:
             task = bar.add_task("GPTQ rounding", total=len(spec.layers))
             for layer, ly in zip(model.model.layers, spec.layers):
-                todo = [n for n in LINEARS if ly.formats[n] in SCALE_SEARCH_FORMATS]
+                todo = [n for n in LINEARS if ly.formats[n] in KEPT_SCALE_FORMATS]
                 for n in todo:  # float until its turn: GPTQ compensates the error of what it rounds itself
                     linear_of(layer, n).weight.data.copy_(saved[linear_of(layer, n)])
                 for group in _GROUPS:  # in the order the inputs are computed: each sees its producers rounded
@@ -171,11 +171,13 @@ def gptq_round(model, spec, blocks: torch.Tensor, damp: float = 0.01, micro_batc
 
 
 @torch.no_grad()
-def take_out_compensation(model, compensated, plain, linears) -> None:
-    """Take GPTQ's error compensation back out of ``model``, a sub-network trained from ``compensated``
-    (``gptq_round``'s output for ``plain``), in place, for the (layer index, linear name) pairs
-    ``linears``: each of those weights gets ``plain``'s minus ``compensated``'s added. What training
-    changed stays; the compensation, which offsets the rounding errors of one format at its scales, goes."""
+def swap_compensation(model, old, new, linears) -> None:
+    """Swap GPTQ's error compensation in ``model``, a sub-network trained from ``old``, for ``new``'s, in
+    place, for the (layer index, linear name) pairs ``linears``: each of those weights gets ``new``'s
+    minus ``old``'s added. ``old`` and ``new`` are ``gptq_round``'s outputs for the same extracted weights
+    in two specs, or one of them those plain weights (to take compensation out, or put it in). What
+    training changed stays; the compensation, which offsets the rounding errors of one format at its
+    scales, is exchanged for the other's."""
     for i, name in linears:
         w = linear_of(model.model.layers[i], name).weight
-        w += linear_of(plain.model.layers[i], name).weight - linear_of(compensated.model.layers[i], name).weight
+        w += linear_of(new.model.layers[i], name).weight - linear_of(old.model.layers[i], name).weight

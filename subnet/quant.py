@@ -10,8 +10,10 @@ import copy
 import ctypes
 import importlib.util
 import sys
-from functools import lru_cache
+from collections.abc import Callable
+from functools import lru_cache, partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -237,14 +239,19 @@ def _absmax_blocks(w: torch.Tensor, half: int) -> torch.Tensor:
 _CODES = {"q8_0": _q8_0_codes, "q4_0": lambda w: _absmax_codes(w, 8), "q5_0": lambda w: _absmax_codes(w, 16)}
 
 
-def block_codes(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+def block_codes(weight: torch.Tensor, fmt: str, scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The signed integer codes [rows, n] (as floats) and per-block scales [rows, n/32] (f16 values, as
     float32) that ``fmt`` stores for ``weight``, for the absmax formats (q8_0, q4_0, q5_0) and their exact
-    twins (``same_as``: int8s_b32, int4s_b32); ``codes * scales`` is ``fake_quantize(weight, fmt)``."""
+    twins (``same_as``: int8s_b32, int4s_b32); ``codes * scales`` is ``fake_quantize(weight, fmt)``.
+    ``scales``: a kept-scale format's float32 block scales to code at instead (``round_to_scales``)."""
     name = get_format(fmt).same_as or fmt
     if name not in _CODES:
         raise QuantError(f"format {fmt!r} has no absmax block codes; those formats are {', '.join(_CODES)} and their twins")
     w = _check_2d_torch(weight, fmt)
+    if scales is not None:
+        s = _check_scales(w, scales, fmt)
+        codes = _KEPT_SCALES[_kept(fmt)].level(_blocks(w, 32) * _recip(s.unsqueeze(-1)))
+        return codes.reshape(w.shape), _fp16(s)
     codes, scales = _CODES[name](w)
     return codes.reshape(w.shape), scales.squeeze(-1)
 
@@ -302,7 +309,11 @@ def _ort_blockwise(w: torch.Tensor, bits: int, block: int) -> torch.Tensor:
 # ---- iq4_nl: ggml's per-block scale search, then the nearest of 16 non-linear levels ---------------
 IQ4_NL_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # kvalues_iq4nl
 _IQ4_NL_TRIES = 7  # quantize_iq4_nl's ntry: scales (t - 127) / max for t in -7..7 are tried
-SCALE_SEARCH_FORMATS = ("iq4_nl",)  # formats whose block scales come from a search (see block_scales)
+# Formats whose block scales are kept beside the weight: each 32-block stores one fp16 scale that may be
+# any value, so GPTQ can fix a block's scale when it reaches the block, quantization-aware training can
+# keep it, and the exporters write the codes at it. iq4_nl's scales come from ggml's search, q4_0's (and
+# its twin int4s_b32's) from the absmax rule. See block_scales, round_to_scales.
+KEPT_SCALE_FORMATS = ("iq4_nl", "q4_0", "int4s_b32")
 
 
 @lru_cache(maxsize=1)
@@ -370,36 +381,58 @@ def _iq4_nl_block_scales(w: torch.Tensor) -> torch.Tensor:
     return torch.where(live, d, 0.0).reshape(w.shape[0], w.shape[1] // 32)
 
 
-def _iq4_nl_round(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``w`` [rows, n] at the nearest iq4_nl level of its blocks' float32 ``scales`` [rows, n/32]
-    (ggml's final index pick with 1/scale), dequantized with the fp16 scale the block stores."""
-    return round_at_scale(_blocks(w, 32), scales.unsqueeze(-1), "iq4_nl").reshape(w.shape)
+def _q4_0_block_scales(w: torch.Tensor) -> torch.Tensor:
+    """ggml quantize_row_q4_0_ref's float32 scale of every 32-block of ``w`` [rows, n] -> [rows, n/32]:
+    the block's value of largest magnitude over -8."""
+    return (_signed_absmax(_blocks(w, 32)) / -8).reshape(w.shape[0], w.shape[1] // 32)
+
+
+def _q4_0_code(y: torch.Tensor) -> torch.Tensor:
+    """q4_0's stored code (0..15) of each element ``y`` = x / scale: ggml's ``MIN(15, (int8_t)(y + 8.5f))``,
+    held at 0 below (only a weight that moved off its block's scale reaches there)."""
+    return (y + 8.5).trunc_().clamp_(0, 15)
+
+
+class _KeptScale(NamedTuple):
+    """How a kept-scale format rounds: its block scales of a weight, and for y = x / scale the 4-bit code
+    it stores and the level that code decodes to."""
+
+    scales: Callable[[torch.Tensor], torch.Tensor]
+    code: Callable[[torch.Tensor], torch.Tensor]
+    level: Callable[[torch.Tensor], torch.Tensor]
+
+
+_KEPT_SCALES = {  # twins go by their GGUF format's name
+    "iq4_nl": _KeptScale(_iq4_nl_block_scales, lambda y: _iq4_nl_cell_codes()[_cell(y)].float(), _nearest_level),
+    "q4_0": _KeptScale(_q4_0_block_scales, _q4_0_code, lambda y: _q4_0_code(y).sub_(8)),
+}
+
+
+def _kept(fmt: str) -> str:
+    """``fmt``'s entry in ``_KEPT_SCALES`` (a twin's is its GGUF format's), or an error naming those formats."""
+    if fmt not in KEPT_SCALE_FORMATS:
+        raise QuantError(f"format {fmt!r} keeps no block scales; those that do: {', '.join(KEPT_SCALE_FORMATS)}")
+    return get_format(fmt).same_as or fmt
 
 
 def round_at_scale(x: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Each element of ``x`` at the nearest level of ``fmt`` (a scale-search format) for the float32
+    """Each element of ``x`` at the nearest level of ``fmt`` (a kept-scale format) for the float32
     block ``scale`` it belongs to (broadcast against ``x``), as the exported block decodes it: what
     ``round_to_scales`` does to whole blocks, for any slice of their columns (GPTQ rounds one at a time)."""
-    _check_scale_search(fmt)
-    return _nearest_level(x * _recip(scale)).mul_(_fp16(scale))
-
-
-def _check_scale_search(fmt: str) -> None:
-    if fmt not in SCALE_SEARCH_FORMATS:
-        raise QuantError(f"format {fmt!r} has no block-scale search; those that do: {SCALE_SEARCH_FORMATS}")
+    return _KEPT_SCALES[_kept(fmt)].level(x * _recip(scale)).mul_(_fp16(scale))
 
 
 def block_scales(weight: torch.Tensor, fmt: str) -> torch.Tensor:
-    """The float32 block scales ggml's search picks for ``weight`` [rows, n] in ``fmt`` (one of
-    ``SCALE_SEARCH_FORMATS``), [rows, n / block]. A block's scale depends only on its own weights, so
+    """The float32 block scales ggml picks for ``weight`` [rows, n] in ``fmt`` (one of
+    ``KEPT_SCALE_FORMATS``), [rows, n / block]. A block's scale depends only on its own weights, so
     the scales of a row prefix are a prefix of the row's scales: one search serves every slice."""
-    _check_scale_search(fmt)
+    scales_of = _KEPT_SCALES[_kept(fmt)].scales
     w = _check_2d_torch(weight, fmt)
-    return _by_row_chunks(_iq4_nl_block_scales, w, rows=1024, out_cols=w.shape[1] // get_format(fmt).block)
+    return _by_row_chunks(scales_of, w, rows=1024, out_cols=w.shape[1] // get_format(fmt).block)
 
 
 def _check_scales(w: torch.Tensor, scales: torch.Tensor, fmt: str) -> torch.Tensor:
-    _check_scale_search(fmt)
+    _kept(fmt)
     if scales.shape != (w.shape[0], w.shape[1] // get_format(fmt).block):
         raise QuantError(f"{fmt} scales of shape {tuple(scales.shape)} do not fit a weight of shape {tuple(w.shape)}")
     return scales.to(torch.float32)
@@ -410,7 +443,12 @@ def round_to_scales(weight: torch.Tensor, scales: torch.Tensor, fmt: str) -> tor
     ``fake_quantize`` when they are the weight's own scales; with the scales of a nearby weight (a
     LoRA-updated one), the cheap rounding that quantization-aware training runs every step."""
     w = _check_2d_torch(weight, fmt)
-    return _by_row_chunks(_iq4_nl_round, w, _check_scales(w, scales, fmt))
+    return _by_row_chunks(partial(_round_blocks, fmt=fmt), w, _check_scales(w, scales, fmt))
+
+
+def _round_blocks(w: torch.Tensor, scales: torch.Tensor, fmt: str) -> torch.Tensor:
+    """``w`` [rows, n] at the nearest level of ``fmt`` for its blocks' float32 ``scales`` [rows, n/32]."""
+    return round_at_scale(_blocks(w, 32), scales.unsqueeze(-1), fmt).reshape(w.shape)
 
 
 def encode_to_scales(weight: torch.Tensor, scales: torch.Tensor, fmt: str) -> np.ndarray:
@@ -418,12 +456,15 @@ def encode_to_scales(weight: torch.Tensor, scales: torch.Tensor, fmt: str) -> np
     as ``ggml_quantize`` returns them: ggml's own bytes when the scales are the weight's (``block_scales``),
     and with the scales quantization-aware training kept, the weight it trained against (``round_to_scales``).
 
-    An iq4_nl block is ggml's ``block_iq4_nl``: the fp16 scale, then 16 bytes holding the level index
-    of element j in the low nibble of byte j and that of element j + 16 in its high nibble.
+    An iq4_nl block is ggml's ``block_iq4_nl`` and a q4_0 block ``block_q4_0``: the fp16 scale, then 16
+    bytes holding the code (level index; q4_0: value + 8) of element j in the low nibble of byte j and
+    that of element j + 16 in its high nibble.
     """
+    if get_format(fmt).same_as:
+        raise QuantError(f"{fmt} is not a GGUF format (its GGUF twin is {get_format(fmt).same_as}): ggml has no blocks of it")
     w = _check_2d_torch(weight, fmt)
     s = _check_scales(w, scales, fmt).unsqueeze(-1)
-    codes = _iq4_nl_cell_codes().to(torch.uint8)[_cell(_blocks(w, 32) * _recip(s))]
+    codes = _KEPT_SCALES[_kept(fmt)].code(_blocks(w, 32) * _recip(s)).to(torch.uint8)
     packed = codes[..., :16] | (codes[..., 16:] << 4)
     d = s.to(torch.float16).view(torch.uint8)  # the fp16 bytes, little-endian like ggml's
     if sys.byteorder != "little":
@@ -433,7 +474,7 @@ def encode_to_scales(weight: torch.Tensor, scales: torch.Tensor, fmt: str) -> np
 
 class TrainingRounder:
     """How quantization-aware training rounds a weight that starts as ``weight`` and drifts from it:
-    ``fake_quantize`` for formats with a cheap exact rounding; for scale-search formats, the nearest
+    ``fake_quantize`` for formats with a cheap exact rounding; for kept-scale formats, the nearest
     level at the starting weight's block ``scales`` (exact at the start, a search-free step after).
     Those scales are what the trained weight is exact at: ``encode_to_scales`` exports it with them.
     ``scales``: given ones (GPTQ's, ``subnet.gptq``), kept instead of searching the starting weight's."""
@@ -441,7 +482,7 @@ class TrainingRounder:
     def __init__(self, weight: torch.Tensor, fmt: str, scales: torch.Tensor | None = None):
         self.fmt = fmt
         self.scales = None
-        if fmt in SCALE_SEARCH_FORMATS:
+        if fmt in KEPT_SCALE_FORMATS:
             self.scales = block_scales(weight, fmt) if scales is None else _check_scales(weight, scales, fmt)
 
     def __call__(self, w: torch.Tensor) -> torch.Tensor:
@@ -465,7 +506,7 @@ _FAST = {
     # the twins: targets.onnx_export writes q4_0's / q8_0's codes and scales (block_codes) into the graph
     "int4s_b32": lambda w: _absmax_blocks(w, 8),
     "int8s_b32": _q8_0,
-    "iq4_nl": lambda w: _iq4_nl_round(w, _iq4_nl_block_scales(w)),
+    "iq4_nl": lambda w: round_to_scales(w, _iq4_nl_block_scales(w), "iq4_nl"),
 }
 
 
@@ -647,15 +688,15 @@ def fake_quantize_model(
     ``ort_accuracy_level`` is 4 (int8 compute, the fast setting), the MatMulNBits formats (int8 per
     token and block). ``int8_scope`` is the range one ORT int8 input quantization spans (see
     ``input_quantizer``): "token" (default) simulates decoding; "tensor" one call on the whole input.
-    ``block_scales`` (module name -> scales, from ``TrainingRounder``) rounds those scale-search weights
-    at the scales training kept instead of searching them again, as the GGUF exporter writes them.
+    ``block_scales`` (module name -> scales, from ``TrainingRounder``) rounds those kept-scale weights
+    at the scales training kept instead of searching them again, as the exporters write them.
     Returns the model (a copy unless ``inplace``).
     """
     plan = quantized_weights(model, spec)
     kept = block_scales or {}
 
     def rounded(name: str, w: torch.Tensor, fmt: str) -> torch.Tensor:
-        if name in kept and fmt in SCALE_SEARCH_FORMATS:
+        if name in kept and fmt in KEPT_SCALE_FORMATS:
             return round_to_scales(w, kept[name], fmt).to(dtype=w.dtype)
         return fake_quantize(w, fmt)
 

@@ -19,7 +19,7 @@ from subnet.arch import LINEARS, arch_of, linear_of
 from subnet.extract import layer_index_sets
 from subnet.formats import get_format
 from subnet.heap import free_large_blocks_eagerly, return_freed_heap
-from subnet.quant import SCALE_SEARCH_FORMATS, block_scales, fake_quantize, round_to_scales
+from subnet.quant import KEPT_SCALE_FORMATS, block_scales, fake_quantize, round_to_scales
 from subnet.spec import SubnetSpec
 
 
@@ -76,16 +76,16 @@ class Supernet:
         part = _take(_take(w, rows, 0), cols, 1)
         if not self.simulate_quantization or fmt == "f32":
             return part
-        if fmt in SCALE_SEARCH_FORMATS and not isinstance(cols, torch.Tensor):  # a column prefix
+        if fmt in KEPT_SCALE_FORMATS and not isinstance(cols, torch.Tensor):  # a column prefix
             scales = _take(self._block_scales(w, fmt), rows, 0)
             return round_to_scales(part, scales[:, : part.shape[1] // get_format(fmt).block], fmt)
         return fake_quantize(part, fmt)
 
     def prepare(self, formats) -> "Supernet":
-        """Search the block scales of every base weight in each scale-search format of ``formats`` now,
+        """Search the block scales of every base weight in each kept-scale format of ``formats`` now,
         in one pass before a sweep (searched lazily mid-sweep instead, they raised a SmolLM2 sweep's
         peak RSS by ~30 MiB, measured), so candidates only round. Other formats need nothing."""
-        fmts = [f for f in dict.fromkeys(formats) if f in SCALE_SEARCH_FORMATS]
+        fmts = [f for f in dict.fromkeys(formats) if f in KEPT_SCALE_FORMATS]
         if not fmts:
             return self
         m = self.model.model
@@ -99,7 +99,7 @@ class Supernet:
         return self
 
     def _block_scales(self, w: torch.Tensor, fmt: str) -> torch.Tensor:
-        """The block scales of a whole base weight in a scale-search format, searched once and kept
+        """The block scales of a whole base weight in a kept-scale format, searched once and kept
         (~0.125 bytes per weight) until the weight changes in place."""
         key = (w.data_ptr(), tuple(w.shape), fmt)
         hit = self._scales.get(key)

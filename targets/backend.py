@@ -1,7 +1,7 @@
 """What every runtime backend shares: the artifact it writes and the measurement it takes.
 
 A backend module (``targets.llamacpp``, ``targets.onnxrt``, ``targets.tensorrt``) provides
-``export(model, tokenizer, spec, out, force=False) -> Artifact`` (one whose runtime has scale-search
+``export(model, tokenizer, spec, out, force=False) -> Artifact`` (one whose runtime has kept-scale
 formats also takes ``block_scales``, the scales recovery kept), ``load(artifact)`` returning an
 object with ``logits(token_ids) -> np.ndarray`` and ``generate(token_ids, n) -> list[int]``, and
 ``measure(artifact, workload, threads) -> Measurement``.

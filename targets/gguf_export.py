@@ -3,7 +3,7 @@
 Written with the ``gguf`` package's ``GGUFWriter`` (no converter script). Uniform sub-networks use the
 ``llama`` architecture (``qwen2`` for Qwen2); heterogeneous ones use ``deci``, which reads per-layer
 head counts and FFN widths. Each weight is quantized by ggml itself (``subnet.quant.ggml_quantize``)
-in the format the spec names, except a scale-search weight (iq4_nl) that quantization-aware recovery
+in the format the spec names, except a kept-scale weight (iq4_nl, q4_0) that quantization-aware recovery
 trained at kept block scales: it is written at those (``subnet.quant.encode_to_scales``). A K-quant
 on a row it cannot hold gets llama.cpp's own fallback (``subnet.formats.effective_format``), and every
 substitution is recorded.
@@ -25,7 +25,7 @@ import numpy as np
 
 from subnet.arch import LINEARS
 from subnet.formats import LLAMA_CPP, effective_format, formats_for, get_format
-from subnet.quant import SCALE_SEARCH_FORMATS, encode_to_scales, ggml_qtype, ggml_quantize
+from subnet.quant import KEPT_SCALE_FORMATS, encode_to_scales, ggml_qtype, ggml_quantize
 from subnet.spec import SubnetSpec
 from targets.backend import Artifact, ExportError
 
@@ -287,7 +287,7 @@ def atomic_file(final: str | os.PathLike, force: bool = False):
 
 def _tensor_bytes(weight, fmt: str, scales=None):
     """(array, raw_dtype) for GGUFWriter.add_tensor: float32 as is, other formats as raw ggml bytes
-    (at the given block ``scales`` of a scale-search format, else at ggml's own)."""
+    (at the given block ``scales`` of a kept-scale format, else at ggml's own)."""
     if scales is not None:
         return encode_to_scales(weight.detach().float().cpu(), scales, fmt), ggml_qtype(fmt)
     w = np.ascontiguousarray(weight.detach().float().cpu().numpy())
@@ -321,7 +321,7 @@ def write_gguf(
     ``spec.layers[i]`` describes ``model.model.layers[i]``. Weights are stored in the spec's formats
     (K-quant fallbacks recorded in ``meta["fallbacks"]`` and the ``packager.fallbacks`` key), norms and
     biases in F32; the tokenizer and chat template are carried. ``block_scales`` (module name -> scales,
-    from ``search.recovery``'s result) are the scales a scale-search weight is written at; the count
+    from ``search.recovery``'s result) are the scales a kept-scale weight is written at; the count
     written so is ``meta["kept_scales"]``. The file appears only when complete.
     """
     import gguf
@@ -345,7 +345,7 @@ def write_gguf(
     kept = []  # tensors written at kept block scales
 
     def add(name, tensor, fmt, scale=None):
-        scale = scale if fmt in SCALE_SEARCH_FORMATS else None  # other formats have no scales to keep
+        scale = scale if fmt in KEPT_SCALE_FORMATS else None  # other formats have no scales to keep
         arr, qtype = _tensor_bytes(tensor, fmt, scale)
         tensors.append((name, arr, qtype))
         weights[fmt] = weights.get(fmt, 0) + tensor.numel()

@@ -35,7 +35,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from subnet.arch import LINEARS
+from subnet.arch import LINEARS, linear_module_name
 from subnet.formats import NBITS_FORMATS, ONNXRUNTIME, get_format
 from subnet.spec import SubnetSpec
 from targets.backend import Artifact, ExportError, atomic_output
@@ -367,14 +367,15 @@ def quantize_int8(path: Path, nodes: list[str]) -> None:
     save(model, path)
 
 
-def quantize_nbits(path: Path, fmt: str, nodes: list[str]) -> None:
+def quantize_nbits(path: Path, fmt: str, nodes: list[str], kept: dict | None = None) -> None:
     """MatMulNBits (block-wise, accuracy_level 4) for exactly ``nodes``; every other node excluded.
 
     The asymmetric formats go through ORT's own quantizer (``MatMulNBitsQuantizer``); the twins of GGUF
-    formats get ggml's codes and scales (``twin_blocks``)."""
+    formats get ggml's codes and scales (``twin_blocks``), at ``kept`` block scales where given (node
+    name -> scales)."""
     model = onnx.load(str(path))
     if get_format(fmt).same_as:
-        twins_to_nbits(model, fmt, set(nodes))
+        twins_to_nbits(model, fmt, set(nodes), kept)
         save(model, path)
         return
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -388,14 +389,15 @@ def quantize_nbits(path: Path, fmt: str, nodes: list[str]) -> None:
     save(quant.model.model, path)
 
 
-def twin_blocks(weight: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray]:
+def twin_blocks(weight: np.ndarray, fmt: str, scales=None) -> tuple[np.ndarray, np.ndarray]:
     """``weight`` [rows, n] in a twin format as ONNX Runtime's block ops store it: codes plus the implicit
     zero point 2^(bits-1), packed two to a byte low nibble first at 4 bits ([rows, n * bits / 8] uint8),
-    and the scales [rows, n / block] (float32 holding ggml's f16 values)."""
+    and the scales [rows, n / block] (float32 holding ggml's f16 values). ``scales``: a kept-scale
+    format's block scales (recovery's) to code at instead of the weight's own."""
     from subnet.quant import block_codes
 
     bits = get_format(fmt).nbits
-    codes, scales = block_codes(torch.from_numpy(np.array(weight, dtype=np.float32)), fmt)
+    codes, scales = block_codes(torch.from_numpy(np.array(weight, dtype=np.float32)), fmt, scales)
     stored = (codes + (1 << (bits - 1))).to(torch.uint8).numpy()
     if bits == 4:
         stored = stored[:, 0::2] | (stored[:, 1::2] << 4)
@@ -410,8 +412,9 @@ def _matmul_nbits(node, weight: str, scales: str, shape: tuple[int, int], fmt: s
                             domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block, accuracy_level=4)  # fmt: skip
 
 
-def twins_to_nbits(model: onnx.ModelProto, fmt: str, nodes: set[str]) -> None:
-    """Replace the MatMuls ``nodes`` (weight initializers [in, out]) by MatMulNBits holding ggml's codes."""
+def twins_to_nbits(model: onnx.ModelProto, fmt: str, nodes: set[str], kept: dict | None = None) -> None:
+    """Replace the MatMuls ``nodes`` (weight initializers [in, out]) by MatMulNBits holding ggml's codes,
+    at the block scales ``kept`` gives a node (node name -> scales [out, in / block]) where it gives one."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     keep = []
@@ -421,7 +424,7 @@ def twins_to_nbits(model: onnx.ModelProto, fmt: str, nodes: set[str]) -> None:
             continue
         init = inits[node.input[1]]
         weight = numpy_helper.to_array(init).T  # [out, in]
-        data, scales = twin_blocks(weight, fmt)
+        data, scales = twin_blocks(weight, fmt, (kept or {}).get(node.name))
         n, k = weight.shape
         data = data.reshape(n, k // NBITS[fmt][1], -1)  # MatMulNBits' [N, blocks, blob]
         g.initializer.remove(init)
@@ -528,8 +531,11 @@ def fuse_norms(path: Path) -> dict[str, int]:
     return {op: n for op, n in fused.get_fused_operator_statistics().items() if n}
 
 
-def write_onnx(model, spec: SubnetSpec, folder: Path, fused: bool = False) -> dict:
+def write_onnx(model, spec: SubnetSpec, folder: Path, fused: bool = False, block_scales: dict | None = None) -> dict:
     """Export into ``folder`` (which must exist) and apply the spec's formats; return the meta dict.
+
+    ``block_scales`` (module name -> scales, as recovery kept them): the scales a kept-scale weight
+    (int4s_b32) is written at, instead of its own; how many were is ``meta["kept_scales"]``.
 
     ``fused``: the graph ONNX Runtime runs fastest: attention as GroupQueryAttention where the model allows
     (``targets.onnx_attention``; else the modules' own ops, and ``meta["attention"]`` says why), the
@@ -580,9 +586,10 @@ def write_onnx(model, spec: SubnetSpec, folder: Path, fused: bool = False) -> di
     del graph
     if by_fmt.get("int8"):
         quantize_int8(path, by_fmt["int8"])
+    kept = kept_scales_by_node(nodes, want, block_scales or {})
     for fmt in NBITS:
         if by_fmt.get(fmt):
-            quantize_nbits(path, fmt, by_fmt[fmt])
+            quantize_nbits(path, fmt, by_fmt[fmt], kept)
     onnx.checker.check_model(str(path))
     norms = fuse_norms(path) if fused else {}  # ORT's fused norms live in the default domain, unknown to onnx
     final = onnx.load(str(path))
@@ -611,6 +618,7 @@ def write_onnx(model, spec: SubnetSpec, folder: Path, fused: bool = False) -> di
         "node_ops": dict(Counter(n.op_type for n in final.graph.node if n.op_type in
                                  ("MatMul", "MatMulInteger", "MatMulNBits", "Gather", "GatherBlockQuantized"))),
         "folded_weight_transposes": folded,
+        "kept_scales": len(kept),
         "attention": "GroupQueryAttention (com.microsoft)" if attention == "gqa" else f"standard ONNX ops: {why_not}",
         "kv_cache": ("one buffer per tensor, past = present (IO binding)"
                      if dict((p.key, p.value) for p in final.metadata_props).get(KV_CACHE[0]) == KV_CACHE[1]
@@ -622,6 +630,21 @@ def write_onnx(model, spec: SubnetSpec, folder: Path, fused: bool = False) -> di
         "spec": spec.to_dict(),
         "export_s": round(time.perf_counter() - t0, 2),
     }
+
+
+def kept_scales_by_node(nodes: dict[str, str], want: dict[str, str], block_scales: dict) -> dict:
+    """Node name -> the block scales its weight is written at: ``block_scales`` (module name -> scales)
+    of the decoder linears whose wanted format keeps its scales (``KEPT_SCALE_FORMATS``)."""
+    from subnet.quant import KEPT_SCALE_FORMATS
+
+    out = {}
+    for node, key in nodes.items():
+        if key.startswith("layers.") and want.get(node) in KEPT_SCALE_FORMATS:
+            _, i, name = key.split(".")
+            scales = block_scales.get(linear_module_name(int(i), name))
+            if scales is not None:
+                out[node] = scales
+    return out
 
 
 def artifact_files(folder: Path, final: Path, extra: list[str] = ()) -> list[str]:

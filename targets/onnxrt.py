@@ -196,32 +196,34 @@ PARITY_BOUNDS = {  # format class -> (max relative error of one linear, min logi
 
 
 def _linear_weight_and_format(model, spec: SubnetSpec, key: str):
-    from subnet.arch import linear_of
+    """(weight, format, module name) of the linear a graph node stands for (``key``: "lm_head" or "layers.i.name")."""
+    from subnet.arch import linear_module_name, linear_of
 
     if key == "lm_head":
         head = model.get_output_embeddings()
         tied = head.weight is model.get_input_embeddings().weight
-        return head.weight, spec.embed_format if tied else spec.lm_head_format
+        return head.weight, spec.embed_format if tied else spec.lm_head_format, "lm_head"
     _, i, name = key.split(".")
     layer = model.model.layers[int(i)]
-    return linear_of(layer, name).weight, spec.layers[int(i)].formats[name]
+    return linear_of(layer, name).weight, spec.layers[int(i)].formats[name], linear_module_name(int(i), name)
 
 
-def linear_parity(artifact, model, spec: SubnetSpec, token_ids, linear_io: dict[str, list[str]]) -> dict:
+def linear_parity(artifact, model, spec: SubnetSpec, token_ids, linear_io: dict[str, list[str]],
+                  block_scales: dict | None = None) -> dict:  # fmt: skip
     """Each linear's ORT output vs the simulation applied to ORT's own input of that linear.
 
     ``linear_io``: linear -> [input, output] tensor names (``meta["linear_io"]`` of the export). The
     graph is run once on ``token_ids`` with those tensors as extra outputs (a probe copy of model.onnx
     that shares its weight file, removed afterwards). The reference is ``input_quantizer(fmt, 4,
     "tensor")(x) @ fake_quantize(W, fmt).T`` (int8: ``ort_int8_linear``, with this CPU's kernel
-    saturation), i.e. what one ORT call on the whole input computes.
+    saturation; a weight with ``block_scales`` rounded at them), i.e. what one ORT call on the whole input computes.
     Returns the worst relative error (max |diff| / max |ORT output|) and the linear it occurs at.
     """
     import onnx
     import torch
     from onnx import TensorProto, helper
 
-    from subnet.quant import fake_quantize, input_quantizer, ort_int8_linear
+    from subnet.quant import fake_quantize, input_quantizer, ort_int8_linear, round_to_scales
 
     path = _onnx_path(artifact)
     graph = onnx.load(str(path), load_external_data=False)
@@ -241,22 +243,25 @@ def linear_parity(artifact, model, spec: SubnetSpec, token_ids, linear_io: dict[
     errors = {}
     with torch.no_grad():
         for key, (x_name, y_name) in linear_io.items():
-            weight, fmt = _linear_weight_and_format(model, spec, key)
+            weight, fmt, module = _linear_weight_and_format(model, spec, key)
             x = torch.from_numpy(got[x_name]).float()
             if fmt == "int8":
                 ref = ort_int8_linear(x, weight.float(), scope="tensor")
             else:
                 quant = input_quantizer(fmt, 4, "tensor")
-                ref = (quant(x) if quant else x) @ fake_quantize(weight.float(), fmt).T
+                kept = (block_scales or {}).get(module)
+                w = fake_quantize(weight.float(), fmt) if kept is None else round_to_scales(weight.float(), kept, fmt)
+                ref = (quant(x) if quant else x) @ w.T
             y = got[y_name]
             errors[key] = float(np.abs(y - ref.numpy()).max() / max(float(np.abs(y).max()), 1e-30))
     worst = max(errors, key=errors.get)
     return {"max_rel_err": errors[worst], "worst": worst, "n_linears": len(errors)}
 
 
-def parity(artifact, model, spec: SubnetSpec, token_ids, linear_io: dict[str, list[str]] | None = None) -> dict:
-    """ORT vs the torch model with the same simulated formats (``fake_quantize_model``), bounded by
-    ``PARITY_BOUNDS``.
+def parity(artifact, model, spec: SubnetSpec, token_ids, linear_io: dict[str, list[str]] | None = None,
+           block_scales: dict | None = None) -> dict:  # fmt: skip
+    """ORT vs the torch model with the same simulated formats (``fake_quantize_model``, kept-scale
+    weights at ``block_scales`` where given), bounded by ``PARITY_BOUNDS``.
 
     Logits of one prefill call over ``token_ids`` vs the simulation with int8 ranges over the whole
     input ("tensor", what that call computes); with int8 linears also one-token-per-call decoding vs
@@ -276,7 +281,8 @@ def parity(artifact, model, spec: SubnetSpec, token_ids, linear_io: dict[str, li
     runner = load(artifact)
     ids = list(token_ids)
     with torch.no_grad():
-        ref = fake_quantize_model(model, spec, int8_scope="tensor")(torch.tensor([ids])).logits[0].float().numpy()
+        ref = fake_quantize_model(model, spec, int8_scope="tensor", block_scales=block_scales)(torch.tensor([ids]))
+        ref = ref.logits[0].float().numpy()
     got = runner.logits(ids)
     out = {
         "max_abs_diff": float(np.abs(got - ref).max()),
@@ -287,13 +293,14 @@ def parity(artifact, model, spec: SubnetSpec, token_ids, linear_io: dict[str, li
     }
     if int8:
         with torch.no_grad():
-            ref = fake_quantize_model(model, spec, int8_scope="token")(torch.tensor([ids])).logits[0].float().numpy()
+            ref = fake_quantize_model(model, spec, int8_scope="token", block_scales=block_scales)(torch.tensor([ids]))
+            ref = ref.logits[0].float().numpy()
         cache = runner.cache(1, len(ids))
         got = np.stack([cache.step(np.array([[t]], dtype=np.int64))[0, -1] for t in ids])
         out["decode_max_abs_diff"] = float(np.abs(got - ref).max())
         out["decode_top1_agreement"] = float((got.argmax(-1) == ref.argmax(-1)).mean())
     if linear_io:
-        out["linears"] = linear_parity(artifact, model, spec, ids, linear_io)
+        out["linears"] = linear_parity(artifact, model, spec, ids, linear_io, block_scales)
     out["within_bounds"] = within_bounds(out)
     return out
 
@@ -306,19 +313,20 @@ def within_bounds(result: dict) -> bool:
     return ok and (max_abs is None or result["max_abs_diff"] <= max_abs)
 
 
-def export(model, tokenizer, spec: SubnetSpec, out, force: bool = False, fused: bool = True) -> Artifact:
+def export(model, tokenizer, spec: SubnetSpec, out, force: bool = False, fused: bool = True,
+           block_scales: dict | None = None) -> Artifact:  # fmt: skip
     """Export for ONNX Runtime: model.onnx (+ .data), tokenizer files, artifact.json with parity.
-    ``fused``: see ``targets.onnx_export.write_onnx``."""
+    ``fused``, ``block_scales``: see ``targets.onnx_export.write_onnx``; parity is checked at those scales."""
     from targets.onnx_export import artifact_files, check_formats, write_onnx
 
     out = Path(out)
     check_formats(spec)
     with atomic_output(out, force=force) as tmp:
-        meta = write_onnx(model, spec, tmp, fused=fused)
+        meta = write_onnx(model, spec, tmp, fused=fused, block_scales=block_scales)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         ids = parity_ids(tokenizer, model.config.vocab_size)
-        meta["parity"] = parity(tmp / MODEL_FILE, model, spec, ids, meta["linear_io"])
+        meta["parity"] = parity(tmp / MODEL_FILE, model, spec, ids, meta["linear_io"], block_scales)
         meta["size_bytes"] = sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith("model.onnx"))
         art = Artifact(RUNTIME, str(out / MODEL_FILE), artifact_files(tmp, out, ["artifact.json"]), meta)
         art.write_meta(tmp / "artifact.json")

@@ -138,6 +138,9 @@ def test_scorecard_says_whether_each_runtime_meets_the_accuracy_floor():
     md = to_markdown(card)
     assert "iq4_nl->int4s_b32; at format share 0.8: 24 blocks keep the carried formats" in md
     assert "(formats simulated); tried share 1 → 32.20 (300 s), share 0.8 → 30.50 (310 s)" in md
+    card["runtimes"]["onnxruntime"]["recovery"]["gptq_linears"] = 168
+    assert "(729 s, warm-started from the winner's recovery, with GPTQ redone for 168 linears at this runtime's " \
+           "formats), floor 30.65" in to_markdown(card)
 
 
 def test_scorecard_shows_the_shortlist_and_the_promoted_candidate():

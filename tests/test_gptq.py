@@ -1,4 +1,4 @@
-"""GPTQ rounding of scale-search-format linears (subnet.gptq) on random weights and a tiny Llama."""
+"""GPTQ rounding of kept-scale-format linears (subnet.gptq) on random weights and a tiny Llama."""
 
 import copy
 
@@ -7,8 +7,8 @@ import torch
 
 from subnet.arch import LINEARS, arch_of
 from subnet.extract import extract
-from subnet.gptq import gptq_round, gptq_weight, take_out_compensation
-from subnet.quant import block_scales, fake_quantize_model, round_to_scales
+from subnet.gptq import gptq_round, gptq_weight, swap_compensation
+from subnet.quant import block_scales, fake_quantize, fake_quantize_model, round_to_scales
 from subnet.spec import SubnetSpec
 from tests.conftest import tiny_model
 
@@ -21,17 +21,19 @@ def correlated_inputs(n: int, cols: int, seed: int = 0) -> torch.Tensor:
             ) @ mix * torch.linspace(0.2, 3.0, cols)  # fmt: skip
 
 
-def test_gptq_weight_sits_on_its_scales_and_cuts_the_output_error():
+@pytest.mark.parametrize("fmt", ["iq4_nl", "q4_0", "int4s_b32"])
+def test_gptq_weight_sits_on_its_scales_and_cuts_the_output_error(fmt):
     torch.manual_seed(0)
     w = torch.randn(48, 160)
     x = correlated_inputs(4000, 160)
-    comp, s = gptq_weight(w, x.T @ x, "iq4_nl")
+    comp, s = gptq_weight(w, x.T @ x, fmt)
     assert s.shape == (48, 5) and comp.dtype == w.dtype
     assert not torch.equal(comp, w)  # every column but the first carries the earlier ones' error
     assert torch.equal(comp[:, 0], w[:, 0])
-    q = round_to_scales(comp, s, "iq4_nl")  # GPTQ's rounding: what the exporter writes at those scales
+    q = round_to_scales(comp, s, fmt)  # GPTQ's rounding: what the exporter writes at those scales
     assert not torch.equal(comp, q)  # kept float, off the grid, for training to move
-    rtn = round_to_scales(w, block_scales(w, "iq4_nl"), "iq4_nl")
+    rtn = round_to_scales(w, block_scales(w, fmt), fmt)
+    assert torch.equal(rtn, fake_quantize(w, fmt))
 
     def err(a):
         return float(((x @ (a - w).T) ** 2).mean())
@@ -39,9 +41,9 @@ def test_gptq_weight_sits_on_its_scales_and_cuts_the_output_error():
     assert err(q) < 0.7 * err(rtn)
 
 
-def test_gptq_weight_rejects_a_format_without_a_scale_search():
-    with pytest.raises(ValueError, match="no block-scale search"):
-        gptq_weight(torch.randn(4, 32), torch.eye(32), "q4_0")
+def test_gptq_weight_rejects_a_format_without_kept_scales():
+    with pytest.raises(ValueError, match="keeps no block scales"):
+        gptq_weight(torch.randn(4, 32), torch.eye(32), "q8_0")
 
 
 def _spec(model):
@@ -76,7 +78,7 @@ def test_gptq_round_brings_the_quantized_model_closer_to_the_float_one():
         assert err(gptq_model) < err(rtn_model)
 
 
-def test_take_out_compensation_keeps_what_training_changed():
+def test_swap_compensation_keeps_what_training_changed():
     model = tiny_model("llama", vocab_size=128)
     spec = _spec(model)
     plain = extract(model, spec)
@@ -89,7 +91,7 @@ def test_take_out_compensation_keeps_what_training_changed():
         for n, p in trained.named_parameters():
             p += delta[n]
     before = {n: p.clone() for n, p in trained.named_parameters()}
-    take_out_compensation(trained, compensated, plain, [(0, "q_proj"), (1, "down_proj")])
+    swap_compensation(trained, compensated, plain, [(0, "q_proj"), (1, "down_proj")])  # taken out
     plain_w, comp_w = dict(plain.named_parameters()), dict(compensated.named_parameters())
     for n, p in trained.named_parameters():
         if n in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
@@ -99,9 +101,9 @@ def test_take_out_compensation_keeps_what_training_changed():
             assert torch.equal(p, before[n]), n
 
 
-def test_gptq_round_leaves_a_spec_without_scale_search_formats_alone():
+def test_gptq_round_leaves_a_spec_without_kept_scale_formats_alone():
     model = tiny_model("qwen2", vocab_size=128)
-    spec = SubnetSpec.uniform(arch_of(model.config), layers=[0, 2], fmt="q4_0", embed_format="q8_0")
+    spec = SubnetSpec.uniform(arch_of(model.config), layers=[0, 2], fmt="q5_0", embed_format="q8_0")
     sub = extract(model, spec)
     before = [p.clone() for p in sub.parameters()]
     assert gptq_round(sub, spec, torch.randint(3, 128, (4, 32)), progress=False) == {}

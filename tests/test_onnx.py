@@ -249,6 +249,34 @@ def test_twin_embedding_and_linears_hold_ggml_weights(family, tmp_path):
     assert p["linears"]["n_linears"] == 7 * 3 + 1 and p["top1_agreement"] >= 0.9
 
 
+def test_int4s_b32_is_written_at_the_block_scales_gptq_kept(tmp_path):
+    """GPTQ rounds int4s_b32 linears at scales of its choosing (as for q4_0); the export writes the codes at
+    those scales, and parity holds against the simulation at them."""
+    from onnx import numpy_helper
+
+    from subnet.gptq import gptq_round
+    from subnet.quant import fake_quantize, round_to_scales
+
+    base = tiny_model("llama", vocab_size=128)
+    spec = SubnetSpec.uniform(arch_of(base.config), layers=[0, 1, 3], fmt="int8s_b32")
+    spec.layers[1].formats.update(gate_proj="int4s_b32", up_proj="int4s_b32", down_proj="int4s_b32")
+    model = extract(base, spec.validate())
+    kept = gptq_round(model, spec, torch.randint(3, 128, (8, 32)), progress=False)
+    assert set(kept) == {f"model.layers.1.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")}
+    art = onnxrt.export(model, None, spec, tmp_path / "out", block_scales=kept)
+    assert art.meta["kept_scales"] == 3 and art.meta["parity"]["within_bounds"]
+    g = onnx.load(art.path).graph
+    node = next(k for k, v in art.meta["nodes"].items() if v == "layers.1.up_proj")
+    q = next(n for n in g.node if n.name == node + "_Q4")
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    packed, scales = inits[q.input[1]], inits[q.input[2]]
+    codes = np.stack([packed & 15, packed >> 4], -1).reshape(packed.shape[0], -1, 32).astype(np.float32)
+    got = ((codes - 8) * scales.reshape(packed.shape[0], -1, 1)).reshape(packed.shape[0], -1)
+    w = model.model.layers[1].mlp.up_proj.weight.detach()
+    assert np.array_equal(got, round_to_scales(w, kept["model.layers.1.mlp.up_proj"], "int4s_b32").numpy())
+    assert not np.array_equal(got, fake_quantize(w, "int4s_b32").numpy())  # not the weight's own absmax scales
+
+
 def test_int8_with_outlier_token_matches_decode_and_every_linear(tmp_path):
     """A first token with outlier activations (as in real LMs) sets ORT's int8 range for the whole
     prefill call but not for later one-token decode calls: decoding follows the "token" simulation, the

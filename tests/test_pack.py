@@ -10,9 +10,11 @@ from click.testing import CliRunner
 from packager.cli import main
 from packager.pack import Pack, PackConfig, PackError
 from packager.scorecard import recovery_summary
-from packager.selection import candidate_key, format_family
+from packager.selection import candidate_key, format_family, spec_key
 from search.importance import Importance
 from search.problem import Evaluation
+from search.recovery import RecoveryConfig
+from subnet.arch import LINEARS, linear_module_name
 from subnet.spec import SubnetSpec
 from tests.conftest import tiny_model
 
@@ -137,7 +139,8 @@ def test_select_recovers_a_shortlist_and_keeps_the_fastest_that_meets_the_floor(
     assert json.loads((p.work / "shortlist.json").read_text())["options"]["recover_blocks"] == cfg.recover_blocks
 
 
-def test_promotion_gives_a_near_miss_the_full_recovery_and_the_recover_stage_reuses_it(small_model_dir, tmp_path):
+def test_promotion_gives_a_near_miss_the_full_recovery_and_the_recover_stage_reuses_it(small_model_dir, tmp_path,
+                                                                                         monkeypatch):
     p = Pack(small_config(small_model_dir, recover_steps=2, promote_margin=0.05), tmp_path / "p")
     p.state.setdefault("done", {})["prepare"] = {"result": p.stage_prepare(), "wall_s": 0}
     p.state["done"]["search"] = {"result": p.stage_search(), "wall_s": 0}
@@ -158,6 +161,15 @@ def test_promotion_gives_a_near_miss_the_full_recovery_and_the_recover_stage_reu
     rec = p.stage_recover()
     assert rec["done_in"] == "select" and rec["floor_ppl_after"] == met["floor_ppl_after"]
     assert recovery_summary(rec, asdict(p.cfg)).endswith("floor 1000000000.00: met (formats simulated)")
+    # a winner recovered in the recover stage checkpoints under its own name: a resumed run whose winner
+    # changed since starts that winner afresh instead of failing on the other's checkpoints
+    monkeypatch.setattr(Pack, "recovery_config", lambda self: RecoveryConfig(max_steps=2, checkpoint_every=2, qat=True))
+    others = sorted((e for e in evals if e["x"] != pruned["x"]), key=lambda e: e["decode_ms"])
+    specs = [Evaluation(**e).spec_obj() for e in (pruned, others[0])]
+    for spec in specs:
+        spec.save(p.work / "spec.json")
+        p.recover_winner()
+    assert sorted(d.name for d in (p.work / "recovery").iterdir()) == sorted(spec_key(s) for s in specs)
 
 
 def test_a_runtime_that_rounds_the_winner_differently_gets_its_own_recovery(small_model_dir, tmp_path):
@@ -182,6 +194,7 @@ def test_a_runtime_that_rounds_the_winner_differently_gets_its_own_recovery(smal
     assert "llama.cpp" not in rec["runtimes"]  # the search runtime holds its own formats
     assert own["floor_ppl_before"] != pytest.approx(rec["floor_ppl_after"])  # at ONNX Runtime's rounding, not iq4_nl's
     assert not own["meets_floor"] and [t["format_share"] for t in own["tries"]] == [1.0, 0.5]
+    assert own["gptq_linears"] == 7 * own["narrow_blocks"]  # GPTQ redone at int4s_b32 in the blocks kept narrow
     assert own["floor_ppl_after"] == min(t["floor_ppl_after"] for t in own["tries"])
     assert own["narrow_blocks"] == (3 if own["format_share"] == 1.0 else 2)
     p.state["done"]["recover"] = {"result": rec, "wall_s": 0}
@@ -191,11 +204,15 @@ def test_a_runtime_that_rounds_the_winner_differently_gets_its_own_recovery(smal
     assert p.recovered_dir("onnxruntime").name == "recovered-onnxruntime"
     assert p.recovered_dir("llama.cpp").name == "recovered"
     recovered, scales = p._recovered("llama.cpp")
-    assert scales and not p._recovered("onnxruntime")[1]  # iq4_nl's block scales stay with the GGUF export
-    # the warm start is the winner's recovered model less GPTQ's compensation, in exactly its iq4_nl linears
-    start = p.runtime_warm_start(p.retargeted_specs("onnxruntime")[0])
+    int4 = {linear_module_name(i, n) for i, ly in enumerate(shipped.layers) for n, f in ly.formats.items() if f == "int4s_b32"}
+    assert scales and set(p._recovered("onnxruntime")[1]) == int4  # ONNX Runtime keeps its own int4 blocks' scales
+    # the warm start is the winner's recovered model with GPTQ's compensation for iq4_nl swapped for that for
+    # int4s_b32, in exactly its iq4_nl linears, which start at GPTQ's int4s_b32 scales
+    start, kept = p.runtime_warm_start(p.retargeted_specs("onnxruntime")[0])
     moved = {n for (n, a), b in zip(start.named_parameters(), recovered.parameters()) if not torch.equal(a, b)}
     assert len(moved) == 3 * 7 and {n.split(".")[2] for n in moved} == {"0", "1", "2"}
+    assert set(kept) == {linear_module_name(i, n) for i in range(3) for n in LINEARS}
+    assert not any(torch.equal(kept[k], scales[k]) for k in kept)
 
 
 def test_each_recovery_starts_from_gptq_unless_it_is_off(small_model_dir, tmp_path):

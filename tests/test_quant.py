@@ -142,15 +142,16 @@ def test_k_and_iq_round_trip_error(fmt):
     assert 0 < rel < RMS_TOL[fmt], f"{fmt}: relative RMS error {rel:.4f}"
 
 
-def test_iq4_nl_scales_of_a_slice_are_a_slice_of_the_scales():
+@pytest.mark.parametrize("fmt", ["iq4_nl", "q4_0"])
+def test_kept_scales_of_a_slice_are_a_slice_of_the_scales(fmt):
     """A block's scale depends on its own 32 weights only: one search serves every row/column-prefix
-    slice, and rounding a slice with its share of the scales is fake_quantize of the slice, bit for bit."""
+    slice, and rounding a slice with its share of the scales is ggml's rounding of the slice, bit for bit."""
     w = torch.from_numpy(weight(rows=40, cols=256, seed=5))
-    s = block_scales(w, "iq4_nl")
+    s = block_scales(w, fmt)
     assert s.shape == (40, 8) and s.dtype == torch.float32
     part = w[5:30, :128]
-    assert bits_equal(block_scales(part, "iq4_nl").numpy(), s[5:30, :4].numpy())
-    assert bits_equal(round_to_scales(part, s[5:30, :4], "iq4_nl").numpy(), fake_quantize_ggml(part, "iq4_nl").numpy())
+    assert bits_equal(block_scales(part, fmt).numpy(), s[5:30, :4].numpy())
+    assert bits_equal(round_to_scales(part, s[5:30, :4], fmt).numpy(), fake_quantize_ggml(part, fmt).numpy())
 
 
 def test_training_rounder_is_exact_at_the_start_and_close_after_a_step():
@@ -166,28 +167,44 @@ def test_training_rounder_is_exact_at_the_start_and_close_after_a_step():
     assert q.scales is None and bits_equal(q(moved).numpy(), fake_quantize(moved, "q8_0").numpy())
 
 
-def test_encode_to_scales_writes_ggml_blocks_at_kept_scales():
+@pytest.mark.parametrize("fmt", ["iq4_nl", "q4_0"])
+def test_encode_to_scales_writes_ggml_blocks_at_kept_scales(fmt):
     """At the weight's own scales the bytes are ggml's, bit for bit (an all-zero row included); at the
-    scales training kept, ggml decodes them to exactly what training rounded the moved weight to."""
+    scales training kept, ggml decodes them to exactly what training rounded the moved weight to (q4_0:
+    a weight moved past its block's largest code stays at it)."""
     w = torch.from_numpy(weight(rows=48, cols=256, seed=7))
     w[3] = 0.0
-    rnd = TrainingRounder(w, "iq4_nl")
-    raw = encode_to_scales(w, rnd.scales, "iq4_nl")
-    assert raw.dtype == np.uint8 and np.array_equal(raw, ggml_quantize(w.numpy(), "iq4_nl"))
-    moved = w + 3e-3 * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
-    kept = encode_to_scales(moved, rnd.scales, "iq4_nl")
-    assert not np.array_equal(kept, ggml_quantize(moved.numpy(), "iq4_nl"))  # ggml would search again
-    assert bits_equal(ggml_dequantize(kept, "iq4_nl", tuple(w.shape)), rnd(moved).numpy())
+    rnd = TrainingRounder(w, fmt)
+    raw = encode_to_scales(w, rnd.scales, fmt)
+    assert raw.dtype == np.uint8 and np.array_equal(raw, ggml_quantize(w.numpy(), fmt))
+    moved = w + 3e-2 * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
+    kept = encode_to_scales(moved, rnd.scales, fmt)
+    assert not np.array_equal(kept, ggml_quantize(moved.numpy(), fmt))  # ggml would pick its scales again
+    assert bits_equal(ggml_dequantize(kept, fmt, tuple(w.shape)), rnd(moved).numpy())
 
 
-def test_scale_search_bad_inputs():
+def test_int4s_b32_codes_at_kept_scales_are_q4_0s():
+    """ONNX Runtime's q4_0 twin stores the same codes and fp16 scales as q4_0 at kept scales too."""
+    w = torch.from_numpy(weight(rows=16, cols=128, seed=8))
+    s = block_scales(w, "int4s_b32")
+    moved = w + 3e-2 * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(2))
+    codes, stored = block_codes(moved, "int4s_b32", s)
+    assert codes.min() >= -8 and codes.max() <= 7 and torch.equal(stored, s.half().float())
+    assert bits_equal((codes.reshape(16, 4, 32) * stored.unsqueeze(-1)).reshape(16, 128).numpy(),
+                      round_to_scales(moved, s, "q4_0").numpy())  # fmt: skip
+    assert torch.equal(block_codes(w, "int4s_b32", s)[0], block_codes(w, "q4_0")[0])
+
+
+def test_kept_scales_bad_inputs():
     w = torch.randn(4, 64)
-    with pytest.raises(QuantError, match="no block-scale search"):
+    with pytest.raises(QuantError, match="keeps no block scales"):
         block_scales(w, "q8_0")
     with pytest.raises(QuantError, match="do not fit"):
         round_to_scales(w, torch.ones(4, 3), "iq4_nl")
-    with pytest.raises(QuantError, match="no block-scale search"):
-        encode_to_scales(w, torch.ones(4, 2), "q4_0")
+    with pytest.raises(QuantError, match="keeps no block scales"):
+        encode_to_scales(w, torch.ones(4, 2), "q5_0")
+    with pytest.raises(QuantError, match="not a GGUF format"):
+        encode_to_scales(w, torch.ones(4, 2), "int4s_b32")
     with pytest.raises(QuantError, match="multiple of 32"):
         block_scales(torch.randn(4, 48), "iq4_nl")
 

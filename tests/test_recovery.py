@@ -140,7 +140,7 @@ def test_qat_trains_against_the_quantized_forward(teacher_and_text, fmt):
     plain = recover(base, sub, spec, calib, val, RecoveryConfig(**FAST, lr=1e-2, max_steps=2, eval_every=2),
                     progress=False)  # fmt: skip
     assert res.ppl_before != pytest.approx(plain.ppl_before)  # qat measures the quantized sub-network
-    # ... exactly as the simulation rounds it (iq4_nl: the training rounder starts at ggml's own scales)
+    # ... exactly as the simulation rounds it (the training rounder starts at ggml's own scales)
     assert res.ppl_before == pytest.approx(perplexity(fake_quantize_model(sub, spec), val, batch_size=8), rel=1e-5)
     assert res.ppl_after < res.ppl_before
     assert all(type(m) is torch.nn.Linear for m in res.model.modules() if "Linear" in type(m).__name__)
@@ -149,10 +149,10 @@ def test_qat_trains_against_the_quantized_forward(teacher_and_text, fmt):
     from subnet.quant import fake_quantize
 
     assert not torch.equal(w, fake_quantize(w, fmt))
-    # iq4_nl: the scales training rounded at come back, one per linear; the final score is taken at them,
+    # the scales training rounded at come back, one per linear; the final score is taken at them,
     # so it is the held-out perplexity training saw at its best step
-    assert sorted(res.block_scales) == ([] if fmt == "q4_0" else sorted(
-        n for n, m in res.model.named_modules() if type(m) is torch.nn.Linear and n.startswith("model.layers.")))
+    assert sorted(res.block_scales) == sorted(
+        n for n, m in res.model.named_modules() if type(m) is torch.nn.Linear and n.startswith("model.layers."))
     best = min(h["val_ppl"] for h in res.history if "val_ppl" in h)
     assert res.ppl_after == pytest.approx(best, rel=1e-4)
 
