@@ -125,7 +125,7 @@ def gptq_round(model, spec, blocks: torch.Tensor, damp: float = 0.01, micro_batc
     """GPTQ for ``model``'s (an extracted sub-network of ``spec``) kept-scale-format linears on
     calibration ``blocks`` [n, seq]: each weight is replaced in place by its compensated weight
     (``gptq_weight``); returns module name -> the block scales to round it at (``round_to_scales``,
-    ``fake_quantize_model(block_scales=...)``, the GGUF exporter) to get GPTQ's rounding.
+    ``fake_quantize_model(block_scales=...)``, the exporters) to get GPTQ's rounding.
 
     The other weights are left as they are; while the layers are fed forward they are rounded through
     their spec formats (and put back after), so each layer sees its inputs as the runtime computes them.
