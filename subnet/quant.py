@@ -214,13 +214,23 @@ def _q8_0_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _roundf_(b * _recip(d)).add_(0.0), _fp16(d)  # add 0.0: an int8 has no -0
 
 
+def _absmax_scales(w: torch.Tensor, half: int) -> torch.Tensor:
+    """ggml q4_0 (half=8) / q5_0 (half=16)'s float32 scale of every 32-block of ``w`` [rows, n]: the block's
+    value of largest magnitude over -half, [rows, n/32, 1]."""
+    return _signed_absmax(_blocks(w, 32)) / -half
+
+
+def _absmax_code(y: torch.Tensor, half: int) -> torch.Tensor:
+    """The stored code (0..2*half-1) of each ``y`` = x / scale: ggml's ``MIN(2*half-1, (int8_t)(y + half + 0.5f))``,
+    held at 0 below (only a weight that moved off its block's own scale gets there)."""
+    return (y + (half + 0.5)).trunc_().clamp_(0, 2 * half - 1)
+
+
 def _absmax_codes(w: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ggml q4_0 (half=8) / q5_0 (half=16): d = (signed value of largest |x|) / -half,
-    q = min(2*half-1, trunc(x/d + half + 0.5)) - half in [-half, half-1]; codes and fp16(d) as ``_q8_0_codes``."""
-    b = _blocks(w, 32)
-    d = _signed_absmax(b) / -half
-    q = (b * _recip(d)).add_(half + 0.5).trunc_().clamp_(max=2 * half - 1)
-    return q.sub_(half), _fp16(d)
+    """ggml q4_0 (half=8) / q5_0 (half=16): d = ``_absmax_scales``, q = ``_absmax_code``(x/d) - half in
+    [-half, half-1]; codes and fp16(d) as ``_q8_0_codes``."""
+    d = _absmax_scales(w, half)
+    return _absmax_code(_blocks(w, 32) * _recip(d), half).sub_(half), _fp16(d)
 
 
 def _decode(codes_and_scales: tuple[torch.Tensor, torch.Tensor], shape) -> torch.Tensor:
@@ -381,18 +391,6 @@ def _iq4_nl_block_scales(w: torch.Tensor) -> torch.Tensor:
     return torch.where(live, d, 0.0).reshape(w.shape[0], w.shape[1] // 32)
 
 
-def _q4_0_block_scales(w: torch.Tensor) -> torch.Tensor:
-    """ggml quantize_row_q4_0_ref's float32 scale of every 32-block of ``w`` [rows, n] -> [rows, n/32]:
-    the block's value of largest magnitude over -8."""
-    return (_signed_absmax(_blocks(w, 32)) / -8).reshape(w.shape[0], w.shape[1] // 32)
-
-
-def _q4_0_code(y: torch.Tensor) -> torch.Tensor:
-    """q4_0's stored code (0..15) of each element ``y`` = x / scale: ggml's ``MIN(15, (int8_t)(y + 8.5f))``,
-    held at 0 below (only a weight that moved off its block's scale reaches there)."""
-    return (y + 8.5).trunc_().clamp_(0, 15)
-
-
 class _KeptScale(NamedTuple):
     """How a kept-scale format rounds: its block scales of a weight, and for y = x / scale the 4-bit code
     it stores and the level that code decodes to."""
@@ -404,7 +402,8 @@ class _KeptScale(NamedTuple):
 
 _KEPT_SCALES = {  # twins go by their GGUF format's name
     "iq4_nl": _KeptScale(_iq4_nl_block_scales, lambda y: _iq4_nl_cell_codes()[_cell(y)].float(), _nearest_level),
-    "q4_0": _KeptScale(_q4_0_block_scales, _q4_0_code, lambda y: _q4_0_code(y).sub_(8)),
+    "q4_0": _KeptScale(lambda w: _absmax_scales(w, 8).reshape(w.shape[0], -1), partial(_absmax_code, half=8),
+                       lambda y: _absmax_code(y, 8).sub_(8)),
 }
 
 
