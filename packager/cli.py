@@ -236,8 +236,8 @@ def tune_supernet_cmd(model, target, runtime, mode, steps, calib_blocks, seed, o
 @click.option("--recover-blocks", default=160, show_default=True,
               help="Blocks of 256 calibration tokens recovery trains on (spread over the split; none held out).")
 @click.option("--floor-blocks", default=32, show_default=True,
-              help="Blocks of 256 calibration tokens the floor check scores after recovery (neither its training nor "
-                   "its early stopping sees them).")
+              help="Blocks of 256 tokens the floor check scores after recovery, from calibration documents that "
+                   "nothing is fitted or trained on (the check split).")
 @click.option("--runtime-recover-steps", default=60, show_default=True,
               help="Recovery steps for each other runtime whose formats round the winner differently (0: none).")
 @click.option("--runtime-format-shares", default="1.0,0.8", show_default=True,

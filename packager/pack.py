@@ -36,7 +36,7 @@ from search.importance import Importance, quantization_rank, sort_model
 from search.problem import Budgets, Evaluation, Problem, pareto_front
 from search.run import infeasible, plot_front, require_feasible, run_search
 from search.space import DEFAULT_FORMATS, SearchSpace, SpaceConfig, least_sensitive
-from search.text import Holdout, holdout_blocks, report_blocks, split_token_ids, spread_starts, token_blocks
+from search.text import Holdout, holdout_blocks, report_blocks, token_blocks
 from subnet.arch import ATTN_LINEARS, LINEARS, MLP_LINEARS, arch_of, linear_module_name
 from subnet.equalize import equalize_channels
 from subnet.extract import extract
@@ -84,7 +84,7 @@ class PackConfig:
     calib_blocks: int = 32  # x 256 tokens (importance, equalization, GPTQ)
     recover_blocks: int = 160  # x 256 calibration tokens recovery trains on, spread over the split, none held out
     val_blocks: int = 8  # x 256 calibration tokens, spread over the split, held out of recovery: its early stopping
-    floor_blocks: int = 32  # x 256 calibration tokens held out of recovery and its early stopping: the floor check
+    floor_blocks: int = 32  # x 256 tokens of the check split (held-out calibration documents): the floor check
     eval_blocks: int = 8  # x 256 tokens (search accuracy; held out)
     report_blocks: int = 32  # x 256 evaluation tokens each runtime scores for the scorecard (none the search scored)
     recover_steps: int = 120
@@ -320,25 +320,30 @@ class Pack:
         """The most perplexity the floor check lets through: the base (``model`` at ``base_spec``'s simulated
         formats) on the floor-check blocks, plus ``accuracy_floor``."""
         base = fake_quantize_model(extract(model, base_spec), base_spec)
-        return perplexity(base, self.recovery_blocks.check) * (1 + self.cfg.accuracy_floor)
+        return perplexity(base, self.floor_check_blocks) * (1 + self.cfg.accuracy_floor)
 
     def checked_ppl(self, model, spec: SubnetSpec, block_scales: dict[str, torch.Tensor]) -> float:
         """The floor check: ``model``'s perplexity at ``spec``'s simulated formats (kept-scale weights at
-        ``block_scales``) on ``floor_blocks`` calibration blocks that neither recovery's training nor its
-        early stopping saw, so the choice among checkpoints does not flatter it."""
-        return perplexity(fake_quantize_model(model, spec, block_scales=block_scales), self.recovery_blocks.check)
+        ``block_scales``) on ``floor_check_blocks``, text of documents that nothing was fitted or trained on."""
+        return perplexity(fake_quantize_model(model, spec, block_scales=block_scales), self.floor_check_blocks)
+
+    @cached_property
+    def floor_check_blocks(self) -> torch.Tensor:
+        """``floor_blocks`` blocks spread over the check split: calibration documents that importance
+        sorting, equalization, GPTQ, recovery and its early stopping never see, so a recovered model is
+        scored on documents it did not adapt to, as the evaluation text scores it (the README gives how
+        far blocks from the training documents flattered it, stop 28)."""
+        return token_blocks(self.base().tokenizer, "check", 256, self.cfg.floor_blocks)
 
     @cached_property
     def recovery_blocks(self) -> Holdout:
-        """Recovery's calibration blocks (``holdout_blocks``): ``recover_blocks`` to train on (``train``);
+        """Recovery's calibration blocks (``holdout_blocks``): ``recover_blocks`` to train on (``train``) and
         ``val_blocks`` for its early stopping (``held``), every k-th of ``calib_blocks + val_blocks`` blocks
-        spread over the split; and ``floor_blocks`` for the floor check (``check``), clear of both and of the
-        ``calib_blocks`` that GPTQ and equalization fit on. The evaluation text stays unseen. Computed once
-        per run; the README gives what training on more text measured (stop 26)."""
-        c, tok = self.cfg, self.base().tokenizer
-        fitted = spread_starts(len(split_token_ids(tok, "calibration")), 256, c.calib_blocks)  # calibration_blocks
-        return holdout_blocks(tok, "calibration", 256, c.recover_blocks, c.val_blocks, grid=c.calib_blocks + c.val_blocks,
-                              n_check=c.floor_blocks, avoid=fitted)  # fmt: skip
+        spread over the split. Computed once per run; the README gives what training on more text measured
+        (stop 26)."""
+        c = self.cfg
+        return holdout_blocks(self.base().tokenizer, "calibration", 256, c.recover_blocks, c.val_blocks,
+                              grid=c.calib_blocks + c.val_blocks)  # fmt: skip
 
     def calibration_blocks(self) -> torch.Tensor:
         """The ``calib_blocks`` calibration blocks that importance sorting, equalization, rounding

@@ -128,7 +128,7 @@ def recovery_summary(rec: dict, cfg: dict) -> str:
     if "floor_ppl_after" not in rec:
         return line + f": perplexity {rec['ppl_before']:.2f} → {rec['ppl_after']:.2f} on the early-stopping blocks"
     return (line + f": floor-check perplexity {rec['floor_ppl_before']:.2f} → {rec['floor_ppl_after']:.2f} on "
-            f"{255 * cfg['floor_blocks']:,} held-out calibration tokens neither saw, floor {rec['floor_ppl_limit']:.2f}: "
+            f"{255 * cfg['floor_blocks']:,} tokens of held-out calibration documents (the check split), floor {rec['floor_ppl_limit']:.2f}: "
             f"{'met' if rec['meets_floor'] else 'missed'} (formats simulated)")  # fmt: skip
 
 

@@ -1,8 +1,10 @@
 """The shipped real English text (search/data/) and token blocks cut from it.
 
-Two splits that share no document and no sentence: ``calibration`` (importance sorting, recovery,
-quantizer calibration) and ``evaluation`` (held-out perplexity, the offline lm-eval tasks). Each file holds
-documents separated by a blank line, paragraphs by a newline. How they were made:
+Three splits that share no document: ``calibration`` (importance sorting, recovery, quantizer
+calibration), ``check`` (the pack's floor check: every eleventh document of calibration.txt, which the
+calibration split leaves out, so nothing fitted or trained on text of the documents it scores) and
+``evaluation`` (held-out perplexity, the offline lm-eval tasks; it shares no sentence with the other two).
+Each file holds documents separated by a blank line, paragraphs by a newline. How they were made:
 benchmarks/make_text_data.py; sources and licences: search/data/SOURCES.md.
 """
 
@@ -20,7 +22,10 @@ import torch
 from subnet.heap import return_freed_heap
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-SPLITS = ("calibration", "evaluation")
+SPLITS = ("calibration", "check", "evaluation")
+# calibration.txt's documents i with i % CHECK_EVERY == CHECK_AT are the check split: an odd period takes
+# every source of the round-robin interleave (benchmarks/make_text_data.py) in turn, about 8% of its text
+CHECK_EVERY, CHECK_AT = 11, 5
 
 # a sentence ends at . ! ? (plus closing quotes/brackets) followed by space and an opening capital/quote,
 # unless the word before is a known abbreviation or a single initial ("J. R. Kennedy")
@@ -40,12 +45,16 @@ def _check_split(split: str) -> None:
 
 @lru_cache(maxsize=None)
 def load_text(split: str) -> str:
-    """The whole cleaned text of one split ("calibration" or "evaluation")."""
+    """The whole cleaned text of one split ("calibration", "check" or "evaluation")."""
     _check_split(split)
-    path = DATA_DIR / f"{split}.txt"
+    path = DATA_DIR / ("evaluation.txt" if split == "evaluation" else "calibration.txt")
     if not path.is_file():
         raise TextError(f"{path} is missing: reinstall packager (search/data/*.txt is package data)")
-    return path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8")
+    if split == "evaluation":
+        return text
+    docs = split_documents(text)
+    return "\n\n".join(d for i, d in enumerate(docs) if (i % CHECK_EVERY == CHECK_AT) == (split == "check"))
 
 
 def split_documents(text: str) -> list[str]:
@@ -146,24 +155,19 @@ def report_blocks(tokenizer, n_blocks: int, seq_len: int = 256) -> torch.LongTen
 
 
 class Holdout(NamedTuple):
-    """Blocks of one split that share no token: ``train``, ``held`` (e.g. early stopping) and ``check``
-    (e.g. a floor check that neither training nor the choice among checkpoints saw; empty if none asked)."""
+    """Blocks of one split that share no token: ``train`` and ``held`` (e.g. early stopping)."""
 
     train: torch.LongTensor
     held: torch.LongTensor
-    check: torch.LongTensor
 
 
-def holdout_blocks(tokenizer, split: str, seq_len: int, n_train: int, n_held: int, grid: int | None = None,
-                   n_check: int = 0, avoid: Sequence[int] = ()) -> Holdout:  # fmt: skip
-    """(training, held-out, check) blocks of one split, sharing no token.
+def holdout_blocks(tokenizer, split: str, seq_len: int, n_train: int, n_held: int, grid: int | None = None) -> Holdout:
+    """(training, held-out) blocks of one split, sharing no token.
 
     The held-out ones are every k-th of ``grid`` blocks spread over the split (``token_blocks``; default
     ``n_train + n_held``), so they sample the whole split rather than its end. The ``n_train`` training ones
     are spread evenly over the split too, each moved just past a held-out block it would overlap: more of
-    them than the grid holds gives recovery more text without moving the held-out ones. The ``n_check`` check
-    blocks sit half a stride in on a grid of their own, each moved past any training or held-out block, and
-    past the blocks at token offsets ``avoid`` (e.g. those a quantizer was fitted on).
+    them than the grid holds gives recovery more text without moving the held-out ones.
     """
     if n_train < 1 or n_held < 1:
         raise TextError(f"holdout_blocks needs at least one block on each side (got {n_train}, {n_held})")
@@ -175,6 +179,4 @@ def holdout_blocks(tokenizer, split: str, seq_len: int, n_train: int, n_held: in
     on_grid = spread_starts(len(ids), seq_len, grid)
     held_at = [on_grid[(2 * i + 1) * grid // (2 * n_held)] for i in range(n_held)]
     train_at = spread_starts(len(ids), seq_len, n_train, avoid=held_at)
-    check_at = spread_starts(len(ids), seq_len, n_check, 0.5, [*held_at, *train_at, *avoid]) if n_check else []
-    return Holdout(_cut(ids, train_at, seq_len), _cut(ids, held_at, seq_len),
-                   _cut(ids, check_at, seq_len) if check_at else ids.new_zeros(0, seq_len))  # fmt: skip
+    return Holdout(_cut(ids, train_at, seq_len), _cut(ids, held_at, seq_len))

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from conftest import tiny_model
 from search.evaluate import EvaluateError, nll_per_block, perplexity, perplexity_ratio
-from search.text import (SPLITS, TextError, document_sentences, documents, holdout_blocks, load_text, report_blocks,
-                         split_token_ids, spread_starts, token_blocks)
+from search.text import (CHECK_AT, CHECK_EVERY, DATA_DIR, SPLITS, TextError, document_sentences, documents,
+                         holdout_blocks, load_text, report_blocks, split_documents, split_token_ids, token_blocks)
 from targets.backend import runner_nll_per_block
 
 
@@ -31,11 +31,11 @@ def _norm(s: str) -> str:
 
 def test_splits_share_no_sentence_and_look_like_prose():
     sents = {s: {_norm(x) for d in documents(s) for x in document_sentences(d)} for s in SPLITS}
-    shared = sents["calibration"] & sents["evaluation"]
+    shared = (sents["calibration"] | sents["check"]) & sents["evaluation"]
     assert not shared, sorted(shared)[:3]
     for split in SPLITS:
         text = load_text(split)
-        assert len(documents(split)) >= 50
+        assert len(documents(split)) >= 30
         assert not re.search(r"\{\{|\}\}|\[\[|<ref|&quot;|https?://|Project Gutenberg", text)
 
 
@@ -66,13 +66,13 @@ def _where(ids: torch.Tensor, block: torch.Tensor) -> int:
 
 def test_holdout_blocks_are_spread_over_the_split_and_disjoint(tokenizer):
     ids = split_token_ids(tokenizer, "calibration")
-    train, held, _ = holdout_blocks(tokenizer, "calibration", 64, 8, 2)
+    train, held = holdout_blocks(tokenizer, "calibration", 64, 8, 2)
     every = token_blocks(tokenizer, "calibration", 64, 10)
     assert train.shape == (8, 64) and held.shape == (2, 64)
     # one held-out block from each half of the split
     assert torch.equal(held, every[[2, 7]])
     # more training blocks on the same grid: the held-out ones stay put, and no training token is held out
-    more, same, _ = holdout_blocks(tokenizer, "calibration", 64, 40, 2, grid=10)
+    more, same = holdout_blocks(tokenizer, "calibration", 64, 40, 2, grid=10)
     assert more.shape == (40, 64) and torch.equal(same, held)
     for t in (train, more):
         starts = sorted(_where(ids, b) for b in t)
@@ -84,21 +84,18 @@ def test_holdout_blocks_are_spread_over_the_split_and_disjoint(tokenizer):
         holdout_blocks(tokenizer, "calibration", 64, len(ids) // 64, 2, grid=10)
 
 
-def test_check_blocks_miss_training_held_out_and_avoided_blocks(tokenizer):
-    """The floor check's blocks: spread over the split, clear of every training and held-out block and of
-    the blocks a quantizer fitted on (``avoid``), none of which move."""
-    ids = split_token_ids(tokenizer, "calibration")
-    fitted = spread_starts(len(ids), 64, 12)
-    train, held, check = holdout_blocks(tokenizer, "calibration", 64, 40, 2, grid=10, n_check=12, avoid=fitted)
-    plain = holdout_blocks(tokenizer, "calibration", 64, 40, 2, grid=10)
-    assert torch.equal(train, plain.train) and torch.equal(held, plain.held) and plain.check.shape == (0, 64)
-    assert check.shape == (12, 64)
-    starts = [_where(ids, b) for b in check]
-    assert starts == sorted(starts) and starts[0] < len(ids) // 12 and starts[-1] > len(ids) * 11 // 12
-    others = [_where(ids, b) for b in (*train, *held)] + fitted
-    assert all(abs(s - o) >= 64 for s in starts for o in others)
-    with pytest.raises(TextError, match="too short for"):  # strides of 64 tokens leave no room to move
-        holdout_blocks(tokenizer, "calibration", 64, 40, 2, n_check=len(ids) // 64)
+def test_check_split_is_whole_calibration_documents_the_calibration_split_leaves_out():
+    """The floor check's text: every eleventh document of calibration.txt, from all three sources, and none
+    of them in the calibration split that everything is fitted and trained on."""
+    whole = split_documents((DATA_DIR / "calibration.txt").read_text(encoding="utf-8"))
+    check, calibration = documents("check"), documents("calibration")
+    assert check == whole[CHECK_AT::CHECK_EVERY] and len(check) + len(calibration) == len(whole)
+    assert not set(check) & set(calibration)
+    assert sorted([*check, *calibration]) == sorted(whole)
+    # the round-robin of Wikipedia, news and Botchan: an odd period takes long and short documents alike
+    sizes = sorted(len(d) for d in check)
+    assert sizes[0] < 3_000 < 20_000 < sizes[-1]
+    assert 0.05 < len(load_text("check")) / sum(len(d) for d in whole) < 0.12
 
 
 def test_report_blocks_miss_every_token_the_search_scores(tokenizer):

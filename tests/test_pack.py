@@ -57,7 +57,7 @@ def test_pack_end_to_end_and_verify(small_model_dir, tmp_path):
     assert (folder / "scorecard.html").read_text().count("data:image/png;base64,") >= 1
     md = (folder / "scorecard.md").read_text()
     assert "trained on 40,960 calibration tokens, early-stopped on 510 held-out ones)" in md
-    assert card["recovery"]["meets_floor"] and "on 1,020 held-out calibration tokens neither saw, floor" in md
+    assert card["recovery"]["meets_floor"] and "on 1,020 tokens of held-out calibration documents (the check split), floor" in md
     # a finished run is refused without --force; verify passes, then catches a changed byte
     with pytest.raises(PackError, match="already exists"):
         Pack(small_config(small_model_dir), out)
