@@ -409,7 +409,8 @@ class Pack:
         from search.recovery import RecoveryConfig, recover
 
         spec, base_spec = self.retargeted_specs(runtime)
-        changed = lossy_retargets(SubnetSpec.load(self.work / "spec.json"), spec)
+        winner = SubnetSpec.load(self.work / "spec.json")
+        changed = lossy_retargets(winner, spec)
         if not changed or not self.cfg.runtime_recover_steps:
             return None
         console.print(f"  recovery for {runtime}: {len(changed)} tensors change format ({changed[0]}, ...)")
@@ -433,7 +434,6 @@ class Pack:
                 break
         share, tried, res, narrow, after, (start, scales) = next((t for t in tries if t[4] <= limit),
                                                                  min(tries, key=lambda t: t[4]))  # fmt: skip
-        winner = SubnetSpec.load(self.work / "spec.json")
         regptq = [x for x in changed_linears(winner, tried) if tried.layers[x[0]].formats[x[1]] in KEPT_SCALE_FORMATS]
         save_model(res.model, self.work / f"recovered-{runtime}", block_scales=res.block_scales)
         tried.save(self.work / f"spec-{runtime}.json")
@@ -449,7 +449,7 @@ class Pack:
         """What ``runtime_recovery`` starts from for a runtime that holds the winner as ``spec``, and the
         block scales its kept-scale linears start at: the winner's recovered model, with GPTQ's error
         compensation swapped (``swap_compensation``) in the linears ``spec`` rounds another way, the
-        compensation for the winner's formats out and that for ``spec``'s in (GPTQ is run for both), at
+        compensation for the winner's formats out (``winner_rounding``) and GPTQ's for ``spec``'s in, at
         GPTQ's scales for ``spec``; the other linears keep the scales the winner's recovery kept.
         Carried into ONNX Runtime's 4-bit blocks, the compensation for iq4_nl's rounding made the
         start worse: held-out 21.58 with it, 20.05 without (the same winner, format share 0.8); the
@@ -460,11 +460,17 @@ class Pack:
         moved = {linear_module_name(i, n) for i, n in linears}
         scales = {k: v for k, v in kept.items() if k not in moved}
         if linears and self.cfg.gptq:
-            model, calib = self.sorted_model(), self.calibration_blocks()
-            old, new = (self.rounded_subnet(model, s, calib) for s in (winner, spec))
-            swap_compensation(student, old[0], new[0], linears)
+            new = self.rounded_subnet(self.sorted_model(), spec, self.calibration_blocks())
+            swap_compensation(student, self.winner_rounding[0], new[0], linears)
             scales |= {k: v for k, v in new[1].items() if k in moved}
         return student, scales
+
+    @cached_property
+    def winner_rounding(self) -> tuple[torch.nn.Module, dict]:
+        """GPTQ's rounding of the winner at its own formats (``rounded_subnet``): the compensation every
+        ``runtime_warm_start`` swaps out, computed once per run rather than once per format-share try."""
+        winner = SubnetSpec.load(self.work / "spec.json")
+        return self.rounded_subnet(self.sorted_model(), winner, self.calibration_blocks())
 
     def rounding_rank(self) -> list[int]:
         """The blocks, least sensitive to rounding first: the prepare stage's ranking where the search
