@@ -2,7 +2,7 @@
 
 Three splits that share no document: ``calibration`` (importance sorting, recovery, quantizer
 calibration), ``check`` (the pack's floor check: every eleventh document of calibration.txt, which the
-calibration split leaves out, so nothing fitted or trained on text of the documents it scores) and
+calibration split leaves out, so nothing is fitted or trained on the documents it scores) and
 ``evaluation`` (held-out perplexity, the offline lm-eval tasks; it shares no sentence with the other two).
 Each file holds documents separated by a blank line, paragraphs by a newline. How they were made:
 benchmarks/make_text_data.py; sources and licences: search/data/SOURCES.md.
