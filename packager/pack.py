@@ -374,8 +374,12 @@ class Pack:
         others = {rt: self.runtime_recovery(rt) for rt in self.runtimes if rt != self.search_runtime}
         return out | {"runtimes": {rt: r for rt, r in others.items() if r}}
 
+    def winner_spec(self) -> SubnetSpec:
+        """The winner the select stage saved (its spec.json)."""
+        return SubnetSpec.load(self.work / "spec.json")
+
     def recover_winner(self) -> dict:
-        spec = SubnetSpec.load(self.work / "spec.json")
+        spec = self.winner_spec()
         model = self.sorted_model()
         from search.recovery import base_format, nothing_to_recover, recover
 
@@ -409,8 +413,7 @@ class Pack:
         from search.recovery import RecoveryConfig, recover
 
         spec, base_spec = self.retargeted_specs(runtime)
-        winner = SubnetSpec.load(self.work / "spec.json")
-        changed = lossy_retargets(winner, spec)
+        changed = lossy_retargets(self.winner_spec(), spec)
         if not changed or not self.cfg.runtime_recover_steps:
             return None
         console.print(f"  recovery for {runtime}: {len(changed)} tensors change format ({changed[0]}, ...)")
@@ -423,31 +426,30 @@ class Pack:
             if any(narrow == t[3] for t in tries):  # e.g. a winner already at that share: nothing new to try
                 continue
             tried = widen_blocks(spec, base_spec, narrow)
-            start, scales = self.runtime_warm_start(tried)
+            start, scales, regptq = self.runtime_warm_start(tried)
             res = recover(sorted_model, start, tried, blocks.train, blocks.held,
                           RecoveryConfig(max_steps=self.cfg.runtime_recover_steps, qat=True), block_scales=scales,
                           out_dir=self.work / f"recovery-{runtime}" / share_try_key(tried, narrow), resume=True)  # fmt: skip
             after = self.checked_ppl(res.model, tried, res.block_scales)
-            tries.append((share, tried, res, narrow, after, (start, scales)))
+            tries.append((share, tried, res, narrow, after, (start, scales, regptq)))
             console.print(f"  {runtime} at format share {share:g}: floor-check ppl {after:.2f} (floor {limit:.2f})")
             if after <= limit:
                 break
-        share, tried, res, narrow, after, (start, scales) = next((t for t in tries if t[4] <= limit),
+        share, tried, res, narrow, after, (start, scales, regptq) = next((t for t in tries if t[4] <= limit),
                                                                  min(tries, key=lambda t: t[4]))  # fmt: skip
-        regptq = [x for x in changed_linears(winner, tried) if tried.layers[x[0]].formats[x[1]] in KEPT_SCALE_FORMATS]
         save_model(res.model, self.work / f"recovered-{runtime}", block_scales=res.block_scales)
         tried.save(self.work / f"spec-{runtime}.json")
         return res.summary() | {
             "changed": len(changed), "example": changed[0], "floor_ppl_before": self.checked_ppl(start, tried, scales),
             "floor_ppl_after": after, "floor_ppl_limit": limit, "meets_floor": after <= limit,
-            "format_share": share, "narrow_blocks": len(narrow), "gptq_linears": len(regptq) if self.cfg.gptq else 0,
+            "format_share": share, "narrow_blocks": len(narrow), "gptq_linears": regptq,
             "tries": [{"format_share": t[0], "floor_ppl_after": t[4], "wall_s": t[2].summary()["wall_s"]}
                       for t in tries],
         }  # fmt: skip
 
-    def runtime_warm_start(self, spec: SubnetSpec) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-        """What ``runtime_recovery`` starts from for a runtime that holds the winner as ``spec``, and the
-        block scales its kept-scale linears start at: the winner's recovered model, with GPTQ's error
+    def runtime_warm_start(self, spec: SubnetSpec) -> tuple[torch.nn.Module, dict[str, torch.Tensor], int]:
+        """What ``runtime_recovery`` starts from for a runtime that holds the winner as ``spec``, the block
+        scales its kept-scale linears start at, and how many linears GPTQ rounded anew: the winner's recovered model, with GPTQ's error
         compensation swapped (``swap_compensation``) in the linears ``spec`` rounds another way, the
         compensation for the winner's formats out (``winner_rounding``) and GPTQ's for ``spec``'s in, at
         GPTQ's scales for ``spec``; the other linears keep the scales the winner's recovery kept.
@@ -455,22 +457,21 @@ class Pack:
         start worse: held-out 21.58 with it, 20.05 without (the same winner, format share 0.8); the
         README gives what putting int4s_b32's own in measured (stop 28)."""
         student, kept = self._recovered(self.search_runtime)
-        winner = SubnetSpec.load(self.work / "spec.json")
-        linears = changed_linears(winner, spec)
+        linears = changed_linears(self.winner_spec(), spec)
         moved = {linear_module_name(i, n) for i, n in linears}
         scales = {k: v for k, v in kept.items() if k not in moved}
-        if linears and self.cfg.gptq:
-            new = self.rounded_subnet(self.sorted_model(), spec, self.calibration_blocks())
-            swap_compensation(student, self.winner_rounding[0], new[0], linears)
-            scales |= {k: v for k, v in new[1].items() if k in moved}
-        return student, scales
+        if not (linears and self.cfg.gptq):
+            return student, scales, 0
+        new = self.rounded_subnet(self.sorted_model(), spec, self.calibration_blocks())
+        swap_compensation(student, self.winner_rounding[0], new[0], linears)
+        regptq = {k: v for k, v in new[1].items() if k in moved}
+        return student, scales | regptq, len(regptq)
 
     @cached_property
     def winner_rounding(self) -> tuple[torch.nn.Module, dict]:
         """GPTQ's rounding of the winner at its own formats (``rounded_subnet``): the compensation every
         ``runtime_warm_start`` swaps out, computed once per run rather than once per format-share try."""
-        winner = SubnetSpec.load(self.work / "spec.json")
-        return self.rounded_subnet(self.sorted_model(), winner, self.calibration_blocks())
+        return self.rounded_subnet(self.sorted_model(), self.winner_spec(), self.calibration_blocks())
 
     def rounding_rank(self) -> list[int]:
         """The blocks, least sensitive to rounding first: the prepare stage's ranking where the search
@@ -511,7 +512,7 @@ class Pack:
 
     def retargeted_specs(self, runtime: str) -> tuple[SubnetSpec, SubnetSpec]:
         """(packaged, base) specs carried to ``runtime``'s formats: the base at the search's widest formats."""
-        spec, base = SubnetSpec.load(self.work / "spec.json"), self.base_spec()
+        spec, base = self.winner_spec(), self.base_spec()
         held = self.target.formats(runtime)
         allowed = runtime_formats(self.target, runtime)
         allowed += [f for f in held if get_format(f).same_as and f not in allowed]  # exact twins: q4_0 -> int4s_b32
@@ -867,7 +868,7 @@ def build_card(p: Pack) -> dict:
         if eng:
             sec["engine"] = eng
         runtimes[rt] = sec
-    spec = SubnetSpec.load(p.work / "spec.json")
+    spec = p.winner_spec()
     loaded = p.base()
     return {
         "model": {"source": loaded.source, "architecture": loaded.arch.to_dict(),

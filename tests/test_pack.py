@@ -208,10 +208,10 @@ def test_a_runtime_that_rounds_the_winner_differently_gets_its_own_recovery(smal
     assert scales and set(p._recovered("onnxruntime")[1]) == int4  # ONNX Runtime keeps its own int4 blocks' scales
     # the warm start is the winner's recovered model with GPTQ's compensation for iq4_nl swapped for that for
     # int4s_b32, in exactly its iq4_nl linears, which start at GPTQ's int4s_b32 scales
-    start, kept = p.runtime_warm_start(p.retargeted_specs("onnxruntime")[0])
+    start, kept, regptq = p.runtime_warm_start(p.retargeted_specs("onnxruntime")[0])
     moved = {n for (n, a), b in zip(start.named_parameters(), recovered.parameters()) if not torch.equal(a, b)}
     assert len(moved) == 3 * 7 and {n.split(".")[2] for n in moved} == {"0", "1", "2"}
-    assert set(kept) == {linear_module_name(i, n) for i in range(3) for n in LINEARS}
+    assert set(kept) == {linear_module_name(i, n) for i in range(3) for n in LINEARS} and regptq == 3 * 7
     assert not any(torch.equal(kept[k], scales[k]) for k in kept)
 
 
