@@ -435,8 +435,8 @@ class Pack:
             console.print(f"  {runtime} at format share {share:g}: floor-check ppl {after:.2f} (floor {limit:.2f})")
             if after <= limit:
                 break
-        share, tried, res, narrow, after, (start, scales, regptq) = next((t for t in tries if t[4] <= limit),
-                                                                 min(tries, key=lambda t: t[4]))  # fmt: skip
+        share, tried, res, narrow, after, (start, scales, regptq) = next(
+            (t for t in tries if t[4] <= limit), min(tries, key=lambda t: t[4]))
         save_model(res.model, self.work / f"recovered-{runtime}", block_scales=res.block_scales)
         tried.save(self.work / f"spec-{runtime}.json")
         return res.summary() | {
@@ -449,10 +449,11 @@ class Pack:
 
     def runtime_warm_start(self, spec: SubnetSpec) -> tuple[torch.nn.Module, dict[str, torch.Tensor], int]:
         """What ``runtime_recovery`` starts from for a runtime that holds the winner as ``spec``, the block
-        scales its kept-scale linears start at, and how many linears GPTQ rounded anew: the winner's recovered model, with GPTQ's error
-        compensation swapped (``swap_compensation``) in the linears ``spec`` rounds another way, the
-        compensation for the winner's formats out (``winner_rounding``) and GPTQ's for ``spec``'s in, at
-        GPTQ's scales for ``spec``; the other linears keep the scales the winner's recovery kept.
+        scales its kept-scale linears start at, and how many linears GPTQ rounded anew: the winner's
+        recovered model, with GPTQ's error compensation swapped (``swap_compensation``) in the linears
+        ``spec`` rounds another way, the compensation for the winner's formats out (``winner_rounding``)
+        and GPTQ's for ``spec``'s in, at GPTQ's scales for ``spec``; the other linears keep the scales the
+        winner's recovery kept.
         Carried into ONNX Runtime's 4-bit blocks, the compensation for iq4_nl's rounding made the
         start worse: held-out 21.58 with it, 20.05 without (the same winner, format share 0.8); the
         README gives what putting int4s_b32's own in measured (stop 28)."""
