@@ -240,7 +240,7 @@ def tune_supernet_cmd(model, target, runtime, mode, steps, calib_blocks, seed, o
                    "nothing is fitted or trained on (the check split).")
 @click.option("--runtime-recover-steps", default=60, show_default=True,
               help="Recovery steps for each other runtime whose formats round the winner differently (0: none).")
-@click.option("--runtime-format-shares", default="1.0,0.8", show_default=True,
+@click.option("--runtime-format-shares", default="1.0,0.9,0.8", show_default=True,
               help="Shares of blocks (least rounding-sensitive first) keeping the carried formats in such a runtime, "
                    "tried in turn until its recovery meets the floor; the rest take the base's formats.")
 @click.option("--shortlist", default=3, show_default=True,

@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from rich.console import Console
@@ -48,6 +49,9 @@ from subnet.spec import SubnetSpec, lossy_retargets, retarget_formats
 from subnet.supernet import Supernet
 from targets.backend import atomic_output, backend, fingerprint, runner_nll_per_block
 from targets.registry import Target, get_target
+
+if TYPE_CHECKING:
+    from search.recovery import RecoveryResult
 
 BLOCK_SCALES = "block_scales.safetensors"  # beside a recovered model: its kept-scale weights' kept scales
 FLOOR_KEYS = ("floor_ppl_before", "floor_ppl_after", "floor_ppl_limit", "meets_floor")  # a floor check's outcome
@@ -90,9 +94,23 @@ class PackConfig:
     recover_steps: int = 120
     runtime_recover_steps: int = 60  # per other runtime whose formats round differently (0: export them as is)
     # the shares of blocks that keep their carried formats, tried in turn until that runtime meets the floor
-    runtime_format_shares: list[float] = field(default_factory=lambda: [1.0, 0.8])
+    runtime_format_shares: list[float] = field(default_factory=lambda: [1.0, 0.9, 0.8])
     threads: int = 2
     allow_pickle: bool = False
+
+
+class ShareTry(NamedTuple):
+    """One of ``Pack.runtime_recovery``'s format-share tries: the share, the spec it narrows ``narrow``
+    blocks of, its recovery, the floor-check perplexity after it, and its warm start (``runtime_warm_start``)."""
+
+    share: float
+    spec: SubnetSpec
+    result: RecoveryResult
+    narrow: set[int]
+    floor_ppl: float
+    start: torch.nn.Module
+    scales: dict[str, torch.Tensor]
+    regptq: int
 
 
 class Pack:
@@ -423,27 +441,28 @@ class Pack:
         narrowed, tries = [ly.index for ly in spec.layers if ly.formats != wide[ly.index]], []
         for share in self.cfg.runtime_format_shares:
             narrow = least_sensitive(self.rounding_rank() if share < 1 else None, narrowed, share)
-            if any(narrow == t[3] for t in tries):  # e.g. a winner already at that share: nothing new to try
+            if any(narrow == t.narrow for t in tries):  # e.g. a winner already at that share: nothing new to try
                 continue
             tried = widen_blocks(spec, base_spec, narrow)
             start, scales, regptq = self.runtime_warm_start(tried)
             res = recover(sorted_model, start, tried, blocks.train, blocks.held,
                           RecoveryConfig(max_steps=self.cfg.runtime_recover_steps, qat=True), block_scales=scales,
                           out_dir=self.work / f"recovery-{runtime}" / share_try_key(tried, narrow), resume=True)  # fmt: skip
-            after = self.checked_ppl(res.model, tried, res.block_scales)
-            tries.append((share, tried, res, narrow, after, (start, scales, regptq)))
-            console.print(f"  {runtime} at format share {share:g}: floor-check ppl {after:.2f} (floor {limit:.2f})")
-            if after <= limit:
+            tries.append(ShareTry(share, tried, res, narrow, self.checked_ppl(res.model, tried, res.block_scales),
+                                  start, scales, regptq))  # fmt: skip
+            console.print(f"  {runtime} at format share {share:g}: floor-check ppl {tries[-1].floor_ppl:.2f} "
+                          f"(floor {limit:.2f})")  # fmt: skip
+            if tries[-1].floor_ppl <= limit:
                 break
-        share, tried, res, narrow, after, (start, scales, regptq) = next(
-            (t for t in tries if t[4] <= limit), min(tries, key=lambda t: t[4]))
-        save_model(res.model, self.work / f"recovered-{runtime}", block_scales=res.block_scales)
-        tried.save(self.work / f"spec-{runtime}.json")
-        return res.summary() | {
-            "changed": len(changed), "example": changed[0], "floor_ppl_before": self.checked_ppl(start, tried, scales),
-            "floor_ppl_after": after, "floor_ppl_limit": limit, "meets_floor": after <= limit,
-            "format_share": share, "narrow_blocks": len(narrow), "gptq_linears": regptq,
-            "tries": [{"format_share": t[0], "floor_ppl_after": t[4], "wall_s": t[2].summary()["wall_s"]}
+        kept = next((t for t in tries if t.floor_ppl <= limit), min(tries, key=lambda t: t.floor_ppl))
+        save_model(kept.result.model, self.work / f"recovered-{runtime}", block_scales=kept.result.block_scales)
+        kept.spec.save(self.work / f"spec-{runtime}.json")
+        return kept.result.summary() | {
+            "changed": len(changed), "example": changed[0],
+            "floor_ppl_before": self.checked_ppl(kept.start, kept.spec, kept.scales),
+            "floor_ppl_after": kept.floor_ppl, "floor_ppl_limit": limit, "meets_floor": kept.floor_ppl <= limit,
+            "format_share": kept.share, "narrow_blocks": len(kept.narrow), "gptq_linears": kept.regptq,
+            "tries": [{"format_share": t.share, "floor_ppl_after": t.floor_ppl, "wall_s": t.result.summary()["wall_s"]}
                       for t in tries],
         }  # fmt: skip
 

@@ -26,7 +26,8 @@ DEFAULT_FORMATS = {
     TENSORRT: ["f16", "int8", "int4_b128"],
 }
 DEFAULT_EMBED_FORMATS = {LLAMA_CPP: ["q8_0", "iq4_nl", "q4_0"], ONNXRUNTIME: ["f32"], TENSORRT: ["f16"]}
-DEFAULT_FORMAT_SHARES = [1.0, 0.8, 0.6, 0.4]
+# finer near 1.0, where the last few (most rounding-sensitive) blocks decide whether a 4-bit model meets the floor
+DEFAULT_FORMAT_SHARES = [1.0, 0.95, 0.9, 0.8, 0.6, 0.4]
 FORMAT_SHARE = "format_share"  # uniform-mode variable: the share of kept blocks that take the chosen formats
 
 
