@@ -3,14 +3,15 @@
 Measured on this machine in one process tree, interleaved: for llama.cpp, the packed GGUF, the
 sequential prune-then-quantize bundle's GGUF (if given), the base in the search's widest format
 (our exporter), and llama.cpp's own Q8_0 and Q4_K_M of the base (llama_model_quantize from an F32
-GGUF); for ONNX Runtime, the packed model vs the base in the same formats and, where onnxruntime-genai
-is installed (``pip install -e '.[bench]'``), its model builder's int4 export of the base (what an
-ONNX Runtime user would do instead). Columns: size, decode tokens/s (median over rounds), decode
-speed-up over the base at the same precision (the median of the per-round ratios, each pairing two
-measurements taken moments apart, and their range), prefill ms, peak RSS, held-out perplexity (scored
-in the runtime on the scorecard's evaluation blocks, none of which the search scored) and its ratio to
-the base at the same precision with a paired bootstrap 95% interval, and decode speed as a fraction of
-this machine's memory-bandwidth roofline (bytes read per token / measured bandwidth).
+GGUF); for ONNX Runtime, the packed model vs the base in the same formats, the sequential bundle's
+ONNX model (if given) and, where onnxruntime-genai is installed (``pip install -e '.[bench]'``), its
+model builder's int4 export of the base (what an ONNX Runtime user would do instead). Columns: size,
+decode tokens/s (median over rounds), decode speed-up over the base at the same precision (the median
+of the per-round ratios, each pairing two measurements taken moments apart, and their range), prefill
+ms, peak RSS, held-out perplexity (scored in the runtime on the scorecard's evaluation blocks, none of
+which the search scored) and its ratio to the base at the same precision with a paired bootstrap 95%
+interval, and decode speed as a fraction of this machine's memory-bandwidth roofline (bytes read per
+token / measured bandwidth).
 
     .venv/bin/python benchmarks/bench_headline.py --packed out/smollm2-laptop-cpu [--sequential out/seq] \\
         [--rounds 3] [--eval-blocks 32]
@@ -195,6 +196,9 @@ def main():
         genai = genai_int4(hf_dir, work / "genai-int4") if hf_dir.is_dir() else None
         if genai is not None:
             ov["base, onnxruntime-genai int4"] = genai
+        sequential = bundle_artifact(args.sequential, "onnxruntime") if args.sequential else None
+        if sequential is not None:
+            ov["sequential prune→quantize"] = sequential
         orows = measure_rounds(onnxrt, ov, wl, args.threads, args.rounds)
         print("\n### ONNX Runtime\n")
         ref = "base, same precision"
