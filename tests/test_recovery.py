@@ -196,3 +196,18 @@ def test_supernet_tuning_with_a_search_space(teacher_and_text, tmp_path):
     cfg = SupernetTuningConfig(rank=2, alpha=4, steps=2, batch_size=2, seq_len=32)
     path = tune_supernet(base, space, calib, cfg, out_dir=tmp_path / "a", progress=False)
     assert (path / "tuning.json").is_file()
+
+
+def test_patience_grows_with_long_runs(teacher_and_text):
+    assert RecoveryConfig(max_steps=120, eval_every=20).evaluations_patience == 2  # the pack's runs: unchanged
+    assert RecoveryConfig(max_steps=600, eval_every=20).evaluations_patience == 8
+    assert RecoveryConfig(max_steps=600, eval_every=20, patience_share=0).evaluations_patience == 2
+    with pytest.raises(RecoveryError, match="patience_share"):
+        RecoveryConfig(patience_share=1.5).check()
+    base, calib, val = teacher_and_text  # a run that cannot progress lasts at least that many evaluations
+    spec = pruned(base)
+    sub = extract(base, spec)
+    runs = {share: recover(base, sub, spec, calib, val, RecoveryConfig(**FAST, lr=1e-9, max_steps=40, eval_every=2,
+                                                                        patience_share=share), progress=False)
+            for share in (0.0, 0.25)}  # fmt: skip
+    assert runs[0.0].steps_run < 2 * 5 <= runs[0.25].steps_run  # 20 evaluations: patience 2, then 5
