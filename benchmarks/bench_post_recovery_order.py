@@ -32,7 +32,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import track  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from packager.pack import Pack, PackConfig, cost_fn  # noqa: E402
+from packager.pack import Pack, PackConfig, cost_fn, narrowed_blocks  # noqa: E402
 from search.recovery import RecoveryConfig, recover  # noqa: E402
 from subnet.spec import SubnetSpec  # noqa: E402
 
@@ -53,7 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", type=Path, required=True, help="bundle folder of a finished `packager pack`")
     ap.add_argument("--narrow-more", type=int, default=4, help="how many of the winner's wide blocks to narrow")
-    ap.add_argument("--steps", type=int, default=60, help="recovery steps for each block set, warm-started")
+    ap.add_argument("--steps", type=int, default=60, help="recovery steps for each block set")
     ap.add_argument("--start", choices=("warm", "scratch"), default="warm",
                     help="warm: from the recovered winner; scratch: from the base, as the pack's recoveries")
     ap.add_argument("--recover-blocks", type=int, help="x 256 tokens of training text (default: the pack's)")
@@ -69,9 +69,8 @@ def main() -> None:
     if a.recover_blocks:  # read when the first recovery asks for its blocks; the run's own record keeps its value
         p.cfg = replace(p.cfg, recover_blocks=a.recover_blocks)
     winner, base_spec = p.winner_spec(), p.base_spec()
-    wide_formats = {ly.index: ly.formats for ly in base_spec.layers}
-    wide = [ly.index for ly in winner.layers if ly.formats == wide_formats[ly.index]]
-    narrow = [ly.index for ly in winner.layers if ly.index not in wide]
+    narrow = narrowed_blocks(winner, base_spec)
+    wide = [ly.index for ly in winner.layers if ly.index not in narrow]
     if not wide or not narrow:
         raise SystemExit(f"the winner of {a.bundle} has no wide and narrow blocks to compare: nothing to do")
     limit = p.floor_limit(p.sorted_model(), base_spec)
@@ -90,12 +89,10 @@ def main() -> None:
     console.print(t)
 
     k = min(a.narrow_more, len(wide))
-    sets = {"pre-recovery rounding rank": [b for b in rank if b in wide][:k],
-            "post-recovery cost": sorted(wide, key=single.get)[:k]}  # fmt: skip
-    if a.only:
-        sets = {h: b for h, b in sets.items() if h.startswith(a.only)}
+    sets = {"pre": ("pre-recovery rounding rank", [b for b in rank if b in wide][:k]),
+            "post": ("post-recovery cost", sorted(wide, key=single.get)[:k])}  # fmt: skip
     rows = []
-    for how, blocks in sets.items():
+    for how, blocks in (sets[a.only],) if a.only else sets.values():
         spec = narrowed(winner, set(blocks), narrow[0])
         if a.start == "warm":
             start, st_scales, regptq = p.runtime_warm_start(spec)

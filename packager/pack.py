@@ -437,8 +437,7 @@ class Pack:
         console.print(f"  recovery for {runtime}: {len(changed)} tensors change format ({changed[0]}, ...)")
         sorted_model, blocks = self.sorted_model(), self.recovery_blocks
         limit = self.floor_limit(sorted_model, base_spec)
-        wide = {ly.index: ly.formats for ly in base_spec.layers}
-        narrowed, tries = [ly.index for ly in spec.layers if ly.formats != wide[ly.index]], []
+        narrowed, tries = narrowed_blocks(spec, base_spec), []
         for share in self.cfg.runtime_format_shares:
             narrow = least_sensitive(self.rounding_rank() if share < 1 else None, narrowed, share)
             if any(narrow == t.narrow for t in tries):  # e.g. a winner already at that share: nothing new to try
@@ -633,6 +632,12 @@ def changed_linears(spec: SubnetSpec, other: SubnetSpec) -> list[tuple[int, str]
     """(layer index, linear name) of the linears ``other`` holds in weights other than ``spec``'s."""
     return [(i, n) for i, (a, b) in enumerate(zip(spec.layers, other.layers)) for n in LINEARS
             if not same_weights(a.formats[n], b.formats[n])]  # fmt: skip
+
+
+def narrowed_blocks(spec: SubnetSpec, wide: SubnetSpec) -> list[int]:
+    """The kept blocks ``spec`` holds in other formats than ``wide`` gives them (``widen_blocks``' inverse)."""
+    formats = {ly.index: ly.formats for ly in wide.layers}
+    return [ly.index for ly in spec.layers if ly.formats != formats[ly.index]]
 
 
 def widen_blocks(spec: SubnetSpec, wide: SubnetSpec, narrow: set[int]) -> SubnetSpec:
