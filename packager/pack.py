@@ -59,6 +59,10 @@ STAGES = ("prepare", "search", "select", "recover", "export", "measure", "scorec
 console = Console(stderr=True)
 
 
+# options that act only after the shortlist's recoveries: changing them keeps those (shortlist.json)
+PROMOTION_OPTIONS = ("promote_margin", "long_recovery", "long_recover_steps", "long_recover_blocks")
+
+
 class PackError(ValueError):
     pass
 
@@ -77,6 +81,10 @@ class PackConfig:
     shortlist: int = 3  # candidates faster than the fastest floor-meeting one, each given a short recovery
     shortlist_steps: int = 30  # recovery steps per shortlisted candidate
     promote_margin: float = 0.05  # a shortlisted candidate missing the floor by at most this gets the full recovery
+    # opt-in: the promoted candidate trains long_recover_steps on long_recover_blocks, every step run (Pack.promotion_recovery)
+    long_recovery: bool = False
+    long_recover_steps: int = 600
+    long_recover_blocks: int = 640
     equalize: bool = True  # scale input channels for rounding (activation-aware) before the search
     gptq: bool = True  # round kept-scale-format linears by GPTQ before every recovery (subnet.gptq)
     ladder: int = 2  # rounds of bisection toward faster members of each family whose shortlisted member met the floor
@@ -135,8 +143,14 @@ class Pack:
         if saved:  # an option added since the run started resumes at its default
             saved = {**asdict(PackConfig(target=cfg.target)), **saved}
         if saved and saved != asdict(cfg):
-            raise PackError(f"{self.work} was started with other options ({_diff(saved, asdict(cfg))}): use the same "
-                            "options to resume, or --force to start over")  # fmt: skip
+            now = asdict(cfg)
+            if not resume or {k for k in set(saved) | set(now) if saved.get(k) != now.get(k)} - set(PROMOTION_OPTIONS):
+                raise PackError(f"{self.work} was started with other options ({_diff(saved, now)}): use the same options "
+                                "to resume (or change only --promote-margin / --long-recovery), or --force to start over")  # fmt: skip
+            # only what the select stage does after the shortlist changed: redo the run from there
+            kept = STAGES[: STAGES.index("select")]
+            self.state["done"] = {k: v for k, v in self.state.get("done", {}).items() if k in kept}
+            console.print(f"options changed since the run started ({_diff(saved, now)}): redoing it from the select stage")
         self.state["config"] = asdict(cfg)
         self.target: Target = get_target(cfg.target)
         self.runtimes = cfg.runtimes or list(self.target.runtimes)
@@ -255,7 +269,8 @@ class Pack:
         if promoted and promoted["meets_floor"]:
             near = "faster than every one meeting the floor" if best else f"within {self.cfg.promote_margin:.0%} of the floor"
             winner, how = Evaluation(**promoted["evaluation"]), (
-                f"shortlisted candidate {near} after {self.cfg.shortlist_steps} steps that met it after the full "
+                f"shortlisted candidate {near} after {self.cfg.shortlist_steps} steps that met it after the "
+                f"{'long' if self.cfg.long_recovery else 'full'} "
                 f"recovery ({promoted['recovery']['steps_run']} steps)")  # fmt: skip
         elif best:
             winner, how = Evaluation(**best["evaluation"]), (
@@ -283,18 +298,21 @@ class Pack:
         if t is None:
             return None
         spec = Evaluation(**t["evaluation"]).spec_obj()
-        blocks = self.recovery_blocks
-        console.print(f"  promoted to full recovery: {_spec_summary(spec)}")
+        blocks, config = self.promotion_recovery()
+        long = "-long" if self.cfg.long_recovery else ""
+        console.print(f"  promoted to {'long' if long else 'full'} recovery: {_spec_summary(spec)}")
         sub, scales = self.rounded_subnet(model, spec, self.calibration_blocks())
-        res = recover(model, sub, spec, blocks.train, blocks.held, self.recovery_config(), block_scales=scales,
-                      out_dir=self.work / "promotion" / candidate_key(t["evaluation"]["x"]), resume=True)  # fmt: skip
+        res = recover(model, sub, spec, blocks.train, blocks.held, config, block_scales=scales,
+                      out_dir=self.work / "promotion" / (candidate_key(t["evaluation"]["x"]) + long), resume=True)  # fmt: skip
         after = self.checked_ppl(res.model, spec, res.block_scales)
         ok = after <= t["floor_ppl_limit"]
         if ok:
             save_model(res.model, self.work / "recovered", block_scales=res.block_scales)
         console.print(f"  promoted: floor-check ppl {t['floor_ppl_before']:.2f} → {after:.2f} after {res.steps_run} "
                       f"steps (limit {t['floor_ppl_limit']:.2f}): {'meets' if ok else 'misses'} the floor")  # fmt: skip
-        return {"evaluation": t["evaluation"], "recovery": res.summary() | {"gptq_linears": len(scales)},
+        return {"evaluation": t["evaluation"],
+                "recovery": res.summary() | {"gptq_linears": len(scales), "train_blocks": len(blocks.train)},
+                "long": self.cfg.long_recovery,
                 "floor_ppl_before": t["floor_ppl_before"], "floor_ppl_after": after,
                 "floor_ppl_limit": t["floor_ppl_limit"], "meets_floor": ok}  # fmt: skip
 
@@ -314,8 +332,8 @@ class Pack:
         limit = self.floor_limit(model, base_ev.spec_obj())
         done_path = self.work / "shortlist.json"
         saved = json.loads(done_path.read_text()) if done_path.exists() else {}
-        options = json.loads(json.dumps(asdict(self.cfg)))  # as JSON reads it back (tuples as lists)
-        done = saved.get("candidates", {}) if saved.get("options") == options else {}
+        options = shortlist_options(json.loads(json.dumps(asdict(self.cfg))))  # as JSON reads it back (tuples as lists)
+        done = saved.get("candidates", {}) if shortlist_options(saved.get("options", {})) == options else {}
         keys = [candidate_key(e.x) for e in candidates]
         for key, e in zip(keys, candidates):
             if key in done:
@@ -359,8 +377,14 @@ class Pack:
         ``val_blocks`` for its early stopping (``held``), every k-th of ``calib_blocks + val_blocks`` blocks
         spread over the split. Computed once per run; the README gives what training on more text measured
         (stop 26)."""
+        return self.holdout(self.cfg.recover_blocks)
+
+    def holdout(self, n_train: int) -> Holdout:
+        """``n_train`` calibration blocks to train on and the ``val_blocks`` held out for early stopping,
+        the same held-out ones whatever ``n_train`` (``holdout_blocks`` on a grid of ``calib_blocks +
+        val_blocks``)."""
         c = self.cfg
-        return holdout_blocks(self.base().tokenizer, "calibration", 256, c.recover_blocks, c.val_blocks,
+        return holdout_blocks(self.base().tokenizer, "calibration", 256, n_train, c.val_blocks,
                               grid=c.calib_blocks + c.val_blocks)  # fmt: skip
 
     def calibration_blocks(self) -> torch.Tensor:
@@ -380,6 +404,19 @@ class Pack:
         from search.recovery import RecoveryConfig
 
         return RecoveryConfig(max_steps=self.cfg.recover_steps, qat=True)
+
+    def promotion_recovery(self):
+        """The promoted candidate's training blocks and recovery: the winner's, or with ``long_recovery``
+        ``long_recover_steps`` on ``long_recover_blocks`` blocks with every step run, keeping the best on the
+        held-out blocks (on SmolLM2 early stopping on 8 of them gave up at step 260 of a run whose held-out
+        perplexity still fell until step 580, and the floor check then missed where the full run met it:
+        stop 32, README)."""
+        from search.recovery import RecoveryConfig
+
+        c = self.cfg
+        if not c.long_recovery:
+            return self.recovery_blocks, self.recovery_config()
+        return self.holdout(c.long_recover_blocks), RecoveryConfig(max_steps=c.long_recover_steps, qat=True, patience_share=1.0)
 
     def stage_recover(self) -> dict:
         """Recover the winner for the search runtime, then for every other runtime that rounds it
@@ -613,6 +650,11 @@ class Pack:
         folder.rename(self.out)
         make_tarball(self.out, self.out.with_name(self.out.name + ".tar.gz"))
         return {"files": len(manifest["files"])}
+
+
+def shortlist_options(options: dict) -> dict:
+    """The pack options a short recovery may depend on: all but ``PROMOTION_OPTIONS``."""
+    return {k: v for k, v in options.items() if k not in PROMOTION_OPTIONS}
 
 
 def save_model(model, folder: Path, tokenizer=None, block_scales: dict[str, torch.Tensor] | None = None) -> None:
@@ -923,7 +965,8 @@ def selection_summary(sel: dict) -> dict:
     pro = sel.get("promoted")
     if pro:
         pro = {"spec": _spec_summary(SubnetSpec.from_dict(pro["evaluation"]["spec"])),
-               **{k: pro["recovery"][k] for k in ("steps_run", "wall_s")},
+               **{k: pro["recovery"][k] for k in ("steps_run", "wall_s")}, "train_blocks": pro["recovery"].get("train_blocks"),
+               "long": pro.get("long", False),
                **{k: pro[k] for k in FLOOR_KEYS}}  # fmt: skip
     return {"how": sel["how"], "shortlist": rows, "promoted": pro}
 

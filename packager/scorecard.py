@@ -99,8 +99,9 @@ def promotion_line(sel: dict) -> str | None:
     if not p:
         return None
     other = "the fastest shortlisted candidate meeting it" if any(t["meets_floor"] for t in sel["shortlist"]) else "the fallback"
-    return (f"promoted to full recovery: {p['spec']}: floor-check ppl {p['floor_ppl_before']:.2f} → "
-            f"{p['floor_ppl_after']:.2f} after {p['steps_run']} steps ({p['wall_s']:.0f} s), floor {p['floor_ppl_limit']:.2f}: "
+    text = f" on {256 * p['train_blocks']:,} calibration tokens" if p.get("train_blocks") else ""
+    return (f"promoted to {'long' if p.get('long') else 'full'} recovery: {p['spec']}: floor-check ppl {p['floor_ppl_before']:.2f} → "
+            f"{p['floor_ppl_after']:.2f} after {p['steps_run']} steps{text} ({p['wall_s']:.0f} s), floor {p['floor_ppl_limit']:.2f}: "
             f"{'met, so it won' if p['meets_floor'] else f'missed, so {other} won'}.")
 
 
@@ -124,7 +125,7 @@ def floor_line(sec: dict) -> str | None:
 def recovery_summary(rec: dict, cfg: dict) -> str:
     """One sentence on the winner's recovery: the floor check's perplexity before and after it, and on what."""
     line = (f"LoRA + distillation ({rec['steps_run']} steps, {rec['wall_s']:.0f} s, {rec['stopped_reason']}; trained on "
-            f"{256 * cfg['recover_blocks']:,} calibration tokens, early-stopped on {255 * cfg['val_blocks']:,} held-out ones)")
+            f"{256 * rec.get('train_blocks', cfg['recover_blocks']):,} calibration tokens, early-stopped on {255 * cfg['val_blocks']:,} held-out ones)")
     if "floor_ppl_after" not in rec:
         return line + f": perplexity {rec['ppl_before']:.2f} → {rec['ppl_after']:.2f} on the early-stopping blocks"
     return (line + f": floor-check perplexity {rec['floor_ppl_before']:.2f} → {rec['floor_ppl_after']:.2f} on "

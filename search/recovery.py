@@ -24,7 +24,7 @@ import random
 import shutil
 import time
 import types
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -268,9 +268,10 @@ def _load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
 
 def _run_key(config: RecoveryConfig, spec: SubnetSpec, windows: torch.Tensor, val_blocks: torch.Tensor,
              block_scales: dict[str, torch.Tensor]) -> str:  # fmt: skip
-    """Fingerprint of what a checkpoint may be resumed into (config, spec, data, the scales it starts on)."""
+    """Fingerprint of what a checkpoint may be resumed into (config, spec, data, the scales it starts on);
+    the spec's ``meta`` (how it was chosen) does not change what is trained, so it is left out."""
     h = hashlib.sha256(json.dumps(asdict(config), sort_keys=True, default=str).encode())
-    h.update(spec.to_json(indent=None).encode())
+    h.update(replace(spec, meta={}).to_json(indent=None).encode())
     h.update(windows.numpy().tobytes())
     h.update(val_blocks.numpy().tobytes())
     for name in sorted(block_scales):
@@ -451,10 +452,10 @@ def recover(
                 bar.update(task, ppl=ppl, best=state["best_ppl"])
                 if reason == "diverged":
                     break
-                if state["bad"] >= config.evaluations_patience:
+                if step < config.max_steps and state["bad"] >= config.evaluations_patience:  # (the last step ends it anyway)
                     reason = "early stop"
                     break
-                if state["flat"] >= config.evaluations_patience:
+                if step < config.max_steps and state["flat"] >= config.evaluations_patience:
                     reason = "converged"
                     break
             if out_dir is not None and step % config.checkpoint_every == 0:

@@ -1,15 +1,15 @@
 """`packager pack` end to end on a small random model that carries SmolLM2's tokenizer."""
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 from packager.cli import main
-from packager.pack import Pack, PackConfig, PackError
-from packager.scorecard import recovery_summary
+from packager.pack import Pack, PackConfig, PackError, selection_summary
+from packager.scorecard import promotion_line, recovery_summary
 from packager.selection import candidate_key, format_family, spec_key
 from search.importance import Importance
 from search.problem import Evaluation
@@ -92,6 +92,11 @@ def test_pack_resumes_from_the_last_finished_stage(small_model_dir, tmp_path, mo
     assert set(p.state["done"]) == {"prepare", "search", "select", "recover"}
     p.run()
     assert (out / "manifest.json").is_file()
+    # an option that acts only after the shortlist (--long-recovery) redoes the run from the select stage
+    with pytest.raises(PackError, match="other options"):
+        Pack(replace(cfg, long_recovery=True, budget=7), out, resume=True, force=True)  # the search's budget did too
+    again = Pack(replace(cfg, long_recovery=True), out, resume=True, force=True)
+    assert set(again.state["done"]) == {"prepare", "search"} and again.state["config"]["long_recovery"]
 
 
 def test_select_recovers_a_shortlist_and_keeps_the_fastest_that_meets_the_floor(small_model_dir, tmp_path):
@@ -170,6 +175,37 @@ def test_promotion_gives_a_near_miss_the_full_recovery_and_the_recover_stage_reu
         spec.save(p.work / "spec.json")
         p.recover_winner()
     assert sorted(d.name for d in (p.work / "recovery").iterdir()) == sorted(spec_key(s) for s in specs)
+
+
+def test_long_recovery_trains_the_promoted_candidate_longer_on_more_text_and_keeps_the_shortlist(small_model_dir,
+                                                                                                    tmp_path):
+    """--long-recovery: the promotion runs every one of its steps (no early stopping) on more training blocks,
+    the same held-out ones, in a folder of its own; the scorecard says on how much text; the shortlist's
+    recoveries, which the option does not touch, are kept."""
+    cfg = small_config(small_model_dir, long_recovery=True, long_recover_steps=40, long_recover_blocks=12)
+    p = Pack(cfg, tmp_path / "p")
+    p.state.setdefault("done", {})["prepare"] = {"result": p.stage_prepare(), "wall_s": 0}
+    p.state["done"]["search"] = {"result": p.stage_search(), "wall_s": 0}
+    pruned = min(json.loads((p.work / "evaluations.json").read_text()), key=lambda e: e["decode_ms"])
+    blocks, config = p.promotion_recovery()
+    assert len(blocks.train) == 12 and torch.equal(blocks.held, p.recovery_blocks.held)
+    assert config.max_steps == 40 and config.evaluations_patience == 40 // config.eval_every
+    tried = [{"evaluation": pruned, "floor_ppl_before": 1.04e9, "floor_ppl_after": 1.04e9, "floor_ppl_limit": 1e9,
+              "meets_floor": False}]
+    met = p.promotion(p.sorted_model(), tried, None)
+    assert met["recovery"]["steps_run"] == 40 and met["recovery"]["stopped_reason"] == "max steps"
+    assert met["recovery"]["train_blocks"] == 12
+    assert [d.name for d in (p.work / "promotion").iterdir()] == [candidate_key(pruned["x"]) + "-long"]
+    line = promotion_line(selection_summary({"shortlist": [], "promoted": met, "how": ""}))
+    assert line.startswith("promoted to long recovery: ") and line.endswith("met, so it won.")
+    assert "after 40 steps on 3,072 calibration tokens" in line
+    # shortlist.json made without the option is reused with it
+    net, base_ev = p.problem(p.sorted_model(), cfg.accuracy_floor).supernet, Evaluation(**p.result("search")["base"])
+    first = p.short_recoveries(net, base_ev, [Evaluation(**pruned)])[0]
+    saved = json.loads((p.work / "shortlist.json").read_text())
+    saved["options"] |= {"long_recovery": False, "promote_margin": 0.2}
+    (p.work / "shortlist.json").write_text(json.dumps(saved))
+    assert p.short_recoveries(net, base_ev, [Evaluation(**pruned)])[0]["wall_s"] == first["wall_s"]
 
 
 def test_a_runtime_that_rounds_the_winner_differently_gets_its_own_recovery(small_model_dir, tmp_path):
