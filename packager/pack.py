@@ -59,7 +59,8 @@ STAGES = ("prepare", "search", "select", "recover", "export", "measure", "scorec
 console = Console(stderr=True)
 
 
-# options that act only after the shortlist's recoveries: changing them keeps those (shortlist.json)
+# options that act only after the shortlist's recoveries: changing them keeps those (shortlist.json), and a run
+# resumed with only these changed is redone from the select stage
 PROMOTION_OPTIONS = ("promote_margin", "long_recovery", "long_recover_steps", "long_recover_blocks")
 
 

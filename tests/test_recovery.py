@@ -2,6 +2,7 @@
 
 import shutil
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -88,7 +89,8 @@ def test_resume_gives_the_same_weights(teacher_and_text, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-8"]
     shutil.rmtree(tmp_path / "checkpoint-8")  # as if the run had been killed after step 4..7
     t0 = time.perf_counter()
-    resumed = recover(base, sub, spec, calib, val, cfg, out_dir=tmp_path, resume=True, progress=False)
+    noted = replace(spec, meta={"selected": "by another stage"})  # how a spec was chosen does not change the run
+    resumed = recover(base, sub, noted, calib, val, cfg, out_dir=tmp_path, resume=True, progress=False)
     assert resumed.wall_s > time.perf_counter() - t0  # steps 1..4, run before the interruption, count too
     assert resumed.steps_run == full.steps_run == 8 and resumed.history == full.history
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
