@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -66,8 +65,7 @@ def main() -> None:
     work = a.bundle.with_name(a.bundle.name + ".work")
     cfg = PackConfig(**json.loads((work / "stages.json").read_text())["config"])
     p = Pack(cfg, a.bundle, resume=True, force=True)  # reads the finished run; writes nothing but recoveries
-    if a.recover_blocks:  # read when the first recovery asks for its blocks; the run's own record keeps its value
-        p.cfg = replace(p.cfg, recover_blocks=a.recover_blocks)
+    text = p.holdout(a.recover_blocks) if a.recover_blocks else p.recovery_blocks
     winner, base_spec = p.winner_spec(), p.base_spec()
     narrow = narrowed_blocks(winner, base_spec)
     wide = [ly.index for ly in winner.layers if ly.index not in narrow]
@@ -100,9 +98,9 @@ def main() -> None:
             start, st_scales = p.rounded_subnet(p.sorted_model(), spec, p.calibration_blocks())
             regptq = len(st_scales)
         before = p.checked_ppl(start, spec, st_scales)
-        name = "-".join(map(str, [a.start, p.cfg.recover_blocks, a.steps, f"{a.patience_share:g}", *sorted(blocks)]))
+        name = "-".join(map(str, [a.start, len(text.train), a.steps, f"{a.patience_share:g}", *sorted(blocks)]))
         run_dir = work / "bench-post-recovery-order" / name
-        res = recover(p.sorted_model(), start, spec, p.recovery_blocks.train, p.recovery_blocks.held,
+        res = recover(p.sorted_model(), start, spec, text.train, text.held,
                       RecoveryConfig(max_steps=a.steps, qat=True, patience_share=a.patience_share),
                       block_scales=st_scales, out_dir=run_dir, resume=True)  # fmt: skip
         after = p.checked_ppl(res.model, spec, res.block_scales)

@@ -145,7 +145,7 @@ class Pack:
             saved = {**asdict(PackConfig(target=cfg.target)), **saved}
         if saved and saved != asdict(cfg):
             now = asdict(cfg)
-            if not resume or {k for k in set(saved) | set(now) if saved.get(k) != now.get(k)} - set(PROMOTION_OPTIONS):
+            if not resume or shortlist_options(saved) != shortlist_options(now):
                 raise PackError(f"{self.work} was started with other options ({_diff(saved, now)}): use the same options "
                                 "to resume (or change only --promote-margin / --long-recovery), or --force to start over")  # fmt: skip
             # only what the select stage does after the shortlist changed: redo the run from there
