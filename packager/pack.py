@@ -588,9 +588,12 @@ class Pack:
             model, scales = self._recovered(rt)
             # the weights recovery trained at kept block scales are written with them (llama.cpp's iq4_nl)
             kept = {"block_scales": scales} if scales and spec.formats_used() & set(KEPT_SCALE_FORMATS) else {}
+            model.config.name_or_path = f"{self.base().name} packaged for {self.target.name}"  # the artifacts' name
             packed = mod.export(model, tok, spec, folder / _artifact_name(rt, "packaged"), force=True, **kept)
             sorted_model = sorted_model or self.sorted_model()
-            base = mod.export(extract(sorted_model, base_spec), tok, base_spec, folder / _artifact_name(rt, "base"), force=True)
+            base_model = extract(sorted_model, base_spec)
+            base_model.config.name_or_path = f"{self.base().name} base"
+            base = mod.export(base_model, tok, base_spec, folder / _artifact_name(rt, "base"), force=True)
             arts[rt] = {"packaged": packed.to_dict(), "base": base.to_dict(),
                         "spec": spec.to_dict(), "base_spec": base_spec.to_dict()}  # fmt: skip
         return arts

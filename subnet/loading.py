@@ -40,6 +40,13 @@ class LoadedModel:
     source: str
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def name(self) -> str:
+        """The model's short name: the embedded default's, or the folder, GGUF file or hub repository it
+        came from."""
+        path = Path(self.source.removeprefix("embedded:"))
+        return path.stem if path.suffix == ".gguf" else path.name
+
 
 def packager_home() -> Path:
     """Cache directory: $PACKAGER_HOME or ~/.cache/packager."""

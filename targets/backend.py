@@ -121,6 +121,14 @@ def fingerprint(runtime: str, version: str, threads: int | None = None, device: 
     }
 
 
+def model_name(config, family: str) -> str:
+    """The name an artifact carries (GGUF ``general.name``, the ONNX graph's name): the config's
+    ``name_or_path`` without its folders (what a packager run sets it to, or the folder or hub id it was
+    loaded from), else a generic one."""
+    name = Path(str(getattr(config, "name_or_path", "") or "")).name
+    return name or f"packager {family} sub-network"
+
+
 @contextmanager
 def atomic_output(final: str | os.PathLike, force: bool = False):
     """Yield a temp folder next to ``final``; on success it is renamed to ``final``.

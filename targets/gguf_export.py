@@ -27,7 +27,7 @@ from subnet.arch import LINEARS
 from subnet.formats import LLAMA_CPP, effective_format, formats_for, get_format
 from subnet.quant import KEPT_SCALE_FORMATS, encode_to_scales, ggml_qtype, ggml_quantize
 from subnet.spec import SubnetSpec
-from targets.backend import Artifact, ExportError
+from targets.backend import Artifact, ExportError, model_name
 
 RUNTIME = "llama.cpp"
 
@@ -375,7 +375,7 @@ def write_gguf(
     layers = eff.layers
     with atomic_file(out_path, force=force) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
-        w.add_name(str(getattr(cfg, "_name_or_path", "") or f"packager {spec.base.family} sub-network"))
+        w.add_name(model_name(cfg, spec.base.family))
         w.add_block_count(len(layers))
         w.add_context_length(int(cfg.max_position_embeddings))
         w.add_embedding_length(spec.hidden_size)

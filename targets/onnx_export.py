@@ -38,7 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 from subnet.arch import LINEARS, linear_module_name
 from subnet.formats import NBITS_FORMATS, ONNXRUNTIME, get_format
 from subnet.spec import SubnetSpec
-from targets.backend import Artifact, ExportError, atomic_output
+from targets.backend import Artifact, ExportError, atomic_output, model_name
 from targets.onnx_attention import MS_DOMAIN, GQADecoder, translation_table, unsupported
 from targets.onnxrt import EMBED_FORMATS, KV_CACHE
 
@@ -580,6 +580,7 @@ def write_onnx(model, spec: SubnetSpec, folder: Path, fused: bool = False, block
         embed = spec.embed_format if embedding_to_blocks(graph, spec.embed_format, head if tied else None) else "f32"
     else:
         embed = "f16" if spec.embed_format == "f16" and embedding_to_f16(graph) is not None else "f32"
+    graph.graph.name = model_name(model.config, spec.base.family)
     if attention == "gqa":
         helper.set_model_props(graph, dict([KV_CACHE]))
     save(graph, path)

@@ -81,8 +81,11 @@ def test_f32_parity(tmp_path, tokenizer, family, hetero):
 def test_tokenizer_carried(tmp_path, tokenizer):
     model = tiny_model("llama", vocab_size=len(tokenizer))
     spec = SubnetSpec.full(arch_of(model.config))
-    art = write_gguf(extract(model, spec), tokenizer, spec, tmp_path / "m.gguf")
+    sub = extract(model, spec)
+    sub.config.name_or_path = "/models/org/Tiny-Llama"  # the folder it was loaded from
+    art = write_gguf(sub, tokenizer, spec, tmp_path / "m.gguf")
     fields = gguf.GGUFReader(art.path).fields
+    assert fields["general.name"].contents() == "Tiny-Llama"
     assert fields["tokenizer.ggml.model"].contents() == "gpt2"
     assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"
     assert fields["tokenizer.ggml.tokens"].contents() == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from packager.cli import main
 from subnet.arch import UnsupportedArchitecture
 from subnet.extract import extract
-from subnet.loading import ModelLoadError, load_model
+from subnet.loading import LoadedModel, ModelLoadError, load_model
 from subnet.spec import SubnetSpec
 from tests.conftest import tiny_model
 
@@ -70,3 +70,9 @@ def test_cli_inspect_embedded():
     info = json.loads(result.output[result.output.index("{"):])
     assert info["parameters"] == 134_515_008 and info["layers"] == 30
     assert info["per_layer"][0] == {"layer": 0, "heads": 9, "kv_heads": 3, "head_dim": 64, "mlp": 1536, "hidden": 576}
+
+
+def test_a_loaded_model_is_named_after_where_it_came_from():
+    names = {src: LoadedModel(None, None, None, src).name for src in
+             ("embedded:SmolLM2-135M-Instruct", "models/Llama-3.2-1B", "/w/qwen2.5-0.5b-q8_0.gguf", "HuggingFaceTB/SmolLM2-360M")}
+    assert list(names.values()) == ["SmolLM2-135M-Instruct", "Llama-3.2-1B", "qwen2.5-0.5b-q8_0", "SmolLM2-360M"]

@@ -54,6 +54,7 @@ def test_f32_graph_io_names_and_per_layer_kv(f32_export):
     g = onnx.load(art.path, load_external_data=False).graph
     n = len(spec.layers)
     assert [i.name for i in g.input][:2] == ["input_ids", "attention_mask"]  # positions come from the mask
+    assert g.name == f"packager {spec.base.family} sub-network"  # a model built in memory has no name
     assert art.meta["attention"] == "GroupQueryAttention (com.microsoft)"
     assert sum(node.op_type == "GroupQueryAttention" for node in g.node) == n
     assert art.meta["fused"] == {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2 * n}

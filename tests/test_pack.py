@@ -3,6 +3,7 @@
 import json
 from dataclasses import asdict, replace
 
+import gguf
 import pytest
 import torch
 from click.testing import CliRunner
@@ -55,6 +56,9 @@ def test_pack_end_to_end_and_verify(small_model_dir, tmp_path):
     assert ci["blocks"] == 4 and ci["low"] <= ci["ratio"] <= ci["high"]
     assert ci["ratio"] == pytest.approx(floor["packaged"] / floor["base"])
     assert (folder / "scorecard.html").read_text().count("data:image/png;base64,") >= 1
+    names = {role: gguf.GGUFReader(tmp_path / "bundle.work" / "artifacts" / "llama.cpp" / f"{role}.gguf")
+             .fields["general.name"].contents() for role in ("packaged", "base")}  # fmt: skip
+    assert names == {"packaged": f"{small_model_dir.name} packaged for laptop-cpu", "base": f"{small_model_dir.name} base"}
     md = (folder / "scorecard.md").read_text()
     assert "trained on 40,960 calibration tokens, early-stopped on 510 held-out ones)" in md
     assert card["recovery"]["meets_floor"] and "on 1,020 tokens of held-out calibration documents (the check split), floor" in md
@@ -63,10 +67,10 @@ def test_pack_end_to_end_and_verify(small_model_dir, tmp_path):
         Pack(small_config(small_model_dir), out)
     res = CliRunner().invoke(main, ["verify", str(tmp_path / "bundle.tar.gz"), "--no-measure"])
     assert res.exit_code == 0 and "integrity: ok" in res.output
-    gguf = next((folder / "artifacts" / "llama.cpp").glob("*.gguf"))
-    data = bytearray(gguf.read_bytes())
+    packed = next((folder / "artifacts" / "llama.cpp").glob("*.gguf"))
+    data = bytearray(packed.read_bytes())
     data[-1] ^= 0xFF
-    gguf.write_bytes(bytes(data))
+    packed.write_bytes(bytes(data))
     res = CliRunner().invoke(main, ["verify", str(folder), "--no-measure"])
     assert res.exit_code == 2 and "packaged.gguf has changed" in res.output
 
