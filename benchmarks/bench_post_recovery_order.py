@@ -72,7 +72,7 @@ def main() -> None:
     if not wide or not narrow:
         raise SystemExit(f"the winner of {a.bundle} has no wide and narrow blocks to compare: nothing to do")
     limit = p.floor_limit(p.sorted_model(), base_spec)
-    model, scales = p._recovered(p.search_runtime)
+    model, scales = p.recovered_model(p.search_runtime)
     size = cost_fn(p.target, p.search_runtime)
     at_winner = p.checked_ppl(model, winner, scales)
     single = {b: p.checked_ppl(model, narrowed(winner, {b}, narrow[0]), scales)

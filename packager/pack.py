@@ -513,7 +513,7 @@ class Pack:
         Carried into ONNX Runtime's 4-bit blocks, the compensation for iq4_nl's rounding made the
         start worse: held-out 21.58 with it, 20.05 without (the same winner, format share 0.8); the
         README gives what putting int4s_b32's own in measured (stop 28)."""
-        student, kept = self._recovered(self.search_runtime)
+        student, kept = self.recovered_model(self.search_runtime)
         linears = changed_linears(self.winner_spec(), spec)
         moved = {linear_module_name(i, n) for i, n in linears}
         scales = {k: v for k, v in kept.items() if k not in moved}
@@ -547,7 +547,7 @@ class Pack:
         """Where the model recovered for ``runtime`` is: its own recovery's if it had one, else the search runtime's."""
         return self.work / (f"recovered-{runtime}" if self.own_recovery(runtime) else "recovered")
 
-    def _recovered(self, runtime: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    def recovered_model(self, runtime: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
         """The model recovered for ``runtime`` and the block scales its kept-scale weights were trained at."""
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
@@ -585,7 +585,7 @@ class Pack:
             spec, base_spec = self.runtime_specs(rt)
             folder = self.work / "artifacts" / rt
             folder.mkdir(parents=True, exist_ok=True)
-            model, scales = self._recovered(rt)
+            model, scales = self.recovered_model(rt)
             # the weights recovery trained at kept block scales are written with them (llama.cpp's iq4_nl)
             kept = {"block_scales": scales} if scales and spec.formats_used() & set(KEPT_SCALE_FORMATS) else {}
             model.config.name_or_path = f"{self.base().name} packaged for {self.target.name}"  # the artifacts' name

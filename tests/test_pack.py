@@ -243,9 +243,9 @@ def test_a_runtime_that_rounds_the_winner_differently_gets_its_own_recovery(smal
     assert len(wide) == 4 - own["narrow_blocks"] and {f for ly in base.layers for f in ly.formats.values()} == {"int8s_b32"}
     assert p.recovered_dir("onnxruntime").name == "recovered-onnxruntime"
     assert p.recovered_dir("llama.cpp").name == "recovered"
-    recovered, scales = p._recovered("llama.cpp")
+    recovered, scales = p.recovered_model("llama.cpp")
     int4 = {linear_module_name(i, n) for i, ly in enumerate(shipped.layers) for n, f in ly.formats.items() if f == "int4s_b32"}
-    assert scales and set(p._recovered("onnxruntime")[1]) == int4  # ONNX Runtime keeps its own int4 blocks' scales
+    assert scales and set(p.recovered_model("onnxruntime")[1]) == int4  # ONNX Runtime keeps its own int4 blocks' scales
     # the warm start is the winner's recovered model with GPTQ's compensation for iq4_nl swapped for that for
     # int4s_b32, in exactly its iq4_nl linears, which start at GPTQ's int4s_b32 scales
     start, kept, regptq = p.runtime_warm_start(p.retargeted_specs("onnxruntime")[0])
