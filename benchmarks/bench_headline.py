@@ -39,7 +39,7 @@ from subnet.extract import extract
 from subnet.loading import embedded_model_dir, load_model
 from subnet.spec import SubnetSpec
 from targets import llamacpp, onnxrt
-from targets.backend import Workload, runner_nll_per_block
+from targets.backend import Workload, measure_interleaved, paired_speedup, runner_nll_per_block
 
 
 def perplexity_cells(mod, variants: dict, blocks, threads: int, ref: str) -> dict[str, str]:
@@ -60,25 +60,20 @@ def perplexity_cells(mod, variants: dict, blocks, threads: int, ref: str) -> dic
 
 
 def measure_rounds(mod, variants: dict, wl: Workload, threads: int, rounds: int) -> dict[str, dict[str, list]]:
-    """Decode ms/token, prefill ms and peak RSS of each variant in runtime ``mod``, once per round; the
-    variants take turns within a round, so drift in machine load hits every one alike."""
-    rows = {k: {"decode": [], "prefill": [], "rss": []} for k in variants}
-    for _ in range(rounds):
-        for name, path in variants.items():
-            m = mod.measure(path, wl, threads=threads, repeats=3)
-            rows[name]["decode"].append(m.decode_ms_per_token)
-            rows[name]["prefill"].append(m.prefill_ms)
-            rows[name]["rss"].append(m.peak_rss_mb)
-    return rows
+    """Decode ms/token, prefill ms and peak RSS of each variant in runtime ``mod``, once per round, the
+    variants taking turns (``targets.backend.measure_interleaved``)."""
+    runs = measure_interleaved(mod, variants, wl, threads, rounds)
+    return {name: {"decode": [m.decode_ms_per_token for m in ms], "prefill": [m.prefill_ms for m in ms],
+                   "rss": [m.peak_rss_mb for m in ms]} for name, ms in runs.items()}  # fmt: skip
 
 
 def speedup_cell(rows: dict, name: str, ref: str) -> str:
-    """``name``'s decode speed-up over ``ref`` round by round (each ratio pairs two measurements taken
-    moments apart): the median ratio and the range over the rounds."""
+    """``name``'s decode speed-up over ``ref``, round by round (``targets.backend.paired_speedup``): the
+    median ratio and the range over the rounds."""
     if name == ref:
         return "—"
-    ratios = [b / a for a, b in zip(rows[name]["decode"], rows[ref]["decode"])]
-    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}x to {max(ratios):.2f}x)"
+    s = paired_speedup(rows[ref]["decode"], rows[name]["decode"])
+    return f"{s['median']:.2f}x ({s['low']:.2f}x to {s['high']:.2f}x)"
 
 
 def memory_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:

@@ -264,13 +264,17 @@ def tune_supernet_cmd(model, target, runtime, mode, steps, calib_blocks, seed, o
               help="Blocks of 256 evaluation tokens (none the search scored) each runtime's perplexity is reported on.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=2, show_default=True)
+@click.option("--measure-rounds", default=3, show_default=True,
+              help="Rounds in which the base and the packaged artifact take turns being timed (the decode gain is "
+                   "the median of the per-round ratios).")
 @click.option("--out", type=click.Path(), default="out/pack", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished stage.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @pickle_option
 def pack(target, model, latency_ms, memory_mb, size_mb, accuracy_floor, runtimes, strategy, mode, budget,
          recover_steps, recover_blocks, floor_blocks, runtime_recover_steps, runtime_format_shares, shortlist, recoverable, promote_margin,
-         long_recovery, equalize, gptq, ladder, report_blocks, seed, threads, out, resume, force, allow_pickle):  # fmt: skip
+         long_recovery, equalize, gptq, ladder, report_blocks, seed, threads, measure_rounds, out, resume, force,
+         allow_pickle):  # fmt: skip
     """One command from model to bundle: search, select, recover, export, measure, scorecard."""
     from pathlib import Path
 
@@ -283,7 +287,7 @@ def pack(target, model, latency_ms, memory_mb, size_mb, accuracy_floor, runtimes
                      runtime_format_shares=_shares(runtime_format_shares),
                      shortlist=shortlist, recoverable=recoverable, promote_margin=promote_margin,
                      long_recovery=long_recovery, equalize=equalize, gptq=gptq, ladder=ladder,
-                     report_blocks=report_blocks, threads=threads,
+                     report_blocks=report_blocks, threads=threads, measure_rounds=measure_rounds,
                      allow_pickle=allow_pickle)  # fmt: skip
     folder = Pack(cfg, Path(out), resume=resume, force=force).run()
     click.echo((folder / "scorecard.md").read_text())

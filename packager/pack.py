@@ -47,7 +47,8 @@ from subnet.loading import LoadedModel, load_model
 from subnet.quant import KEPT_SCALE_FORMATS, fake_quantize_model
 from subnet.spec import SubnetSpec, lossy_retargets, retarget_formats
 from subnet.supernet import Supernet
-from targets.backend import atomic_output, backend, fingerprint, runner_nll_per_block
+from targets.backend import (atomic_output, backend, fingerprint, measure_interleaved, median_measurement,
+                             paired_speedup, runner_nll_per_block)
 from targets.registry import Target, get_target
 
 if TYPE_CHECKING:
@@ -59,9 +60,10 @@ STAGES = ("prepare", "search", "select", "recover", "export", "measure", "scorec
 console = Console(stderr=True)
 
 
-# options that act only after the shortlist's recoveries: changing them keeps those (shortlist.json), and a run
-# resumed with only these changed is redone from the select stage
-PROMOTION_OPTIONS = ("promote_margin", "long_recovery", "long_recover_steps", "long_recover_blocks")
+# options that act only from a late stage on (option -> that stage): a run resumed with only these changed is
+# redone from the earliest stage they act in; the select stage's act after the shortlist's recoveries (shortlist.json)
+LATE_OPTIONS = {"promote_margin": "select", "long_recovery": "select", "long_recover_steps": "select",
+                "long_recover_blocks": "select", "measure_rounds": "measure"}
 
 
 class PackError(ValueError):
@@ -105,6 +107,7 @@ class PackConfig:
     # the shares of blocks that keep their carried formats, tried in turn until that runtime meets the floor
     runtime_format_shares: list[float] = field(default_factory=lambda: [1.0, 0.9, 0.8])
     threads: int = 2
+    measure_rounds: int = 3  # rounds in which base and packaged artifacts take turns being timed
     allow_pickle: bool = False
 
 
@@ -126,6 +129,8 @@ class Pack:
     """One pack run: its folders, its checkpointed stage results, and the stages themselves."""
 
     def __init__(self, cfg: PackConfig, out: Path, resume: bool = False, force: bool = False):
+        if cfg.measure_rounds < 1:
+            raise PackError(f"measure_rounds {cfg.measure_rounds}: time the artifacts in at least 1 round (--measure-rounds)")
         if cfg.report_blocks < 2 or cfg.report_blocks % cfg.eval_blocks:
             raise PackError(f"report_blocks {cfg.report_blocks} must be a multiple (>= 2) of eval_blocks "
                             f"{cfg.eval_blocks}, so that no reported block overlaps one the search scored")  # fmt: skip
@@ -147,11 +152,12 @@ class Pack:
             now = asdict(cfg)
             if not resume or shortlist_options(saved) != shortlist_options(now):
                 raise PackError(f"{self.work} was started with other options ({_diff(saved, now)}): use the same options "
-                                "to resume (or change only --promote-margin / --long-recovery), or --force to start over")  # fmt: skip
-            # only what the select stage does after the shortlist changed: redo the run from there
-            kept = STAGES[: STAGES.index("select")]
+                                "to resume (or change only --promote-margin / --long-recovery / --measure-rounds), "
+                                "or --force to start over")  # fmt: skip
+            first = min((stage for k, stage in LATE_OPTIONS.items() if saved.get(k) != now.get(k)), key=STAGES.index)
+            kept = STAGES[: STAGES.index(first)]
             self.state["done"] = {k: v for k, v in self.state.get("done", {}).items() if k in kept}
-            console.print(f"options changed since the run started ({_diff(saved, now)}): redoing it from the select stage")
+            console.print(f"options changed since the run started ({_diff(saved, now)}): redoing it from the {first} stage")
         self.state["config"] = asdict(cfg)
         self.target: Target = get_target(cfg.target)
         self.runtimes = cfg.runtimes or list(self.target.runtimes)
@@ -605,6 +611,12 @@ class Pack:
         for rt, arts in self.result("export").items():
             mod = backend(rt)
             entry = {}
+            measured = None
+            if self.target.host and hasattr(mod, "measure"):  # base and packaged take turns, round by round
+                measured = measure_interleaved(mod, {w: _artifact(arts[w]) for w in ("base", "packaged")}, wl,
+                                               self.cfg.threads, self.cfg.measure_rounds)  # fmt: skip
+                decode = {w: [m.decode_ms_per_token for m in runs] for w, runs in measured.items()}
+                entry["decode_speedup"] = paired_speedup(decode["base"], decode["packaged"])
             for which in ("base", "packaged"):
                 art = _artifact(arts[which])
                 spec = SubnetSpec.from_dict(arts["spec" if which == "packaged" else "base_spec"])
@@ -613,9 +625,9 @@ class Pack:
                     rec["predicted"] = predict(spec, self.target, rt, wl).to_dict()
                 except CostModelError as e:  # no profile for this runtime yet: measure, and say why not predicted
                     rec["predicted"], rec["not_predicted"] = None, str(e)
-                if self.target.host and hasattr(mod, "measure"):
-                    m = mod.measure(art, wl, threads=self.cfg.threads)
-                    rec["measured"] = m.to_dict()
+                if measured:
+                    rec["measured"] = median_measurement(measured[which]).to_dict()
+                    rec["decode_ms_rounds"] = decode[which]
                     runner = mod.load(art, threads=self.cfg.threads)
                     nll = runner_nll_per_block(runner, ppl_blocks)
                     rec["perplexity_tokens"] = int(ppl_blocks.shape[0] * (ppl_blocks.shape[1] - 1))
@@ -657,8 +669,8 @@ class Pack:
 
 
 def shortlist_options(options: dict) -> dict:
-    """The pack options a short recovery may depend on: all but ``PROMOTION_OPTIONS``."""
-    return {k: v for k, v in options.items() if k not in PROMOTION_OPTIONS}
+    """The pack options a short recovery may depend on: all but ``LATE_OPTIONS``."""
+    return {k: v for k, v in options.items() if k not in LATE_OPTIONS}
 
 
 def save_model(model, folder: Path, tokenizer=None, block_scales: dict[str, torch.Tensor] | None = None) -> None:
@@ -902,9 +914,12 @@ def build_card(p: Pack) -> dict:
             if m:
                 fp = m["fingerprint"]
                 where = f"{fp['device']}, {fp['threads']} threads, {fp['runtime']} {fp['runtime_version']}, {fp['date']}"
+                n = len(rec_.get("decode_ms_rounds", []))  # none: measured before rounds were kept, in one
+                how = (f"median of {n} round{'s' * (n > 1)} (base and packaged taking turns) of {m['repeats'] // n} runs"
+                       if n else f"median of {m['repeats']}")  # fmt: skip
                 row.update({
-                    "prefill_ms": figure(m["prefill_ms"], "ms", "measured", f"median of {m['repeats']}, {where}"),
-                    "decode_ms_per_token": figure(m["decode_ms_per_token"], "ms/token", "measured", f"median, {where}"),
+                    "prefill_ms": figure(m["prefill_ms"], "ms", "measured", f"{how}, {where}"),
+                    "decode_ms_per_token": figure(m["decode_ms_per_token"], "ms/token", "measured", f"{how}, {where}"),
                     "tokens_per_s": figure(m["tokens_per_s"], "tokens/s", "measured", where),
                     "peak_memory_mb": figure(m["peak_rss_mb"], "MiB", "measured", f"peak RSS of the process, {where}"),
                     "perplexity_runtime": figure(rec_["perplexity_runtime"], "", "measured",
@@ -930,6 +945,8 @@ def build_card(p: Pack) -> dict:
             if None not in nll:  # measured before per-block scores were kept: no interval
                 tokens = entry["base"]["perplexity_tokens"] // len(nll[0])
                 sec["accuracy_floor"]["increase_ci95"] = perplexity_ratio(*nll, tokens)
+        if entry.get("decode_speedup"):
+            sec["decode_speedup"] = entry["decode_speedup"]
         if rt in rec.get("runtimes", {}):
             sec["recovery"] = rec["runtimes"][rt]
         par = export[rt]["packaged"].get("meta", {}).get("parity")

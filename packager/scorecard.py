@@ -59,6 +59,9 @@ ROWS = [  # key, label, lower is better
 ]
 
 
+PAIRED_ROWS = ("decode_ms_per_token", "tokens_per_s")  # gain: the median of per-round ratios, where measured so
+
+
 def table_rows(section: dict) -> list[tuple[str, dict, dict, str, str]]:
     """(label, base figure, packaged figure, ratio, provenance) for one runtime section."""
     base, packed = section["base"], section["packaged"]
@@ -72,6 +75,9 @@ def table_rows(section: dict) -> list[tuple[str, dict, dict, str, str]]:
         b, p = base.get(k), packed.get(k)
         label = labels.get(k, k.replace("task:", "task accuracy: "))
         ratio = _ratio(b, p, lower.get(k, False))
+        paired = section.get("decode_speedup")
+        if paired and k in PAIRED_ROWS and p and p.get("kind") == "measured":
+            ratio = f"{paired['median']:.2f}x ({paired['low']:.2f}–{paired['high']:.2f}x over {paired['rounds']} rounds)"
         src = (p or b or {}).get("kind", "") + ": " + (p or b or {}).get("source", "")
         rows.append((label, b, p, ratio, src))
     return rows

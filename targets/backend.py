@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -191,3 +192,35 @@ def runner_nll_per_block(runner, blocks):
         sums.append(-float(logp[np.arange(len(row) - 1), row[1:]].sum()))
     return np.array(sums)
 
+
+def measure_interleaved(mod, artifacts: dict, workload: Workload, threads: int, rounds: int,
+                        repeats: int = 3) -> dict[str, list[Measurement]]:  # fmt: skip
+    """Each of ``artifacts`` (name -> artifact or path) measured by backend ``mod`` once per round (each a
+    median of ``repeats``), the artifacts taking turns within a round, so that drift in the machine's
+    speed hits them alike."""
+    runs: dict[str, list[Measurement]] = {name: [] for name in artifacts}
+    for _ in range(rounds):
+        for name, art in artifacts.items():
+            runs[name].append(mod.measure(art, workload, threads=threads, repeats=repeats))
+    return runs
+
+
+def median_measurement(runs: list[Measurement]) -> Measurement:
+    """One measurement from several rounds: the median of each figure, the repeats of all of them, the
+    last round's fingerprint."""
+    return Measurement(
+        runs[-1].runtime,
+        statistics.median(m.prefill_ms for m in runs),
+        statistics.median(m.decode_ms_per_token for m in runs),
+        statistics.median(m.peak_rss_mb for m in runs),
+        sum(m.repeats for m in runs),
+        runs[-1].workload,
+        runs[-1].fingerprint,
+    )
+
+
+def paired_speedup(ref: list[float], other: list[float]) -> dict:
+    """How much faster ``other`` is than ``ref`` (times per round, lower is faster), round by round: each
+    ratio pairs two measurements taken moments apart. Median and range over the rounds."""
+    ratios = [r / o for r, o in zip(ref, other, strict=True)]
+    return {"median": statistics.median(ratios), "low": min(ratios), "high": max(ratios), "rounds": len(ratios)}

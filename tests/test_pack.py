@@ -37,7 +37,7 @@ def small_model_dir(tmp_path_factory):
 
 def small_config(model_dir, **over):
     kw = dict(target="laptop-cpu", model=str(model_dir), runtimes=["llama.cpp"], budget=6, calib_blocks=8, val_blocks=2,
-              floor_blocks=4, eval_blocks=2, report_blocks=4, recover_steps=4, accuracy_floor=10.0, seed=0)
+              floor_blocks=4, eval_blocks=2, report_blocks=4, recover_steps=4, accuracy_floor=10.0, seed=0, measure_rounds=2)
     kw.update(over)
     return PackConfig(**kw)
 
@@ -50,6 +50,9 @@ def test_pack_end_to_end_and_verify(small_model_dir, tmp_path):
     sec = card["runtimes"]["llama.cpp"]
     assert sec["packaged"]["decode_ms_per_token"]["kind"] == "measured"
     assert sec["packaged"]["predicted_decode_ms"]["kind"] == "estimated"
+    speedup = sec["decode_speedup"]  # base and packaged timed in turns: the gain is the median per-round ratio
+    assert speedup["rounds"] == 2 and speedup["low"] <= speedup["median"] <= speedup["high"]
+    assert sec["packaged"]["decode_ms_per_token"]["source"].startswith("median of 2 rounds (base and packaged taking turns) of 3 runs")
     assert card["spec"]["base"]["num_layers"] == 4
     floor, ci = sec["accuracy_floor"], sec["accuracy_floor"]["increase_ci95"]
     assert sec["packaged"]["perplexity_runtime"]["source"].startswith("1,020 held-out tokens")
@@ -61,6 +64,7 @@ def test_pack_end_to_end_and_verify(small_model_dir, tmp_path):
     assert names == {"packaged": f"{small_model_dir.name} packaged for laptop-cpu", "base": f"{small_model_dir.name} base"}
     md = (folder / "scorecard.md").read_text()
     assert "trained on 40,960 calibration tokens, early-stopped on 510 held-out ones)" in md
+    assert f"| {speedup['median']:.2f}x ({speedup['low']:.2f}–{speedup['high']:.2f}x over 2 rounds) |" in md
     assert card["recovery"]["meets_floor"] and "on 1,020 tokens of held-out calibration documents (the check split), floor" in md
     # a finished run is refused without --force; verify passes, then catches a changed byte
     with pytest.raises(PackError, match="already exists"):
@@ -101,6 +105,13 @@ def test_pack_resumes_from_the_last_finished_stage(small_model_dir, tmp_path, mo
         Pack(replace(cfg, long_recovery=True, budget=7), out, resume=True, force=True)  # the search's budget did too
     again = Pack(replace(cfg, long_recovery=True), out, resume=True, force=True)
     assert set(again.state["done"]) == {"prepare", "search"} and again.state["config"]["long_recovery"]
+    # --measure-rounds acts from the measure stage on; with a select-stage option too, the earlier stage wins
+    timed = Pack(replace(cfg, measure_rounds=3), out, resume=True, force=True)
+    assert set(timed.state["done"]) == {"prepare", "search", "select", "recover", "export"}
+    both = Pack(replace(cfg, measure_rounds=3, long_recovery=True), out, resume=True, force=True)
+    assert set(both.state["done"]) == {"prepare", "search"}
+    with pytest.raises(PackError, match="at least 1 round"):
+        Pack(small_config(small_model_dir, measure_rounds=0), tmp_path / "d")
 
 
 def test_select_recovers_a_shortlist_and_keeps_the_fastest_that_meets_the_floor(small_model_dir, tmp_path):
