@@ -337,11 +337,12 @@ def recover(model, spec_path, out, steps, qat, calib_blocks, val_blocks, resume,
 @click.option("--no-measure", is_flag=True, help="Only check integrity.")
 @click.option("--tolerance", default=0.25, show_default=True, help="Relative drift that is flagged.")
 @click.option("--threads", type=int, default=None)
-def verify(bundle, no_measure, tolerance, threads):
+@click.option("--rounds", default=3, show_default=True, help="Re-measurements (fresh processes) whose median is compared.")
+def verify(bundle, no_measure, tolerance, threads, rounds):
     """Check a bundle's integrity and re-measure it against its scorecard."""
     from packager.verify import verify as run_verify
 
-    rep = run_verify(bundle, remeasure=not no_measure, tolerance=tolerance, threads=threads)
+    rep = run_verify(bundle, remeasure=not no_measure, tolerance=tolerance, threads=threads, rounds=rounds)
     click.echo(f"integrity: ok ({rep['files_checked']} files, sha256 verified)")
     for rt, r in rep["runtimes"].items():
         if "skipped" in r:

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from packager.bundle import BundleError, safe_extract, verify_integrity
-from targets.backend import ExportError, Workload, backend
+from targets.backend import ExportError, Workload, backend, measure_interleaved, median_measurement
 
 METRICS = (("decode_ms_per_token", "decode_ms_per_token"), ("prefill_ms", "prefill_ms"), ("peak_memory_mb", "peak_rss_mb"))
 
@@ -21,11 +21,15 @@ def _artifact_path(folder: Path, runtime: str) -> Path:
     return found[0]
 
 
-def verify(bundle: str | Path, remeasure: bool = True, tolerance: float = 0.25, threads: int | None = None) -> dict:
-    """Check a bundle folder or .tar.gz; returns a report with per-runtime drift rows."""
+def verify(bundle: str | Path, remeasure: bool = True, tolerance: float = 0.25, threads: int | None = None,
+           rounds: int = 3) -> dict:  # fmt: skip
+    """Check a bundle folder or .tar.gz; returns a report with per-runtime drift rows. The re-measurement
+    is the median of ``rounds`` measurements (each a fresh process), as the scorecard's are."""
     bundle = Path(bundle)
     if not bundle.exists():
         raise BundleError(f"{bundle} does not exist")
+    if rounds < 1:
+        raise BundleError(f"rounds {rounds}: re-measure in at least 1 round (--rounds)")
     with tempfile.TemporaryDirectory() as tmp:
         folder = safe_extract(bundle, Path(tmp)) if bundle.is_file() else bundle
         manifest = verify_integrity(folder)
@@ -44,7 +48,9 @@ def verify(bundle: str | Path, remeasure: bool = True, tolerance: float = 0.25, 
             except ExportError as e:
                 report["runtimes"][rt] = {"skipped": str(e)}
                 continue
-            m = mod.measure(_artifact_path(folder, rt), wl, threads=threads or card["config"].get("threads", 2))
+            path = _artifact_path(folder, rt)
+            runs = measure_interleaved(mod, {rt: path}, wl, threads or card["config"].get("threads", 2), rounds)
+            m = median_measurement(runs[rt])
             rows = []
             for key, mkey in METRICS:
                 want = packed[key]["value"]

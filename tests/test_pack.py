@@ -71,6 +71,8 @@ def test_pack_end_to_end_and_verify(small_model_dir, tmp_path):
         Pack(small_config(small_model_dir), out)
     res = CliRunner().invoke(main, ["verify", str(tmp_path / "bundle.tar.gz"), "--no-measure"])
     assert res.exit_code == 0 and "integrity: ok" in res.output
+    res = CliRunner().invoke(main, ["verify", str(folder), "--rounds", "2", "--tolerance", "100"])  # re-measured
+    assert res.exit_code == 0 and f"llama.cpp decode_ms_per_token: scorecard {sec['packaged']['decode_ms_per_token']['value']:.3g}" in res.output
     packed = next((folder / "artifacts" / "llama.cpp").glob("*.gguf"))
     data = bytearray(packed.read_bytes())
     data[-1] ^= 0xFF
