@@ -611,14 +611,13 @@ class Pack:
         for rt, arts in self.result("export").items():
             mod = backend(rt)
             entry = {}
+            artifacts = {which: _artifact(arts[which]) for which in ("base", "packaged")}
             measured = None
             if self.target.host and hasattr(mod, "measure"):  # base and packaged take turns, round by round
-                measured = measure_interleaved(mod, {w: _artifact(arts[w]) for w in ("base", "packaged")}, wl,
-                                               self.cfg.threads, self.cfg.measure_rounds)  # fmt: skip
+                measured = measure_interleaved(mod, artifacts, wl, self.cfg.threads, self.cfg.measure_rounds)
                 decode = {w: [m.decode_ms_per_token for m in runs] for w, runs in measured.items()}
                 entry["decode_speedup"] = paired_speedup(decode["base"], decode["packaged"])
-            for which in ("base", "packaged"):
-                art = _artifact(arts[which])
+            for which, art in artifacts.items():
                 spec = SubnetSpec.from_dict(arts["spec" if which == "packaged" else "base_spec"])
                 rec = {"size_bytes": _size(art.files or [art.path])}
                 try:
