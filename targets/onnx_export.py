@@ -13,7 +13,8 @@ are per layer. Weight formats are applied with ONNX Runtime's own quantizers on 
 * ``int8_b32`` / ``int4_b32`` / ``int4_b128``: ``MatMulNBitsQuantizer(accuracy_level=4)``;
 * ``int8s_b32`` / ``int4s_b32``, the exact twins of GGUF q8_0 / q4_0: symmetric MatMulNBits
   (accuracy_level 4) written here from ggml's own codes and f16 scales (``subnet.quant.block_codes``),
-  so a model recovered for q8_0 / q4_0 keeps its weights bit for bit.
+  so a model recovered for q8_0 / q4_0 keeps its weights bit for bit. The scales are stored in float16,
+  as GGUF stores them, behind a Cast that ONNX Runtime folds at load time (``scales_to_f16``).
 
 MatMul nodes are tied to spec layers through the exporter's node metadata
 ``pkg.torch.onnx.name_scopes``. The embedding is f32, f16, or a twin format: then its Gather becomes
@@ -322,6 +323,23 @@ def embedding_to_f16(model: onnx.ModelProto) -> str | None:
     return gather.input[0]
 
 
+def scales_to_f16(model: onnx.ModelProto) -> int:
+    """Store the block scales of MatMulNBits / GatherBlockQuantized nodes that float16 holds exactly (the
+    twins' scales are ggml's f16 values) in float16 behind a Cast to float32, as GGUF stores them: 2 bytes
+    less per block on disk. ONNX Runtime folds the Cast when it loads the graph, so the kernels get the
+    same float32 scales. Other scales (ORT's own quantizer's) stay float32. Returns how many tensors."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    names = {n.input[2] for n in g.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized") and len(n.input) > 2}
+    new_nodes = []
+    for name in sorted(names & set(inits)):
+        arr = numpy_helper.to_array(inits[name])
+        if arr.dtype == np.float32 and np.array_equal(arr.astype(np.float16).astype(np.float32), arr):
+            _cast_initializer(inits[name], new_nodes, name + "_f16")
+    _prepend(g, new_nodes)
+    return len(new_nodes)
+
+
 def _prepend(graph: onnx.GraphProto, nodes: list) -> None:
     rest = list(graph.node)
     del graph.node[:]
@@ -591,6 +609,10 @@ def write_onnx(model, spec: SubnetSpec, folder: Path, fused: bool = False, block
     for fmt in NBITS:
         if by_fmt.get(fmt):
             quantize_nbits(path, fmt, by_fmt[fmt], kept)
+    graph = onnx.load(str(path))
+    f16_scales = scales_to_f16(graph)
+    save(graph, path)
+    del graph
     onnx.checker.check_model(str(path))
     norms = fuse_norms(path) if fused else {}  # ORT's fused norms live in the default domain, unknown to onnx
     final = onnx.load(str(path))
@@ -620,13 +642,16 @@ def write_onnx(model, spec: SubnetSpec, folder: Path, fused: bool = False, block
                                  ("MatMul", "MatMulInteger", "MatMulNBits", "Gather", "GatherBlockQuantized"))),
         "folded_weight_transposes": folded,
         "kept_scales": len(kept),
+        "f16_scales": f16_scales,
         "attention": "GroupQueryAttention (com.microsoft)" if attention == "gqa" else f"standard ONNX ops: {why_not}",
         "kv_cache": ("one buffer per tensor, past = present (IO binding)"
                      if dict((p.key, p.value) for p in final.metadata_props).get(KV_CACHE[0]) == KV_CACHE[1]
                      else "past in, past + new out (copied every step)"),
         "fused": norms,
         "optimized": fused,
-        "f16_note": "f16 = float16 weight storage cast to float32 before the MatMul (CPU EP computes in f32)",
+        "f16_note": "f16 = float16 weight storage cast to float32 before the MatMul (CPU EP computes in f32); "
+                    "f16_scales = block-scale tensors stored in float16 (exactly: ggml's f16 scales), cast to float32 "
+                    "when ONNX Runtime loads the graph",
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
         "spec": spec.to_dict(),
         "export_s": round(time.perf_counter() - t0, 2),

@@ -17,6 +17,23 @@ from tests.conftest import tiny_model
 IDS = [5, 17, 42, 99, 3, 64, 7, 120, 33, 8, 71, 12]
 
 
+def scales_initializer(graph, name: str) -> onnx.TensorProto:
+    """The initializer that stores a block op's scales input ``name``: itself, or the one behind its Cast
+    (``scales_to_f16``)."""
+    inits = {t.name: t for t in graph.initializer}
+    if name not in inits:
+        name = next(n.input[0] for n in graph.node if n.op_type == "Cast" and n.output[0] == name)
+    return inits[name]
+
+
+def stored_scales(graph, name: str) -> tuple[np.ndarray, int]:
+    """A block op's scales input ``name`` as the file stores it: its values in float32, its data type."""
+    from onnx import numpy_helper
+
+    init = scales_initializer(graph, name)
+    return numpy_helper.to_array(init).astype(np.float32), init.data_type
+
+
 def make_spec(arch, kind):
     if kind == "uniform":
         return SubnetSpec.uniform(arch, layers=[0, 1, 3], mlp=64)
@@ -176,7 +193,11 @@ def test_mixed_formats_land_on_the_right_matmuls(family, kind, tmp_path):
     want = sorted(NBITS[f][:2] for f in want_fmts if f in NBITS)
     assert got == want
     assert sum(n.op_type == "MatMulInteger" for n in g.node) == want_fmts.count("int8")
-    assert sum(i.data_type == onnx.TensorProto.FLOAT16 for i in g.initializer) == want_fmts.count("f16")
+    f16 = [i.name for i in g.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    assert sum(not n.endswith("_scales.f16") for n in f16) == want_fmts.count("f16")
+    # the twin's scales (ggml's f16 values) are stored in float16; ORT's own quantizer's stay float32
+    scale_types = [scales_initializer(g, n.input[2]).data_type for n in nbits]
+    assert scale_types.count(onnx.TensorProto.FLOAT16) == want_fmts.count("int4s_b32") == art.meta["f16_scales"]
 
     p = art.meta["parity"]  # vs torch with the same simulated formats (subnet.quant)
     assert p["max_abs_diff"] <= 2e-2
@@ -238,7 +259,8 @@ def test_twin_embedding_and_linears_hold_ggml_weights(family, tmp_path):
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
     table = model.get_input_embeddings().weight.detach().numpy()
     assert not any(v.shape == table.shape and v.dtype == np.float32 for v in inits.values())  # no float copy left
-    codes, scales = inits[gather.input[0]], inits[gather.input[2]]
+    codes, (scales, stored) = inits[gather.input[0]], stored_scales(g, gather.input[2])
+    assert stored == onnx.TensorProto.FLOAT16  # exactly ggml's f16 scales, as GGUF stores them
     got = ((codes.astype(np.float32) - 128).reshape(len(table), -1, 32) * scales[..., None]).reshape(table.shape)
     want = quants.dequantize(quants.quantize(table, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0)
     assert np.array_equal(got.view(np.uint32), want.astype(np.float32).view(np.uint32))
@@ -248,6 +270,32 @@ def test_twin_embedding_and_linears_hold_ggml_weights(family, tmp_path):
     p = art.meta["parity"]
     assert p["format_class"] == "block_int8_input" and p["within_bounds"]
     assert p["linears"]["n_linears"] == 7 * 3 + 1 and p["top1_agreement"] >= 0.9
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # tied / untied embeddings
+def test_float16_scales_shrink_the_file_and_change_no_logit(family, monkeypatch, tmp_path):
+    """Twin scales stored in float16 behind a Cast: 2 bytes less per block on disk, and ONNX Runtime computes
+    the very same logits as from the float32 scales."""
+    import targets.onnx_export as ox
+
+    base = tiny_model(family)
+    spec = SubnetSpec.uniform(arch_of(base.config), layers=[0, 1, 3], fmt="int8s_b32")
+    spec.layers[1].formats.update(gate_proj="int4s_b32", up_proj="int4s_b32", down_proj="int4s_b32")
+    if not spec.base.tie_word_embeddings:
+        spec.lm_head_format = "int8s_b32"
+    model = extract(base, spec.validate())
+    f16 = onnxrt.export(model, None, spec, tmp_path / "f16")
+    monkeypatch.setattr(ox, "scales_to_f16", lambda graph: 0)
+    f32 = onnxrt.export(model, None, spec, tmp_path / "f32")
+    tied = spec.base.tie_word_embeddings
+    assert f16.meta["f16_scales"] == 7 * 3 + 1 + (not tied) and f32.meta["f16_scales"] == 0  # linears, table, head
+    g = onnx.load(f32.path).graph
+    scales = {n.input[2] for n in g.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
+    n_blocks = sum(stored_scales(g, name)[0].size for name in scales if not name.endswith("1d"))  # not the reshaped table
+    saved = f32.meta["size_bytes"] - f16.meta["size_bytes"]
+    assert 2 * n_blocks >= saved >= 2 * n_blocks - 100 * f16.meta["f16_scales"]  # less each Cast node's bytes
+    for ids in (IDS, IDS[:1]):
+        assert np.array_equal(onnxrt.load(f16).logits(ids), onnxrt.load(f32).logits(ids))
 
 
 def test_int4s_b32_is_written_at_the_block_scales_gptq_kept(tmp_path):
@@ -270,7 +318,7 @@ def test_int4s_b32_is_written_at_the_block_scales_gptq_kept(tmp_path):
     node = next(k for k, v in art.meta["nodes"].items() if v == "layers.1.up_proj")
     q = next(n for n in g.node if n.name == node + "_Q4")
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-    packed, scales = inits[q.input[1]], inits[q.input[2]]
+    packed, (scales, _) = inits[q.input[1]], stored_scales(g, q.input[2])
     codes = np.stack([packed & 15, packed >> 4], -1).reshape(packed.shape[0], -1, 32).astype(np.float32)
     got = ((codes - 8) * scales.reshape(packed.shape[0], -1, 1)).reshape(packed.shape[0], -1)
     w = model.model.layers[1].mlp.up_proj.weight.detach()
