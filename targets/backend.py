@@ -155,6 +155,15 @@ BACKENDS = {"llama.cpp": ("targets.llamacpp", "llama-cpp-python"), "onnxruntime"
             "tensorrt": ("targets.tensorrt", "tensorrt")}  # fmt: skip
 
 
+def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
+    """The tokenizer's files in ``folder``, a fast tokenizer's tokenizer.json written compact (transformers
+    indents it: for SmolLM2's 3.5 MB, 1.6 MB without the indentation; the same JSON)."""
+    tokenizer.save_pretrained(folder)
+    fast = getattr(tokenizer, "backend_tokenizer", None)
+    if fast is not None and (Path(folder) / "tokenizer.json").exists():
+        fast.save(str(Path(folder) / "tokenizer.json"), pretty=False)
+
+
 def read_json(path: str | os.PathLike, what: str, error: type[Exception]):
     """Parse a JSON file; unreadable or invalid files raise ``error`` with one line naming ``what``."""
     path = Path(path)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from targets.backend import Artifact, ExportError, Measurement, Workload, atomic_output, fingerprint
+from targets.backend import Artifact, ExportError, Measurement, Workload, atomic_output, fingerprint, save_tokenizer
 
 if TYPE_CHECKING:
     from subnet.spec import SubnetSpec
@@ -324,7 +324,7 @@ def export(model, tokenizer, spec: SubnetSpec, out, force: bool = False, fused: 
     with atomic_output(out, force=force) as tmp:
         meta = write_onnx(model, spec, tmp, fused=fused, block_scales=block_scales)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
         ids = parity_ids(tokenizer, model.config.vocab_size)
         meta["parity"] = parity(tmp / MODEL_FILE, model, spec, ids, meta["linear_io"], block_scales)
         meta["size_bytes"] = sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith("model.onnx"))

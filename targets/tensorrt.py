@@ -27,7 +27,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from subnet.formats import TENSORRT
-from targets.backend import Artifact, ExportError, Workload, atomic_output
+from targets.backend import Artifact, ExportError, Workload, atomic_output, save_tokenizer
 from targets.onnx_export import MODEL_FILE, artifact_files, check_formats, save, write_onnx
 
 if TYPE_CHECKING:
@@ -286,7 +286,7 @@ def export(model, tokenizer, spec: "SubnetSpec", out, force: bool = False, workl
             engine=meta["engine"], ctx=workload.context, prompt=workload.prompt_tokens, batch=workload.batch,
         ))
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
         meta["size_bytes"] = sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith("model.onnx"))
         art = Artifact(TENSORRT, str(out / MODEL_FILE), artifact_files(tmp, out, ["artifact.json"]), meta)
         art.write_meta(tmp / "artifact.json")

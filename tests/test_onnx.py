@@ -394,6 +394,8 @@ def test_measure_runs_in_a_subprocess(f32_export):
 
 @pytest.mark.integration
 def test_smollm2_pruned_greedy_matches_torch(smollm2, tmp_path):
+    from transformers import AutoTokenizer
+
     arch = smollm2.arch
     spec = SubnetSpec.uniform(arch, layers=[i for i in range(arch.num_layers) if i not in (22, 24, 26)])
     spec.layers[3].mlp = 1024
@@ -403,6 +405,11 @@ def test_smollm2_pruned_greedy_matches_torch(smollm2, tmp_path):
     art = onnxrt.export(model, smollm2.tokenizer, spec, tmp_path / "smol")
     ids = smollm2.tokenizer("The capital of France is")["input_ids"]
     got = onnxrt.load(art, threads=2).generate(ids, 8)
+    # the artifact's own tokenizer, its tokenizer.json written compact, encodes and decodes alike
+    tok_json = tmp_path / "smol" / "tokenizer.json"
+    assert b"\n" not in tok_json.read_bytes() and tok_json.stat().st_size < 2_000_000
+    shipped = AutoTokenizer.from_pretrained(tmp_path / "smol")
+    assert shipped("The capital of France is")["input_ids"] == ids and shipped.decode(got) == smollm2.tokenizer.decode(got)
     ref = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
     assert got == ref
 
