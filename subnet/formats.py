@@ -65,10 +65,10 @@ FORMATS: dict[str, WeightFormat] = {
            note="MatMulNBits 8-bit, block 32, fp32 scale + 8-bit zero point"),
         _f("int4_b32", 5.125, 32, (ONNXRUNTIME,), nbits=4,
            note="MatMulNBits 4-bit, block 32, fp32 scale + 4-bit zero point"),
-        _f("int8s_b32", 9.0, 32, (ONNXRUNTIME,), same_as="q8_0", nbits=8, symmetric=True,
-           note="MatMulNBits 8-bit symmetric, block 32, fp32 scales rounded to f16: q8_0's weights exactly"),
-        _f("int4s_b32", 5.0, 32, (ONNXRUNTIME,), same_as="q4_0", nbits=4, symmetric=True,
-           note="MatMulNBits 4-bit symmetric, block 32, fp32 scales rounded to f16: q4_0's weights exactly"),
+        _f("int8s_b32", 8.5, 32, (ONNXRUNTIME,), same_as="q8_0", nbits=8, symmetric=True,
+           note="MatMulNBits 8-bit symmetric, block 32, f16 scales (cast to f32 at load): q8_0's weights exactly"),
+        _f("int4s_b32", 4.5, 32, (ONNXRUNTIME,), same_as="q4_0", nbits=4, symmetric=True,
+           note="MatMulNBits 4-bit symmetric, block 32, f16 scales (cast to f32 at load): q4_0's weights exactly"),
         _f("int4_b128", 4.28125, 128, (ONNXRUNTIME, TENSORRT), nbits=4, note="4-bit, block 128, scale + zero point"),
     ]
 }

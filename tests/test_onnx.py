@@ -298,6 +298,40 @@ def test_float16_scales_shrink_the_file_and_change_no_logit(family, monkeypatch,
         assert np.array_equal(onnxrt.load(f16).logits(ids), onnxrt.load(f32).logits(ids))
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # tied / untied embeddings
+def test_stored_bytes_are_the_formats_bits_per_weight(family, tmp_path):
+    """Each block op's codes, scales and zero points take exactly its format's bits per weight
+    (``subnet.formats``), the figure the cost model's size and memory predictions rest on."""
+    from onnx import numpy_helper
+
+    from subnet.formats import FORMATS
+
+    base = tiny_model(family)
+    spec = SubnetSpec.uniform(arch_of(base.config), layers=[0, 1, 3], fmt="int8s_b32")
+    spec.layers[1].formats.update(gate_proj="int4_b32", up_proj="int4s_b32", down_proj="int4s_b32", o_proj="int8_b32")
+    spec.lm_head_format = "int8s_b32"  # int4_b32 on rows of 2 blocks: its 4-bit zero points pad odd counts to a byte
+    art = onnxrt.export(extract(base, spec.validate()), None, spec, tmp_path / "out")
+    g = onnx.load(art.path).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    format_of = {layout: name for name, layout in NBITS.items()}  # (bits, block, symmetric) -> format
+    checked = []
+    for n in g.node:
+        codes = n.input[1] if n.op_type == "MatMulNBits" else n.input[0]
+        if n.op_type not in ("MatMulNBits", "GatherBlockQuantized") or codes not in inits:
+            continue  # a tied head reads the table's codes through a Reshape: counted once, as the table
+        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+        zero_points = n.input[3] if len(n.input) > 3 else ""
+        fmt = format_of[(a.get("bits", 4), a["block_size"], not zero_points)]
+        scales, dtype = stored_scales(g, n.input[2])
+        stored = inits[codes].nbytes + scales.size * (2 if dtype == onnx.TensorProto.FLOAT16 else 4)
+        stored += inits[zero_points].nbytes if zero_points else 0
+        weights = a["K"] * a["N"] if n.op_type == "MatMulNBits" else inits[codes].size * 8 // a.get("bits", 4)
+        assert stored * 8 == FORMATS[fmt].bits * weights, (n.name, fmt)
+        checked.append(fmt)
+    assert sorted(set(checked)) == ["int4_b32", "int4s_b32", "int8_b32", "int8s_b32"]
+    assert len(checked) == 7 * 3 + 1 + (not spec.base.tie_word_embeddings)  # linears, table, untied head
+
+
 def test_int4s_b32_is_written_at_the_block_scales_gptq_kept(tmp_path):
     """GPTQ rounds int4s_b32 linears at scales of its choosing (as for q4_0); the export writes the codes at
     those scales, and parity holds against the simulation at them."""
