@@ -308,8 +308,9 @@ def test_stored_bytes_are_the_formats_bits_per_weight(family, tmp_path):
 
     base = tiny_model(family)
     spec = SubnetSpec.uniform(arch_of(base.config), layers=[0, 1, 3], fmt="int8s_b32")
+    # int4_b32 on rows of 2 blocks (gate_proj's): its 4-bit zero points pad an odd count to a whole byte
     spec.layers[1].formats.update(gate_proj="int4_b32", up_proj="int4s_b32", down_proj="int4s_b32", o_proj="int8_b32")
-    spec.lm_head_format = "int8s_b32"  # int4_b32 on rows of 2 blocks: its 4-bit zero points pad odd counts to a byte
+    spec.lm_head_format = "int8s_b32"
     art = onnxrt.export(extract(base, spec.validate()), None, spec, tmp_path / "out")
     g = onnx.load(art.path).graph
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
