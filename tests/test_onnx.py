@@ -321,12 +321,11 @@ def test_stored_bytes_are_the_formats_bits_per_weight(family, tmp_path):
         if n.op_type not in ("MatMulNBits", "GatherBlockQuantized") or codes not in inits:
             continue  # a tied head reads the table's codes through a Reshape: counted once, as the table
         a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
-        zero_points = n.input[3] if len(n.input) > 3 else ""
-        fmt = format_of[(a.get("bits", 4), a["block_size"], not zero_points)]
-        scales, dtype = stored_scales(g, n.input[2])
-        stored = inits[codes].nbytes + scales.size * (2 if dtype == onnx.TensorProto.FLOAT16 else 4)
+        bits, zero_points = a.get("bits", 4), n.input[3] if len(n.input) > 3 else ""
+        fmt = format_of[(bits, a["block_size"], not zero_points)]
+        stored = inits[codes].nbytes + inits[scales_initializer(g, n.input[2]).name].nbytes  # as the file holds them
         stored += inits[zero_points].nbytes if zero_points else 0
-        weights = a["K"] * a["N"] if n.op_type == "MatMulNBits" else inits[codes].size * 8 // a.get("bits", 4)
+        weights = a["K"] * a["N"] if n.op_type == "MatMulNBits" else inits[codes].size * 8 // bits
         assert stored * 8 == FORMATS[fmt].bits * weights, (n.name, fmt)
         checked.append(fmt)
     assert sorted(set(checked)) == ["int4_b32", "int4s_b32", "int8_b32", "int8s_b32"]
