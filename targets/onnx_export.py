@@ -41,6 +41,7 @@ from subnet.formats import NBITS_FORMATS, ONNXRUNTIME, get_format
 from subnet.spec import SubnetSpec
 from targets.backend import Artifact, ExportError, atomic_output, model_name
 from targets.onnx_attention import MS_DOMAIN, GQADecoder, translation_table, unsupported
+from targets.onnx_fusion import fuse_projections
 from targets.onnxrt import EMBED_FORMATS, KV_CACHE
 
 MODEL_FILE = "model.onnx"
@@ -557,8 +558,10 @@ def write_onnx(model, spec: SubnetSpec, folder: Path, fused: bool = False, block
 
     ``fused``: the graph ONNX Runtime runs fastest: attention as GroupQueryAttention where the model allows
     (``targets.onnx_attention``; else the modules' own ops, and ``meta["attention"]`` says why), the
-    exporter's graph optimizer, and RMSNorms fused (``fuse_norms``). Without it, every op is standard
-    ONNX (what TensorRT builds from)."""
+    exporter's graph optimizer, RMSNorms fused (``fuse_norms``) and the block-quantized projections that
+    share an input as one MatMulNBits (``targets.onnx_fusion``; ``meta["linear_io"]`` then gives a packed
+    projection's output as [input, fused output, start, stop]). Without it, every op is standard ONNX
+    (what TensorRT builds from)."""
     import onnxruntime
 
     check_formats(spec)
@@ -609,19 +612,21 @@ def write_onnx(model, spec: SubnetSpec, folder: Path, fused: bool = False, block
     for fmt in NBITS:
         if by_fmt.get(fmt):
             quantize_nbits(path, fmt, by_fmt[fmt], kept)
+    onnx.checker.check_model(str(path))  # before fusion: the checker's schema of GroupQueryAttention refuses packed QKV
     graph = onnx.load(str(path))
-    f16_scales = scales_to_f16(graph)
-    save(graph, path)
-    del graph
-    onnx.checker.check_model(str(path))
-    norms = fuse_norms(path) if fused else {}  # ORT's fused norms live in the default domain, unknown to onnx
-    final = onnx.load(str(path))
-    applied = applied_formats(final, nodes)
+    applied = applied_formats(graph, nodes)  # read while every linear is still its own node
     mismatched = {k: (want[n], applied.get(k)) for n, k in nodes.items() if applied.get(k) != want[n]}
     if tied:  # the tied lm_head follows the embedding table
         mismatched.pop("lm_head", None)
     if mismatched:
         raise ExportError(f"formats not applied as asked (wanted, got): {dict(list(mismatched.items())[:4])}")
+    projections = fuse_projections(graph) if fused else {"qkv_packed": 0, "split": 0, "spans": {}}
+    io = {k: [x, *projections["spans"].get(y, [y])] for k, (x, y) in io.items()}
+    f16_scales = scales_to_f16(graph)
+    save(graph, path)
+    del graph
+    norms = fuse_norms(path) if fused else {}  # ORT's fused norms live in the default domain, unknown to onnx
+    final = onnx.load(str(path))
     return {
         "format": "onnx",
         "inputs": [i.name for i in final.graph.input],
@@ -648,6 +653,7 @@ def write_onnx(model, spec: SubnetSpec, folder: Path, fused: bool = False, block
                      if dict((p.key, p.value) for p in final.metadata_props).get(KV_CACHE[0]) == KV_CACHE[1]
                      else "past in, past + new out (copied every step)"),
         "fused": norms,
+        "fused_projections": {"qkv_packed": projections["qkv_packed"], "split": projections["split"]},
         "optimized": fused,
         "f16_note": "f16 = float16 weight storage cast to float32 before the MatMul (CPU EP computes in f32); "
                     "f16_scales = block-scale tensors stored in float16 (exactly: ggml's f16 scales), cast to float32 "

@@ -212,7 +212,8 @@ def linear_parity(artifact, model, spec: SubnetSpec, token_ids, linear_io: dict[
                   block_scales: dict | None = None) -> dict:  # fmt: skip
     """Each linear's ORT output vs the simulation applied to ORT's own input of that linear.
 
-    ``linear_io``: linear -> [input, output] tensor names (``meta["linear_io"]`` of the export). The
+    ``linear_io``: linear -> [input, output] tensor names, or [input, output, start, stop] for a projection
+    packed with others into one node's output columns start:stop (``meta["linear_io"]`` of the export). The
     graph is run once on ``token_ids`` with those tensors as extra outputs (a probe copy of model.onnx
     that shares its weight file, removed afterwards). The reference is ``input_quantizer(fmt, 4,
     "tensor")(x) @ fake_quantize(W, fmt).T`` (int8: ``ort_int8_linear``, with this CPU's kernel
@@ -228,7 +229,7 @@ def linear_parity(artifact, model, spec: SubnetSpec, token_ids, linear_io: dict[
     path = _onnx_path(artifact)
     graph = onnx.load(str(path), load_external_data=False)
     have = {o.name for o in graph.graph.output}
-    for name in dict.fromkeys(n for pair in linear_io.values() for n in pair):
+    for name in dict.fromkeys(n for io in linear_io.values() for n in io[:2]):
         if name not in have:
             graph.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     probe = path.with_name(f".parity-probe-{os.getpid()}.onnx")
@@ -242,7 +243,7 @@ def linear_parity(artifact, model, spec: SubnetSpec, token_ids, linear_io: dict[
         probe.unlink(missing_ok=True)
     errors = {}
     with torch.no_grad():
-        for key, (x_name, y_name) in linear_io.items():
+        for key, (x_name, y_name, *cols) in linear_io.items():
             weight, fmt, module = _linear_weight_and_format(model, spec, key)
             x = torch.from_numpy(got[x_name]).float()
             if fmt == "int8":
@@ -252,7 +253,7 @@ def linear_parity(artifact, model, spec: SubnetSpec, token_ids, linear_io: dict[
                 kept = (block_scales or {}).get(module)
                 w = fake_quantize(weight.float(), fmt) if kept is None else round_to_scales(weight.float(), kept, fmt)
                 ref = (quant(x) if quant else x) @ w.T
-            y = got[y_name]
+            y = got[y_name][..., slice(*cols)] if cols else got[y_name]
             errors[key] = float(np.abs(y - ref.numpy()).max() / max(float(np.abs(y).max()), 1e-30))
     worst = max(errors, key=errors.get)
     return {"max_rel_err": errors[worst], "worst": worst, "n_linears": len(errors)}

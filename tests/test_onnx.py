@@ -1,12 +1,14 @@
 """ONNX export with KV cache, ONNX Runtime runner, per-layer weight formats, TensorRT recipe."""
 
+from collections import Counter
+
 import numpy as np
 import onnx
 import pytest
 import torch
 from onnx import helper
 
-from subnet.arch import arch_of
+from subnet.arch import LINEARS, arch_of, linear_of
 from subnet.extract import extract
 from subnet.spec import SubnetSpec
 from targets import onnxrt, tensorrt
@@ -182,15 +184,19 @@ def test_mixed_formats_land_on_the_right_matmuls(family, kind, tmp_path):
     # the graph itself: one quantized node per quantized linear, named after that linear's MatMul
     g = onnx.load(art.path, load_external_data=False).graph
     nbits = [n for n in g.node if n.op_type == "MatMulNBits"]
-    got = sorted(
-        (helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits")),
-         helper.get_attribute_value(next(a for a in n.attribute if a.name == "block_size")))
-        for n in nbits
-    )
-    want_fmts = [f for ly in spec.layers for f in ly.formats.values()]
+    got = Counter()  # output rows per (bits, block): projections that share an input share one node
+    for n in nbits:
+        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+        got[a["bits"], a["block_size"]] += a["N"]
+    want, want_fmts = Counter(), []
+    for i, ly in enumerate(spec.layers):
+        for name, fmt in ly.formats.items():
+            want_fmts.append(fmt)
+            if fmt in NBITS:
+                want[NBITS[fmt][:2]] += linear_of(model.model.layers[i], name).out_features
     if not spec.base.tie_word_embeddings:
         want_fmts.append(spec.lm_head_format)
-    want = sorted(NBITS[f][:2] for f in want_fmts if f in NBITS)
+        want[NBITS[spec.lm_head_format][:2]] += model.config.vocab_size
     assert got == want
     assert sum(n.op_type == "MatMulInteger" for n in g.node) == want_fmts.count("int8")
     f16 = [i.name for i in g.initializer if i.data_type == onnx.TensorProto.FLOAT16]
@@ -254,7 +260,8 @@ def test_twin_embedding_and_linears_hold_ggml_weights(family, tmp_path):
                for n, f in ly.formats.items())  # fmt: skip
     g = onnx.load(art.path).graph
     ops = [n.op_type for n in g.node]
-    assert ops.count("GatherBlockQuantized") == 1 and ops.count("MatMulNBits") == 7 * 3 + 1
+    assert ops.count("GatherBlockQuantized") == 1  # per layer q/k/v, o, gate/up, down; the head
+    assert ops.count("MatMulNBits") == 4 * 3 + 1 and art.meta["fused_projections"] == {"qkv_packed": 3, "split": 3}
     (gather,) = [n for n in g.node if n.op_type == "GatherBlockQuantized"]
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
     table = model.get_input_embeddings().weight.detach().numpy()
@@ -288,7 +295,8 @@ def test_float16_scales_shrink_the_file_and_change_no_logit(family, monkeypatch,
     monkeypatch.setattr(ox, "scales_to_f16", lambda graph: 0)
     f32 = onnxrt.export(model, None, spec, tmp_path / "f32")
     tied = spec.base.tie_word_embeddings
-    assert f16.meta["f16_scales"] == 7 * 3 + 1 + (not tied) and f32.meta["f16_scales"] == 0  # linears, table, head
+    # per layer q/k/v, o, gate/up, down (targets.onnx_fusion); the table; an untied head
+    assert f16.meta["f16_scales"] == 4 * 3 + 1 + (not tied) and f32.meta["f16_scales"] == 0
     g = onnx.load(f32.path).graph
     scales = {n.input[2] for n in g.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
     n_blocks = sum(stored_scales(g, name)[0].size for name in scales if not name.endswith("1d"))  # not the reshaped table
@@ -296,6 +304,39 @@ def test_float16_scales_shrink_the_file_and_change_no_logit(family, monkeypatch,
     assert 2 * n_blocks >= saved >= 2 * n_blocks - 100 * f16.meta["f16_scales"]  # less each Cast node's bytes
     for ids in (IDS, IDS[:1]):
         assert np.array_equal(onnxrt.load(f16).logits(ids), onnxrt.load(f32).logits(ids))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # no biases / q, k, v biases
+def test_projections_that_share_an_input_run_as_one_kernel(family, monkeypatch, tmp_path):
+    """q/k/v of one format go into GroupQueryAttention packed (with their biases as one Add); other
+    same-format projections of one input (k/v beside a q of another format, gate/up, with or without zero
+    points) run as one MatMulNBits split back into their outputs. The logits are the unfused graph's (to
+    float rounding over a prompt), and every linear is still checked against the simulation on its own columns."""
+    import targets.onnx_export as ox
+
+    base = tiny_model(family)
+    spec = SubnetSpec.uniform(arch_of(base.config), layers=[0, 1, 3], fmt="int8s_b32")
+    spec.layers[1].formats.update(q_proj="int4s_b32", gate_proj="int4_b32", up_proj="int4_b32", down_proj="int4_b32")
+    if not spec.base.tie_word_embeddings:
+        spec.lm_head_format = "int8s_b32"
+    model = extract(base, spec.validate())
+    fused = onnxrt.export(model, None, spec, tmp_path / "fused")
+    monkeypatch.setattr(ox, "fuse_projections", lambda graph: {"qkv_packed": 0, "split": 0, "spans": {}})
+    plain = onnxrt.export(model, None, spec, tmp_path / "plain")
+    assert fused.meta["fused_projections"] == {"qkv_packed": 2, "split": 4}  # layers 0, 2; k/v and gate/up of 1
+    ops = Counter(n.op_type for n in onnx.load(fused.path, load_external_data=False).graph.node)
+    plain_ops = Counter(n.op_type for n in onnx.load(plain.path, load_external_data=False).graph.node)
+    assert plain_ops["MatMulNBits"] - ops["MatMulNBits"] == 2 * 2 + 4 and ops["Split"] == 4
+    if spec.base.qkv_bias:
+        assert plain_ops["Add"] - ops["Add"] == 2 * 2  # three bias Adds became one, twice
+    packed = [k for k, io in fused.meta["linear_io"].items() if len(io) == 4]
+    assert sorted(packed) == sorted(f"layers.{i}.{n}_proj" for i in (0, 2) for n in "qkv")
+    assert fused.meta["parity"]["linears"]["n_linears"] == 7 * 3 + 1  # and the head
+    assert fused.meta["parity"]["within_bounds"]
+    a, b = onnxrt.load(fused), onnxrt.load(plain)
+    assert np.array_equal(a.logits(IDS[:1]), b.logits(IDS[:1]))  # one token: the same sums, bit for bit
+    np.testing.assert_allclose(a.logits(IDS), b.logits(IDS), rtol=0, atol=1e-5)  # a prompt: tiled differently
+    assert a.generate(IDS[:4], 8) == b.generate(IDS[:4], 8)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # tied / untied embeddings
@@ -311,7 +352,8 @@ def test_stored_bytes_are_the_formats_bits_per_weight(family, tmp_path):
     # int4_b32 on rows of 2 blocks (gate_proj's): its 4-bit zero points pad an odd count to a whole byte
     spec.layers[1].formats.update(gate_proj="int4_b32", up_proj="int4s_b32", down_proj="int4s_b32", o_proj="int8_b32")
     spec.lm_head_format = "int8s_b32"
-    art = onnxrt.export(extract(base, spec.validate()), None, spec, tmp_path / "out")
+    model = extract(base, spec.validate())
+    art = onnxrt.export(model, None, spec, tmp_path / "out")
     g = onnx.load(art.path).graph
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
     format_of = {layout: name for name, layout in NBITS.items()}  # (bits, block, symmetric) -> format
@@ -327,9 +369,11 @@ def test_stored_bytes_are_the_formats_bits_per_weight(family, tmp_path):
         stored += inits[zero_points].nbytes if zero_points else 0
         weights = a["K"] * a["N"] if n.op_type == "MatMulNBits" else inits[codes].size * 8 // bits
         assert stored * 8 == FORMATS[fmt].bits * weights, (n.name, fmt)
-        checked.append(fmt)
-    assert sorted(set(checked)) == ["int4_b32", "int4s_b32", "int8_b32", "int8s_b32"]
-    assert len(checked) == 7 * 3 + 1 + (not spec.base.tie_word_embeddings)  # linears, table, untied head
+        checked.append((fmt, weights))
+    assert sorted({f for f, _ in checked}) == ["int4_b32", "int4s_b32", "int8_b32", "int8s_b32"]
+    table = model.config.vocab_size * model.config.hidden_size
+    linears = sum(linear_of(ly, n).weight.numel() for ly in model.model.layers for n in LINEARS)
+    assert sum(w for _, w in checked) == linears + table * (1 + (not spec.base.tie_word_embeddings))  # every weight once
 
 
 def test_int4s_b32_is_written_at_the_block_scales_gptq_kept(tmp_path):
@@ -349,14 +393,14 @@ def test_int4s_b32_is_written_at_the_block_scales_gptq_kept(tmp_path):
     art = onnxrt.export(model, None, spec, tmp_path / "out", block_scales=kept)
     assert art.meta["kept_scales"] == 3 and art.meta["parity"]["within_bounds"]
     g = onnx.load(art.path).graph
-    node = next(k for k, v in art.meta["nodes"].items() if v == "layers.1.up_proj")
+    node = next(k for k, v in art.meta["nodes"].items() if v == "layers.1.down_proj")  # gate/up: one node
     q = next(n for n in g.node if n.name == node + "_Q4")
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
     packed, (scales, _) = inits[q.input[1]], stored_scales(g, q.input[2])
     codes = np.stack([packed & 15, packed >> 4], -1).reshape(packed.shape[0], -1, 32).astype(np.float32)
     got = ((codes - 8) * scales.reshape(packed.shape[0], -1, 1)).reshape(packed.shape[0], -1)
-    w = model.model.layers[1].mlp.up_proj.weight.detach()
-    assert np.array_equal(got, round_to_scales(w, kept["model.layers.1.mlp.up_proj"], "int4s_b32").numpy())
+    w = model.model.layers[1].mlp.down_proj.weight.detach()
+    assert np.array_equal(got, round_to_scales(w, kept["model.layers.1.mlp.down_proj"], "int4s_b32").numpy())
     assert not np.array_equal(got, fake_quantize(w, "int4s_b32").numpy())  # not the weight's own absmax scales
 
 
