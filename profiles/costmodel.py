@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from profiles import roofline
-from subnet.formats import LLAMA_CPP, effective_format
+from subnet.formats import LLAMA_CPP, ONNXRUNTIME, effective_format
 from subnet.spec import SubnetSpec
 from targets.backend import BACKENDS, Measurement, Workload, cpu_features, cpu_model, read_json
 from targets.registry import Target, get_target
@@ -96,8 +96,11 @@ def block_linears(heads: int, kv_heads: int, mlp: int, hidden: int, head_dim: in
 
 
 def runtime_format(runtime: str, fmt: str, row: int) -> str:
-    """The format a runtime really stores for a row of this length (llama.cpp K-quant fallbacks)."""
-    return effective_format(fmt, row) if runtime == LLAMA_CPP else fmt
+    """The format a runtime really computes with for a row of this length: llama.cpp's K-quant fallbacks,
+    and f32 for ONNX Runtime's f16 (float16 storage whose Cast ONNX Runtime folds when it loads the graph)."""
+    if runtime == LLAMA_CPP:
+        return effective_format(fmt, row)
+    return "f32" if runtime == ONNXRUNTIME and fmt == "f16" else fmt
 
 
 def runtime_linears(runtime: str, heads: int, kv_heads: int, mlp: int, hidden: int, head_dim: int, formats) -> dict:
@@ -371,7 +374,7 @@ def fit_table(table: dict) -> dict:
     held = [p for p in measured if p.get("role") == "holdout"]
     if len(pts) < 3:
         raise CostModelError(f"a table needs at least 3 measured points to fit, it has {len(pts)}: profile more")
-    model: dict = {"formats": sorted({p["format"] for p in pts} | {p["embed_format"] for p in pts}),
+    model: dict = {"formats": sorted({p["format"] for p in pts}),  # of blocks: a head format alone prices no block
                    "head_formats": sorted({p["embed_format"] for p in pts})}
     for phase, key in (("decode", "decode_ms_per_token"), ("prefill", "prefill_ms")):
         rows = [point_spec_features(table, p, phase) for p in pts]

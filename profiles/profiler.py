@@ -24,7 +24,7 @@ from pathlib import Path
 from profiles import costmodel, roofline
 from profiles.costmodel import MIB, block_linears, kv_cache_mb, read_table, write_table
 from subnet.arch import ArchInfo
-from subnet.formats import LLAMA_CPP, ONNXRUNTIME, TENSORRT
+from subnet.formats import LLAMA_CPP, ONNXRUNTIME, TENSORRT, get_format
 from subnet.spec import SubnetSpec
 from targets.backend import Workload, fingerprint
 from targets.registry import Target, get_target
@@ -66,12 +66,18 @@ def default_grid(runtime: str, base: ArchInfo = SMOLLM2, formats: list[str] | No
     and at a model width 32 off the base's (a row tail for a 64-wide SIMD step, see costmodel.SIMD_STEP);
     width, KV heads, model width and prompt length varied on two formats; every embedding format the
     runtime can store (any block format for llama.cpp, f32/f16/int8s_b32 for ONNX Runtime) under blocks of
-    another format; a few held-out shapes (``role: holdout``) between them to report the interpolation error."""
+    another format (a quantized block format otherwise goes under the quantized table: a 4-bit block under
+    a float32 head would be measured mostly as the head's reads); a few held-out shapes (``role:
+    holdout``) between them to report the interpolation error."""
     fmts = list(formats or PROFILE_FORMATS[runtime])
     embeds = EMBED_FORMATS[runtime]
 
-    def emb(f):
-        return f if embeds is None or f in embeds else embeds[0]
+    quantized_heads = [e for e in embeds or () if get_format(e).quantized]
+
+    def emb(f):  # the table a block format is measured under: its own, else the kind a deployment pairs it with
+        if embeds is None or f in embeds:
+            return f
+        return quantized_heads[-1] if quantized_heads and get_format(f).quantized else embeds[0]
 
     h, q, kv, mlp = base.hidden_size, base.num_heads, base.num_kv_heads, base.intermediate_size
     g = base.group_size

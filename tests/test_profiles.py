@@ -11,7 +11,7 @@ import pytest
 
 from profiles import costmodel, profiler, roofline
 from profiles.costmodel import CostModelError, OutsideGridWarning, TableMismatchWarning
-from subnet.arch import MLP_LINEARS, ArchInfo
+from subnet.arch import LINEARS, MLP_LINEARS, ArchInfo
 from subnet.spec import SubnetSpec
 from targets.backend import Measurement, Workload
 from targets.registry import TargetError, get_target, list_targets
@@ -25,16 +25,16 @@ TRUTH = {  # ground-truth coefficients of the fake device (ms per feature unit)
 }
 
 
-def _stub_table():
-    return {"runtime": "llama.cpp", "head_dim": TINY.head_dim, "vocab": TINY.vocab_size}
+def _stub_table(runtime="llama.cpp"):
+    return {"runtime": runtime, "head_dim": TINY.head_dim, "vocab": TINY.vocab_size}
 
 
-def fake_measure(point: dict) -> dict:
-    """An exactly-linear fake device: latency = TRUTH · features of the point."""
+def fake_measure(point: dict, truth=TRUTH, runtime="llama.cpp") -> dict:
+    """An exactly-linear fake device: latency = ``truth`` · features of the point."""
     out = {}
     for phase, key in (("decode", "decode_ms_per_token"), ("prefill", "prefill_ms")):
-        feats = costmodel.point_spec_features(_stub_table(), point, phase)
-        out[key] = sum(TRUTH[phase].get(k, 0.0) * v for k, v in feats.items())
+        feats = costmodel.point_spec_features(_stub_table(runtime), point, phase)
+        out[key] = sum(truth[phase].get(k, 0.0) * v for k, v in feats.items())
     spec = profiler.point_spec(point, TINY)
     out["peak_rss_mb"] = 30.0 + 1.1 * spec.weight_bytes() / costmodel.MIB
     out["size_mb"] = spec.weight_bytes() / costmodel.MIB + 0.5
@@ -259,6 +259,32 @@ def test_grid_measures_every_head_format_the_runtime_stores():
         grid = profiler.default_grid(runtime, TINY, fmts, Workload(16, 8))
         assert {p["embed_format"] for p in grid} == heads
         assert len({profiler.point_key(p) for p in grid}) == len(grid)
+
+
+def test_onnxruntime_float16_blocks_cost_what_float32_ones_do(tmp_path):
+    """ONNX Runtime folds a float16 weight's Cast when it loads the graph, so an f16 block runs (and is
+    priced) as f32; a format profiled only as an LM head prices no block (it used to price f16 at 0)."""
+    truth = {"decode": {"const": 0.5, "layer": 0.05, "w:f32": 3.0, "w:int8s_b32": 1.0, "attn": 0.4,
+                        "h:f32": 2.0, "h:f16": 2.0, "h:int8s_b32": 0.6},
+             "prefill": {"const": 2.0, "layer": 0.3, "w:f32": 0.05, "w:int8s_b32": 0.04, "act": 1.0, "head": 0.5}}  # fmt: skip
+    grid = profiler.default_grid("onnxruntime", TINY, ["f32", "int8s_b32"], Workload(16, 8))
+    table = profiler.profile("laptop-cpu", "onnxruntime", grid=grid, out=tmp_path / "t.json", base=TINY, threads=1,
+                             measure_point=lambda p: fake_measure(p, truth, "onnxruntime"), progress=False)  # fmt: skip
+    assert table["model"]["formats"] == ["f32", "int8s_b32"] and "f16" in table["model"]["head_formats"]
+
+    def decode(fmt):
+        return costmodel.layer_cost(table, 4, 2, 128, 64, {n: fmt for n in LINEARS}, "decode")
+
+    assert decode("f16") == pytest.approx(decode("f32")) and decode("f16") > 1.5 * decode("int8s_b32")
+
+
+def test_grid_measures_quantized_blocks_under_a_quantized_head():
+    """ONNX Runtime's block formats that have no table of their own are measured under the q8_0-twin head
+    (a float32 head's reads would swamp a 4-bit block's), float blocks under the float32 head."""
+    grid = profiler.default_grid("onnxruntime", TINY, ["f32", "int8", "int4_b32", "int4s_b32"], Workload(16, 8))
+    fit = [p for p in grid if p["role"] == "fit" and p["layers"] != min(q["layers"] for q in grid)]
+    assert {p["format"]: p["embed_format"] for p in fit} == {
+        "f32": "f32", "int8": "int8s_b32", "int4_b32": "int8s_b32", "int4s_b32": "int8s_b32"}
 
 
 def _calibration_pairs(table, depths, scale_dec, off_dec, scale_pre, off_pre):
