@@ -181,7 +181,7 @@ def test_mixed_formats_land_on_the_right_matmuls(family, kind, tmp_path):
     assert applied["lm_head"] == spec.lm_head_format
     assert art.meta["kv_cache"].startswith("one buffer per tensor")  # the graph metadata survives quantization
 
-    # the graph itself: one quantized node per quantized linear, named after that linear's MatMul
+    # the graph itself: every quantized linear's rows in a node of its format (shared-input projections share one)
     g = onnx.load(art.path, load_external_data=False).graph
     nbits = [n for n in g.node if n.op_type == "MatMulNBits"]
     got = Counter()  # output rows per (bits, block): projections that share an input share one node
