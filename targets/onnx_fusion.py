@@ -68,7 +68,7 @@ def _stacked(graph: _Graph, members: list, name: str) -> tuple:
     def rows(i):  # input i of every member, stacked along N
         return np.concatenate([graph.const(m.input[i]).reshape(n, -1) for m, n in zip(members, ns)])
 
-    codes = rows(1).reshape(sum(ns), *graph.const(members[0].input[1]).shape[1:])  # [N, blocks, blob]
+    codes = rows(1).reshape(sum(ns), *graph.inits[members[0].input[1]].dims[1:])  # [N, blocks, blob]
     scales = graph.add_const(rows(2).reshape(-1), name + "_scales")
     inputs = [members[0].input[0], graph.add_const(codes, name + "_Q"), scales]
     if len(members[0].input) > 3 and members[0].input[3]:
@@ -102,7 +102,7 @@ def _packed_qkv(graph: _Graph, group: list):
         tensor = add[0].output[0] if add else m.output[0]
         if graph.only_consumer(tensor) is not None:
             handed[tensor] = (m, add)
-    for gqa in {id(graph.only_consumer(t)): graph.only_consumer(t) for t in handed}.values():
+    for gqa in {id(c): c for c in map(graph.only_consumer, handed)}.values():
         if gqa.op_type != OP_NAME or len(gqa.input) < 3 or not all(t in handed for t in gqa.input[:3]):
             continue
         picked = [handed[t] for t in gqa.input[:3]]
