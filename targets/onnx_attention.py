@@ -24,9 +24,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from targets.onnx_graph import MS_DOMAIN
+
 OP = "packager::group_query_attention"
 OP_NAME = "GroupQueryAttention"
-MS_DOMAIN = "com.microsoft"
 
 
 @torch.library.custom_op(OP, mutates_args=())

@@ -40,8 +40,10 @@ from subnet.arch import LINEARS, linear_module_name
 from subnet.formats import NBITS_FORMATS, ONNXRUNTIME, get_format
 from subnet.spec import SubnetSpec
 from targets.backend import Artifact, ExportError, atomic_output, model_name
-from targets.onnx_attention import MS_DOMAIN, GQADecoder, translation_table, unsupported
+from targets.onnx_attention import GQADecoder, translation_table, unsupported
 from targets.onnx_fusion import fuse_projections
+from targets.onnx_graph import (MS_DOMAIN, GraphIndex, attrs, cast_initializer, drop_value_info, prepend,
+                                 set_nodes, use_ms_domain)  # fmt: skip
 from targets.onnxrt import EMBED_FORMATS, KV_CACHE
 
 MODEL_FILE = "model.onnx"
@@ -187,21 +189,16 @@ def fold_weight_transposes(model: onnx.ModelProto) -> int:
 
     A weight that is also read elsewhere (the tied embedding, gathered by the embedding lookup) is left alone.
     """
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    users = Counter(i for n in g.node for i in n.input)
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    index = GraphIndex(model)
+    g, inits = model.graph, index.inits
     stale, keep = set(), []
     for node in g.node:
         src = node.input[0] if node.op_type == "Transpose" else None
         perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
-        outs = consumers.get(node.output[0], []) if src else []
+        outs = index.consumers.get(node.output[0], []) if src else []
         if (
             src in inits
-            and users[src] == 1
+            and index.readers(src) == 1
             and perm == [1, 0]
             and len(inits[src].dims) == 2
             and outs
@@ -214,11 +211,8 @@ def fold_weight_transposes(model: onnx.ModelProto) -> int:
             stale.update((src, node.output[0]))
             continue
         keep.append(node)
-    del g.node[:]
-    g.node.extend(keep)
-    infos = [v for v in g.value_info if v.name not in stale]  # shapes recorded before the fold
-    del g.value_info[:]
-    g.value_info.extend(infos)
+    set_nodes(g, keep)
+    drop_value_info(g, stale)  # shapes recorded before the fold
     return len(stale) // 2
 
 
@@ -282,9 +276,9 @@ def weights_to_f16(model: onnx.ModelProto, node_names: set[str]) -> list[str]:
     done, new_nodes = [], []
     for node in g.node:
         if node.name in node_names and node.input[1] in inits:
-            _cast_initializer(inits[node.input[1]], new_nodes, f"{node.name}_weight_f16")
+            cast_initializer(inits[node.input[1]], new_nodes, f"{node.name}_weight_f16")
             done.append(node.name)
-    _prepend(g, new_nodes)
+    prepend(g, new_nodes)
     return done
 
 
@@ -307,7 +301,7 @@ def retie_head(model: onnx.ModelProto, head: str) -> bool:
     if list(copy.dims) != [table.shape[1], table.shape[0]] or not np.array_equal(numpy_helper.to_array(copy), table.T):
         return False
     g.initializer.remove(copy)
-    _prepend(g, [helper.make_node("Transpose", [gather.input[0]], [node.input[1]], perm=[1, 0], name=head + "_tied")])
+    prepend(g, [helper.make_node("Transpose", [gather.input[0]], [node.input[1]], perm=[1, 0], name=head + "_tied")])
     return True
 
 
@@ -319,8 +313,8 @@ def embedding_to_f16(model: onnx.ModelProto) -> str | None:
     if gather is None:
         return None
     new = []
-    _cast_initializer(inits[gather.input[0]], new, "embed_tokens_f16")
-    _prepend(g, new)
+    cast_initializer(inits[gather.input[0]], new, "embed_tokens_f16")
+    prepend(g, new)
     return gather.input[0]
 
 
@@ -336,22 +330,9 @@ def scales_to_f16(model: onnx.ModelProto) -> int:
     for name in sorted(names & set(inits)):
         arr = numpy_helper.to_array(inits[name])
         if arr.dtype == np.float32 and np.array_equal(arr.astype(np.float16).astype(np.float32), arr):
-            _cast_initializer(inits[name], new_nodes, name + "_f16")
-    _prepend(g, new_nodes)
+            cast_initializer(inits[name], new_nodes, name + "_f16")
+    prepend(g, new_nodes)
     return len(new_nodes)
-
-
-def _prepend(graph: onnx.GraphProto, nodes: list) -> None:
-    rest = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(nodes + rest)
-
-
-def _cast_initializer(init: onnx.TensorProto, new_nodes: list, node_name: str) -> None:
-    name = init.name
-    arr = numpy_helper.to_array(init).astype(np.float16)
-    init.CopyFrom(numpy_helper.from_array(arr, name + ".f16"))
-    new_nodes.append(helper.make_node("Cast", [name + ".f16"], [name], to=TensorProto.FLOAT, name=node_name))
 
 
 def save(model: onnx.ModelProto, path: Path) -> None:
@@ -450,9 +431,8 @@ def twins_to_nbits(model: onnx.ModelProto, fmt: str, nodes: set[str], kept: dict
         g.initializer.extend([numpy_helper.from_array(data, init.name + "_Q"),
                               numpy_helper.from_array(scales.reshape(-1), init.name + "_scales")])  # fmt: skip
         keep.append(_matmul_nbits(node, init.name + "_Q", init.name + "_scales", (n, k), fmt))
-    del g.node[:]
-    g.node.extend(keep)
-    _use_ms_domain(model)
+    set_nodes(g, keep)
+    use_ms_domain(model)
 
 
 def embedding_to_blocks(model: onnx.ModelProto, fmt: str, tied_head: str | None) -> str | None:
@@ -474,8 +454,7 @@ def embedding_to_blocks(model: onnx.ModelProto, fmt: str, tied_head: str | None)
     g.initializer.extend([numpy_helper.from_array(data, name + "_Q"), numpy_helper.from_array(scales, name + "_scales"),
                           numpy_helper.from_array(np.array([vocab, width // block, -1], np.int64), name + "_Q_shape"),
                           numpy_helper.from_array(np.array([-1], np.int64), name + "_scales_shape")])  # fmt: skip
-    producers = {o: n for n in g.node for o in n.output}
-    consumers = Counter(i for n in g.node for i in n.input)
+    index = GraphIndex(model)
     new_nodes, dropped = [], set()
     for node in g.node:
         if node is gather:
@@ -483,8 +462,8 @@ def embedding_to_blocks(model: onnx.ModelProto, fmt: str, tied_head: str | None)
                                     list(gather.output), name=gather.name + "_Q", domain=MS_DOMAIN, bits=bits,
                                     block_size=block, gather_axis=0, quantize_axis=1)  # fmt: skip
         elif node.name == tied_head:
-            transpose = producers[node.input[1]]
-            if transpose.op_type != "Transpose" or transpose.input[0] != name or consumers[node.input[1]] != 1:
+            transpose = index.producer[node.input[1]]
+            if transpose.op_type != "Transpose" or transpose.input[0] != name or index.readers(node.input[1]) != 1:
                 raise ExportError(f"the tied lm_head {node.name} does not read Transpose({name}); cannot share its storage")
             dropped.add(transpose.output[0])
             new_nodes += [helper.make_node("Reshape", [name + "_Q", name + "_Q_shape"], [name + "_Q3d"], name=name + "_Q3d"),
@@ -492,31 +471,23 @@ def embedding_to_blocks(model: onnx.ModelProto, fmt: str, tied_head: str | None)
                                            name=name + "_scales1d")]  # fmt: skip
             node = _matmul_nbits(node, name + "_Q3d", name + "_scales1d", (vocab, width), fmt)
         new_nodes.append(node)
-    del g.node[:]
-    g.node.extend(n for n in new_nodes if n.output[0] not in dropped)
-    infos = [v for v in g.value_info if v.name not in dropped]
-    del g.value_info[:]
-    g.value_info.extend(infos)
-    _use_ms_domain(model)
+    set_nodes(g, [n for n in new_nodes if n.output[0] not in dropped])
+    drop_value_info(g, dropped)
+    use_ms_domain(model)
     return name
-
-
-def _use_ms_domain(model: onnx.ModelProto) -> None:
-    if not any(d.domain == MS_DOMAIN for d in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
 
 def applied_formats(model: onnx.ModelProto, nodes: dict[str, str]) -> dict[str, str]:
     """``layers.{i}.{linear}``/``lm_head`` -> the format the graph really holds (read back from the graph)."""
-    inits = {t.name: t for t in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output}
+    index = GraphIndex(model)
+    inits, producers = index.inits, index.producer
     out = {}
     for node in model.graph.node:
         key = nodes.get(node.name) or nodes.get(_QUANT_SUFFIX.sub("", node.name))
         if key is None:
             continue
         if node.op_type == "MatMulNBits":
-            a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+            a = attrs(node)
             symmetric = len(node.input) < 4 or not node.input[3]  # no zero points
             out[key] = next(f for f, v in NBITS.items() if v == (a["bits"], a["block_size"], symmetric))
         elif node.op_type == "MatMulInteger":

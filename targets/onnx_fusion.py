@@ -15,55 +15,27 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from targets.onnx_attention import MS_DOMAIN, OP_NAME
+from targets.onnx_attention import OP_NAME
+from targets.onnx_graph import MS_DOMAIN, GraphIndex, attrs, drop_unused_initializers, set_nodes
 
 _SHAPE = ("K", "bits", "block_size", "accuracy_level")  # what members of one fused node must share
 
 
-def _attrs(node) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+def _bias_add(graph: GraphIndex, node):
+    """(Add node, bias [N]) when ``node``'s output is used only by an Add of a constant bias."""
+    add = graph.only_consumer(node.output[0])
+    if add is None or add.op_type != "Add":
+        return None
+    bias = graph.const(add.input[1] if add.input[0] == node.output[0] else add.input[0])
+    return (add, bias) if bias is not None and bias.shape == (attrs(node)["N"],) else None
 
 
-class _Graph:
-    """Lookups over one graph: initializers, each tensor's producer and consumers."""
-
-    def __init__(self, model: onnx.ModelProto):
-        self.g = model.graph
-        self.inits = {t.name: t for t in self.g.initializer}
-        self.producer = {o: n for n in self.g.node for o in n.output}
-        self.consumers: dict[str, list] = {}
-        for n in self.g.node:
-            for i in n.input:
-                self.consumers.setdefault(i, []).append(n)
-        self.outputs = {o.name for o in self.g.output}
-
-    def const(self, name: str) -> np.ndarray | None:
-        """The value of an initializer input, or None if it is computed."""
-        return numpy_helper.to_array(self.inits[name]) if name in self.inits else None
-
-    def only_consumer(self, tensor: str):
-        users = self.consumers.get(tensor, [])
-        return users[0] if len(users) == 1 and tensor not in self.outputs else None
-
-    def bias_add(self, node):
-        """(Add node, bias [N]) when ``node``'s output is used only by an Add of a constant bias."""
-        add = self.only_consumer(node.output[0])
-        if add is None or add.op_type != "Add":
-            return None
-        bias = self.const(add.input[1] if add.input[0] == node.output[0] else add.input[0])
-        return (add, bias) if bias is not None and bias.shape == (_attrs(node)["N"],) else None
-
-    def add_const(self, arr: np.ndarray, name: str) -> str:
-        self.g.initializer.append(numpy_helper.from_array(arr, name))
-        return name
-
-
-def _stacked(graph: _Graph, members: list, name: str) -> tuple:
+def _stacked(graph: GraphIndex, members: list, name: str) -> tuple:
     """The MatMulNBits over the rows of ``members`` (output ``name``) and each member's column span."""
-    a = _attrs(members[0])
-    ns = [_attrs(m)["N"] for m in members]
+    a = attrs(members[0])
+    ns = [attrs(m)["N"] for m in members]
 
     def rows(i):  # input i of every member, stacked along N
         return np.concatenate([graph.const(m.input[i]).reshape(n, -1) for m, n in zip(members, ns)])
@@ -80,7 +52,7 @@ def _stacked(graph: _Graph, members: list, name: str) -> tuple:
     return node, [(int(s), int(e)) for s, e in zip(spans[:-1], spans[1:])]
 
 
-def _groups(graph: _Graph) -> list[list]:
+def _groups(graph: GraphIndex) -> list[list]:
     """MatMulNBits nodes that read the same input with the same shape attributes, two or more, in graph order."""
     by_key: dict[tuple, list] = {}
     for n in graph.g.node:
@@ -89,16 +61,16 @@ def _groups(graph: _Graph) -> list[list]:
         zp = len(n.input) > 3 and bool(n.input[3])
         if any(t not in graph.inits for t in n.input[1 : 4 if zp else 3]):
             continue
-        by_key.setdefault((n.input[0], zp, *(_attrs(n).get(k) for k in _SHAPE)), []).append(n)
+        by_key.setdefault((n.input[0], zp, *(attrs(n).get(k) for k in _SHAPE)), []).append(n)
     return [g for g in by_key.values() if len(g) > 1]
 
 
-def _packed_qkv(graph: _Graph, group: list):
+def _packed_qkv(graph: GraphIndex, group: list):
     """(attention node, its [q, k, v] projections, their bias Adds or None) when three of the group feed
     one GroupQueryAttention's query/key/value inputs (each directly or through a bias Add), else None."""
     handed = {}  # the tensor each projection hands on (its output or its bias Add's) -> (projection, add)
     for m in group:
-        add = graph.bias_add(m)
+        add = _bias_add(graph, m)
         tensor = add[0].output[0] if add else m.output[0]
         if graph.only_consumer(tensor) is not None:
             handed[tensor] = (m, add)
@@ -120,7 +92,7 @@ def fuse_projections(model: onnx.ModelProto) -> dict:
     node's output); a split group's members keep their own output names. Runs on the quantized graph
     before ``scales_to_f16``, while every tensor it stacks is a plain initializer.
     """
-    graph = _Graph(model)
+    graph = GraphIndex(model)
     order = {id(n): i for i, n in enumerate(graph.g.node)}
     removed, placed, spans = set(), {}, {}
     packed = split = 0
@@ -153,16 +125,7 @@ def fuse_projections(model: onnx.ModelProto) -> dict:
         nodes.extend(placed.get(id(n), []))
         if id(n) not in removed:
             nodes.append(n)
-    del graph.g.node[:]
-    graph.g.node.extend(nodes)
-    _drop_unused(model)
+    set_nodes(graph.g, nodes)
+    drop_unused_initializers(model)
     return {"qkv_packed": packed, "split": split, "spans": spans}
 
-
-def _drop_unused(model: onnx.ModelProto) -> None:
-    """Remove the initializers nothing reads any more."""
-    g = model.graph
-    used = {i for n in g.node for i in n.input}
-    keep = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)

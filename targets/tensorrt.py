@@ -29,6 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from subnet.formats import TENSORRT
 from targets.backend import Artifact, ExportError, Workload, atomic_output, save_tokenizer
 from targets.onnx_export import MODEL_FILE, artifact_files, check_formats, save, write_onnx
+from targets.onnx_graph import prepend
 
 if TYPE_CHECKING:
     from subnet.spec import SubnetSpec
@@ -113,9 +114,7 @@ def add_weight_qdq(model: onnx.ModelProto, targets: dict[str, str]) -> dict[str,
         )
         node.input[1] = w_name + ".dq"
         deq[node.name] = back.astype(np.float32)
-    rest = list(g.node)
-    del g.node[:]
-    g.node.extend(dq_nodes + rest)
+    prepend(g, dq_nodes)
     if any(f == "int4_b128" for f in targets.values()):  # INT4 and block_size need opset 21 (type extensions only)
         for op in model.opset_import:
             if op.domain in ("", "ai.onnx") and op.version < 21:
