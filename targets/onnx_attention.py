@@ -16,7 +16,7 @@ causal attention over past + new, presents = past + new. The graph takes no posi
 derives positions from the attention mask (``seqlens_k`` = tokens so far - 1), so sequences are
 right-padded (batch 1, the deployment case, always is). The kernel's total length comes from the mask
 too, so past and present may be one preallocated buffer per layer, written in place (the graph's
-metadata says so, ``targets.onnxrt.KV_CACHE``, and the runner then binds them with IO binding).
+metadata says so, ``targets.onnx_artifact.KV_CACHE``, and the runner then binds them with IO binding).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def translation_table() -> dict:
     def to_onnx(query, key, value, past_key, past_value, seqlens_k, cos_cache, sin_cache, num_heads: int,
                 kv_num_heads: int, scale: float):  # fmt: skip
         # tokens so far, from the mask (seqlens_k + 1), not from the past's shape: a KV buffer of any
-        # capacity can then be both past and present (ORT's shared-buffer mode, ``targets.onnxrt.KV_CACHE``)
+        # capacity can then be both past and present (ORT's shared-buffer mode, ``targets.onnx_artifact.KV_CACHE``)
         total = op.Add(op.ReduceMax(seqlens_k, keepdims=0), op.Constant(value=ONE))
         return ms.GroupQueryAttention(query, key, value, past_key, past_value, seqlens_k, total, cos_cache, sin_cache,
                                       num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, do_rotary=1)  # fmt: skip

@@ -40,14 +40,12 @@ from subnet.arch import LINEARS, linear_module_name
 from subnet.formats import NBITS_FORMATS, ONNXRUNTIME, get_format
 from subnet.spec import SubnetSpec
 from targets.backend import Artifact, ExportError, atomic_output, model_name
+from targets.onnx_artifact import EMBED_FORMATS, KV_CACHE, MODEL_FILE
 from targets.onnx_attention import GQADecoder, translation_table, unsupported
 from targets.onnx_fusion import fuse_projections
 from targets.onnx_graph import (MS_DOMAIN, GraphIndex, attrs, cast_initializer, drop_value_info, prepend,
                                  set_nodes, use_ms_domain)  # fmt: skip
-from targets.onnxrt import EMBED_FORMATS, KV_CACHE
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 NBITS = {  # bits, block, symmetric (asymmetric RTN unless symmetric, as subnet.quant simulates)
     n: (get_format(n).nbits, get_format(n).block, get_format(n).symmetric) for n in NBITS_FORMATS
 }

@@ -21,18 +21,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from targets.backend import Artifact, ExportError, Measurement, Workload, atomic_output, fingerprint, save_tokenizer
+from targets.onnx_artifact import EMBED_FORMATS, KV_CACHE, MODEL_FILE  # noqa: F401  (EMBED_FORMATS: the backend's)
 
 if TYPE_CHECKING:
     from subnet.spec import SubnetSpec
 
-# no torch/transformers/subnet at import time: the measuring subprocess imports only this module
+# no torch/transformers/subnet at import time: the measuring subprocess imports this module and the two above
 RUNTIME = "onnxruntime"  # == subnet.formats.ONNXRUNTIME
-# model metadata (key, value) of a graph whose KV cache may be one buffer per tensor, past = present
-# (its GroupQueryAttention takes the total length from the mask: targets.onnx_attention)
-KV_CACHE = ("packager.kv_cache", "shared-buffer")
-MODEL_FILE = "model.onnx"  # == targets.onnx_export.MODEL_FILE
-EMBED_FORMATS = ("f32", "f16", "int8s_b32", "int4s_b32")  # what the ONNX export can store the embedding table
-# (and a tied lm_head) in: float, or q8_0's / q4_0's exact twins (GatherBlockQuantized + MatMulNBits)
 
 PARITY_TEXT = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "

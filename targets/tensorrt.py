@@ -28,7 +28,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from subnet.formats import TENSORRT
 from targets.backend import Artifact, ExportError, Workload, atomic_output, save_tokenizer
-from targets.onnx_export import MODEL_FILE, artifact_files, check_formats, save, write_onnx
+from targets.onnx_artifact import MODEL_FILE
+from targets.onnx_export import artifact_files, check_formats, save, write_onnx
 from targets.onnx_graph import prepend
 
 if TYPE_CHECKING:
