@@ -43,8 +43,8 @@ from targets.backend import Artifact, ExportError, atomic_output, model_name
 from targets.onnx_artifact import EMBED_FORMATS, KV_CACHE, MODEL_FILE
 from targets.onnx_attention import GQADecoder, translation_table, unsupported
 from targets.onnx_fusion import fuse_projections
-from targets.onnx_graph import (MS_DOMAIN, GraphIndex, attrs, cast_initializer, drop_value_info, prepend,
-                                 set_nodes, use_ms_domain)  # fmt: skip
+from targets.onnx_graph import (MS_DOMAIN, GraphIndex, attrs, cast_initializer, drop_value_info, initializers,
+                                 prepend, set_nodes, use_ms_domain)  # fmt: skip
 
 NBITS = {  # bits, block, symmetric (asymmetric RTN unless symmetric, as subnet.quant simulates)
     n: (get_format(n).nbits, get_format(n).block, get_format(n).symmetric) for n in NBITS_FORMATS
@@ -270,7 +270,7 @@ def wanted_formats(spec: SubnetSpec, nodes: dict[str, str]) -> dict[str, str]:
 def weights_to_f16(model: onnx.ModelProto, node_names: set[str]) -> list[str]:
     """Store the MatMul weights of these nodes (or the embedding) in float16 behind a Cast to float32."""
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
+    inits = initializers(g)
     done, new_nodes = [], []
     for node in g.node:
         if node.name in node_names and node.input[1] in inits:
@@ -290,7 +290,7 @@ def retie_head(model: onnx.ModelProto, head: str) -> bool:
     """Undo what the exporter's optimizer does to a tied lm_head: it folds ``Transpose(embedding)`` into a
     transposed copy of the table. Put the Transpose back, so the table is stored once. True if it did."""
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
+    inits = initializers(g)
     node, gather = next(n for n in g.node if n.name == head), _embedding_gather(g, inits)
     copy = inits.get(node.input[1])
     if copy is None or gather is None:
@@ -306,7 +306,7 @@ def retie_head(model: onnx.ModelProto, head: str) -> bool:
 def embedding_to_f16(model: onnx.ModelProto) -> str | None:
     """Store the embedding table in float16 (one Cast in front of its Gather and a tied lm_head)."""
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
+    inits = initializers(g)
     gather = _embedding_gather(g, inits)
     if gather is None:
         return None
@@ -322,7 +322,7 @@ def scales_to_f16(model: onnx.ModelProto) -> int:
     less per block on disk. ONNX Runtime folds the Cast when it loads the graph, so the kernels get the
     same float32 scales. Other scales (ORT's own quantizer's) stay float32. Returns how many tensors."""
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
+    inits = initializers(g)
     names = {n.input[2] for n in g.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized") and len(n.input) > 2}
     new_nodes = []
     for name in sorted(names & set(inits)):
@@ -414,7 +414,7 @@ def twins_to_nbits(model: onnx.ModelProto, fmt: str, nodes: set[str], kept: dict
     """Replace the MatMuls ``nodes`` (weight initializers [in, out]) by MatMulNBits holding ggml's codes,
     at the block scales ``kept`` gives a node (node name -> scales [out, in / block]) where it gives one."""
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
+    inits = initializers(g)
     keep = []
     for node in g.node:
         if node.name not in nodes:
@@ -437,13 +437,12 @@ def embedding_to_blocks(model: onnx.ModelProto, fmt: str, tied_head: str | None)
     """Store the embedding table in twin format ``fmt``, once: its Gather becomes GatherBlockQuantized and
     the tied lm_head MatMul ``tied_head`` (``MatMul(x, Transpose(embed))``) a MatMulNBits over the same codes.
     Returns the table's name (None if the graph has no embedding Gather)."""
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    gather = _embedding_gather(g, inits)
+    g, index = model.graph, GraphIndex(model)
+    gather = _embedding_gather(g, index.inits)
     if gather is None:
         return None
     name = gather.input[0]
-    table = inits[name]
+    table = index.inits[name]
     weight = numpy_helper.to_array(table)
     vocab, width = weight.shape
     data, scales = twin_blocks(weight, fmt)
@@ -452,7 +451,6 @@ def embedding_to_blocks(model: onnx.ModelProto, fmt: str, tied_head: str | None)
     g.initializer.extend([numpy_helper.from_array(data, name + "_Q"), numpy_helper.from_array(scales, name + "_scales"),
                           numpy_helper.from_array(np.array([vocab, width // block, -1], np.int64), name + "_Q_shape"),
                           numpy_helper.from_array(np.array([-1], np.int64), name + "_scales_shape")])  # fmt: skip
-    index = GraphIndex(model)
     new_nodes, dropped = [], set()
     for node in g.node:
         if node is gather:

@@ -16,13 +16,18 @@ def attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+def initializers(graph: onnx.GraphProto) -> dict:
+    """The graph's initializers by name."""
+    return {t.name: t for t in graph.initializer}
+
+
 class GraphIndex:
     """One graph's initializers, each tensor's producer and consumers, and its output names, as they
     stand when the index is built (a pass that rewrites nodes builds a new one afterwards)."""
 
     def __init__(self, model: onnx.ModelProto):
         self.g = model.graph
-        self.inits = {t.name: t for t in self.g.initializer}
+        self.inits = initializers(self.g)
         self.producer = {o: n for n in self.g.node for o in n.output}
         self.consumers: dict[str, list] = {}
         for n in self.g.node:

@@ -30,7 +30,7 @@ from subnet.formats import TENSORRT
 from targets.backend import Artifact, ExportError, Workload, atomic_output, save_tokenizer
 from targets.onnx_artifact import MODEL_FILE
 from targets.onnx_export import artifact_files, check_formats, save, write_onnx
-from targets.onnx_graph import prepend
+from targets.onnx_graph import initializers, prepend
 
 if TYPE_CHECKING:
     from subnet.spec import SubnetSpec
@@ -90,7 +90,7 @@ def add_weight_qdq(model: onnx.ModelProto, targets: dict[str, str]) -> dict[str,
     Returns node name -> the dequantized weight [in, out] the graph now computes with.
     """
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
+    inits = initializers(g)
     dq_nodes, deq = [], {}
     for node in g.node:
         fmt = targets.get(node.name)
