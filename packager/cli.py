@@ -109,13 +109,13 @@ def profile(target, runtime, threads, repeats, out, no_resume):
 
 
 def _shares(text: str) -> list[float]:
-    """``--runtime-format-shares``: comma-separated shares in (0, 1], starting at 1.0."""
+    """``--runtime-format-shares``: comma-separated shares in (0, 1], largest first."""
     try:
         shares = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         shares = []
-    if not shares or shares[0] != 1.0 or not all(0 < x <= 1 for x in shares):
-        raise click.BadParameter(f"{text!r}: give comma-separated shares in (0, 1] starting at 1.0, e.g. 1.0,0.8,0.6",
+    if not shares or not all(0 < x <= 1 for x in shares) or shares != sorted(shares, reverse=True):
+        raise click.BadParameter(f"{text!r}: give comma-separated shares in (0, 1], largest first, e.g. 1.0,0.8,0.6",
                                  param_hint="--runtime-format-shares")  # fmt: skip
     return shares
 
@@ -242,7 +242,12 @@ def tune_supernet_cmd(model, target, runtime, mode, steps, calib_blocks, seed, o
               help="Recovery steps for each other runtime whose formats round the winner differently (0: none).")
 @click.option("--runtime-format-shares", default="1.0,0.9,0.8", show_default=True,
               help="Shares of blocks (least rounding-sensitive first) keeping the carried formats in such a runtime, "
-                   "tried in turn until its recovery meets the floor; the rest take the base's formats.")
+                   "tried in turn until its recovery meets the floor; the rest take the exact carry's formats where "
+                   "it holds the winner's weights, else the base's.")
+@click.option("--retarget", default="exact", show_default=True, type=click.Choice(["exact", "fastest"]),
+              help="How the winner's formats reach the other runtimes: exact (the same weights where a twin format "
+                   "holds them) or fastest (per code width, the layout that runtime's profile prices at least 3%% "
+                   "faster, e.g. ONNX Runtime's 4-bit blocks of 64, recovered for it; exact if that misses the floor).")
 @click.option("--shortlist", default=3, show_default=True,
               help="Faster candidates given a short recovery before choosing the winner (0: choose before recovery).")
 @click.option("--recoverable", default=0.3, show_default=True,
@@ -252,7 +257,8 @@ def tune_supernet_cmd(model, target, runtime, mode, steps, calib_blocks, seed, o
                    "meeting it, gets the full recovery.")
 @click.option("--long-recovery", is_flag=True,
               help="Give the promoted near miss 600 steps on 4x the training text with every step run (42 min "
-                   "on 2 cores for SmolLM2, against 6 for the default) instead of the winner's recovery.")
+                   "on 2 cores for SmolLM2, against 6 for the default) instead of the winner's recovery; "
+                   "each try of another runtime's own recovery trains as long.")
 @click.option("--equalize/--no-equalize", default=True, show_default=True,
               help="Scale input channels for rounding (activation-aware, folded into norms, up and v) before the search.")
 @click.option("--gptq/--no-gptq", default=True, show_default=True,
@@ -272,7 +278,8 @@ def tune_supernet_cmd(model, target, runtime, mode, steps, calib_blocks, seed, o
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @pickle_option
 def pack(target, model, latency_ms, memory_mb, size_mb, accuracy_floor, runtimes, strategy, mode, budget,
-         recover_steps, recover_blocks, floor_blocks, runtime_recover_steps, runtime_format_shares, shortlist, recoverable, promote_margin,
+         recover_steps, recover_blocks, floor_blocks, runtime_recover_steps, runtime_format_shares, retarget, shortlist,
+         recoverable, promote_margin,
          long_recovery, equalize, gptq, ladder, report_blocks, seed, threads, measure_rounds, out, resume, force,
          allow_pickle):  # fmt: skip
     """One command from model to bundle: search, select, recover, export, measure, scorecard."""
@@ -284,7 +291,7 @@ def pack(target, model, latency_ms, memory_mb, size_mb, accuracy_floor, runtimes
                      accuracy_floor=accuracy_floor, runtimes=list(runtimes), strategy=strategy, mode=mode,
                      budget=budget, seed=seed, recover_steps=recover_steps, recover_blocks=recover_blocks,
                      floor_blocks=floor_blocks, runtime_recover_steps=runtime_recover_steps,
-                     runtime_format_shares=_shares(runtime_format_shares),
+                     runtime_format_shares=_shares(runtime_format_shares), retarget=retarget,
                      shortlist=shortlist, recoverable=recoverable, promote_margin=promote_margin,
                      long_recovery=long_recovery, equalize=equalize, gptq=gptq, ladder=ladder,
                      report_blocks=report_blocks, threads=threads, measure_rounds=measure_rounds,

@@ -45,7 +45,7 @@ from subnet.formats import get_format, same_weights
 from subnet.gptq import gptq_round, swap_compensation
 from subnet.loading import LoadedModel, load_model
 from subnet.quant import KEPT_SCALE_FORMATS, fake_quantize_model
-from subnet.spec import SubnetSpec, lossy_retargets, retarget_formats
+from subnet.spec import SubnetSpec, lossy_retargets, retarget_formats, swap_formats
 from subnet.supernet import Supernet
 from targets.backend import (atomic_output, backend, fingerprint, measure_interleaved, median_measurement,
                              paired_speedup, runner_nll_per_block)
@@ -63,7 +63,11 @@ console = Console(stderr=True)
 # options that act only from a late stage on (option -> that stage): a run resumed with only these changed is
 # redone from the earliest stage they act in; the select stage's act after the shortlist's recoveries (shortlist.json)
 LATE_OPTIONS = {"promote_margin": "select", "long_recovery": "select", "long_recover_steps": "select",
-                "long_recover_blocks": "select", "measure_rounds": "measure"}
+                "long_recover_blocks": "select", "runtime_recover_steps": "recover", "runtime_format_shares": "recover",
+                "retarget": "recover", "measure_rounds": "measure"}
+# how the winner's formats are carried to the other runtimes (Pack.runtime_recovery)
+RETARGET_RULES = ("exact", "fastest")
+LAYOUT_GAIN = 0.03  # a relayout must be priced this much faster for the whole model, beyond the table's fit error
 
 
 class PackError(ValueError):
@@ -106,6 +110,9 @@ class PackConfig:
     runtime_recover_steps: int = 60  # per other runtime whose formats round differently (0: export them as is)
     # the shares of blocks that keep their carried formats, tried in turn until that runtime meets the floor
     runtime_format_shares: list[float] = field(default_factory=lambda: [1.0, 0.9, 0.8])
+    # "exact": other runtimes hold the winner's weights where a twin format can; "fastest": each code width
+    # moves to the layout that runtime's table prices fastest, recovered for it (Pack.relaid_spec)
+    retarget: str = "exact"
     threads: int = 2
     measure_rounds: int = 3  # rounds in which base and packaged artifacts take turns being timed
     allow_pickle: bool = False
@@ -131,6 +138,8 @@ class Pack:
     def __init__(self, cfg: PackConfig, out: Path, resume: bool = False, force: bool = False):
         if cfg.measure_rounds < 1:
             raise PackError(f"measure_rounds {cfg.measure_rounds}: time the artifacts in at least 1 round (--measure-rounds)")
+        if cfg.retarget not in RETARGET_RULES:
+            raise PackError(f"retarget {cfg.retarget!r} is not one of {', '.join(RETARGET_RULES)} (--retarget)")
         if cfg.report_blocks < 2 or cfg.report_blocks % cfg.eval_blocks:
             raise PackError(f"report_blocks {cfg.report_blocks} must be a multiple (>= 2) of eval_blocks "
                             f"{cfg.eval_blocks}, so that no reported block overlaps one the search scored")  # fmt: skip
@@ -152,7 +161,8 @@ class Pack:
             now = asdict(cfg)
             if not resume or shortlist_options(saved) != shortlist_options(now):
                 raise PackError(f"{self.work} was started with other options ({_diff(saved, now)}): use the same options "
-                                "to resume (or change only --promote-margin / --long-recovery / --measure-rounds), "
+                                "to resume (or change only --promote-margin / --long-recovery / --runtime-recover-steps / "
+                                "--runtime-format-shares / --retarget / --measure-rounds), "
                                 "or --force to start over")  # fmt: skip
             first = min((stage for k, stage in LATE_OPTIONS.items() if saved.get(k) != now.get(k)), key=STAGES.index)
             kept = STAGES[: STAGES.index(first)]
@@ -462,34 +472,41 @@ class Pack:
 
     def runtime_recovery(self, runtime: str) -> dict | None:
         """Recover the winner again at ``runtime``'s formats where they round weights the search
-        runtime's don't hold exactly (ONNX Runtime has no iq4_nl): ``runtime_recover_steps`` of LoRA +
-        distillation warm-started from the winner's recovered model (``runtime_warm_start``, per try), scored on
-        held-out text against the floor there (the base at that runtime's formats, plus
+        runtime's don't hold exactly (ONNX Runtime has no iq4_nl), or where ``retarget`` "fastest" moved
+        them to a faster layout (``relaid_spec``): LoRA + distillation warm-started from the winner's
+        recovered model (``runtime_warm_start``, per try) on ``runtime_recovery_plan``'s text and steps,
+        scored on held-out text against the floor there (the base at that runtime's formats, plus
         ``accuracy_floor``). A try that misses the floor is followed by one at the next of
         ``runtime_format_shares``: only that share of the blocks the winner narrows, the least sensitive
-        to rounding (the search's format-share rule), keeps the carried formats, the rest take the base's
-        (widest) formats; a share that narrows the same blocks as an earlier try is skipped. The first
-        try that meets the floor is kept, else the most accurate; its model and spec
-        (``spec-<runtime>.json``) go to that runtime's export. None when the runtime holds the winner's
-        formats exactly (or the steps are 0)."""
-        from search.recovery import RecoveryConfig, recover
+        to rounding (the search's format-share rule), keeps the carried formats; the rest take the
+        exact carry where it holds the winner's weights (a relayout's twins), else the base's (widest)
+        formats. A share that narrows the same blocks as an earlier try is skipped. The first try that
+        meets the floor is kept, else the most accurate; but a relayout none of whose tries meets it
+        is not used (``used``: the exact carry ships). A kept try's model and spec (``spec-<runtime>.json``)
+        go to that runtime's export. None when the runtime holds the winner's formats exactly (or the
+        steps are 0)."""
+        from search.recovery import recover
 
-        spec, base_spec = self.retargeted_specs(runtime)
-        changed = lossy_retargets(self.winner_spec(), spec)
+        exact, base_spec = self.retargeted_specs(runtime)
+        winner = self.winner_spec()
+        relaid = self.relaid_spec(runtime, exact) if self.cfg.retarget == "fastest" else None
+        spec = relaid["spec"] if relaid else exact
+        changed = lossy_retargets(winner, spec)
         if not changed or not self.cfg.runtime_recover_steps:
             return None
         console.print(f"  recovery for {runtime}: {len(changed)} tensors change format ({changed[0]}, ...)")
-        sorted_model, blocks = self.sorted_model(), self.recovery_blocks
+        fallback = relaid is not None and not lossy_retargets(winner, exact)  # the exact carry needs no recovery
+        wide = exact if fallback else base_spec
+        sorted_model, (blocks, config) = self.sorted_model(), self.runtime_recovery_plan()
         limit = self.floor_limit(sorted_model, base_spec)
-        narrowed, tries = narrowed_blocks(spec, base_spec), []
+        narrowed, tries = narrowed_blocks(spec, wide), []
         for share in self.cfg.runtime_format_shares:
             narrow = least_sensitive(self.rounding_rank() if share < 1 else None, narrowed, share)
             if any(narrow == t.narrow for t in tries):  # e.g. a winner already at that share: nothing new to try
                 continue
-            tried = widen_blocks(spec, base_spec, narrow)
+            tried = widen_blocks(spec, wide, narrow)
             start, scales, regptq = self.runtime_warm_start(tried)
-            res = recover(sorted_model, start, tried, blocks.train, blocks.held,
-                          RecoveryConfig(max_steps=self.cfg.runtime_recover_steps, qat=True), block_scales=scales,
+            res = recover(sorted_model, start, tried, blocks.train, blocks.held, config, block_scales=scales,
                           out_dir=self.work / f"recovery-{runtime}" / share_try_key(tried, narrow), resume=True)  # fmt: skip
             tries.append(ShareTry(share, tried, res, narrow, self.checked_ppl(res.model, tried, res.block_scales),
                                   start, scales, regptq))  # fmt: skip
@@ -498,16 +515,49 @@ class Pack:
             if tries[-1].floor_ppl <= limit:
                 break
         kept = next((t for t in tries if t.floor_ppl <= limit), min(tries, key=lambda t: t.floor_ppl))
-        save_model(kept.result.model, self.work / f"recovered-{runtime}", block_scales=kept.result.block_scales)
-        kept.spec.save(self.work / f"spec-{runtime}.json")
+        used = kept.floor_ppl <= limit or not fallback
+        if used:
+            save_model(kept.result.model, self.work / f"recovered-{runtime}", block_scales=kept.result.block_scales)
+            kept.spec.save(self.work / f"spec-{runtime}.json")
+        else:
+            console.print(f"  {runtime}: no try met the floor; it keeps the winner's weights in its exact formats")
         return kept.result.summary() | {
-            "changed": len(changed), "example": changed[0],
+            "changed": len(changed), "example": changed[0], "used": used,
+            "relayout": {k: v for k, v in relaid.items() if k != "spec"} if relaid else None,
             "floor_ppl_before": self.checked_ppl(kept.start, kept.spec, kept.scales),
             "floor_ppl_after": kept.floor_ppl, "floor_ppl_limit": limit, "meets_floor": kept.floor_ppl <= limit,
             "format_share": kept.share, "narrow_blocks": len(kept.narrow), "gptq_linears": kept.regptq,
             "tries": [{"format_share": t.share, "floor_ppl_after": t.floor_ppl, "wall_s": t.result.summary()["wall_s"]}
                       for t in tries],
         }  # fmt: skip
+
+    def runtime_recovery_plan(self):
+        """Each ``runtime_recovery`` try's training blocks and recovery: ``runtime_recover_steps`` on the
+        winner's recovery text, or with ``long_recovery`` the long recovery's (``promotion_recovery``)."""
+        from search.recovery import RecoveryConfig
+
+        if self.cfg.long_recovery:
+            return self.promotion_recovery()
+        return self.recovery_blocks, RecoveryConfig(max_steps=self.cfg.runtime_recover_steps, qat=True)
+
+    def relaid_spec(self, runtime: str, exact: SubnetSpec) -> dict | None:
+        """``exact`` (the winner carried to ``runtime``) relaid by ``fastest_layouts`` at the prices of
+        ``runtime``'s table, a layout that breaks the size or memory budget priced out; with the swaps
+        and the predicted decode ms/token before and after (``spec``, ``swaps``, ``decode_ms``). None
+        when no layout is ``LAYOUT_GAIN`` faster, or the table cannot price the carry."""
+        c = self.cfg
+
+        def price(spec: SubnetSpec) -> float:
+            cost = predict(spec, self.target, runtime)
+            over = (c.size_mb and cost.size_mb > c.size_mb) or (c.memory_mb and cost.peak_memory_mb > c.memory_mb)
+            return math.inf if over else cost.decode_ms_per_token
+
+        try:
+            before = price(exact)
+        except CostModelError:
+            return None
+        relaid, swaps = fastest_layouts(exact, self.target.formats(runtime), price)
+        return {"spec": relaid, "swaps": swaps, "decode_ms": [before, price(relaid)]} if swaps else None
 
     def runtime_warm_start(self, spec: SubnetSpec) -> tuple[torch.nn.Module, dict[str, torch.Tensor], int]:
         """What ``runtime_recovery`` starts from for a runtime that holds the winner as ``spec``, the block
@@ -546,8 +596,9 @@ class Pack:
         return imp.quant_rank
 
     def own_recovery(self, runtime: str) -> bool:
-        """Whether ``runtime`` got its own recovery (``runtime_recovery``) in the recover stage."""
-        return runtime != self.search_runtime and runtime in self.result("recover").get("runtimes", {})
+        """Whether ``runtime`` ships a recovery of its own (``runtime_recovery``) from the recover stage."""
+        own = self.result("recover").get("runtimes", {}).get(runtime) if runtime != self.search_runtime else None
+        return bool(own) and own.get("used", True)
 
     def recovered_dir(self, runtime: str) -> Path:
         """Where the model recovered for ``runtime`` is: its own recovery's if it had one, else the search runtime's."""
@@ -689,6 +740,27 @@ def changed_linears(spec: SubnetSpec, other: SubnetSpec) -> list[tuple[int, str]
     """(layer index, linear name) of the linears ``other`` holds in weights other than ``spec``'s."""
     return [(i, n) for i, (a, b) in enumerate(zip(spec.layers, other.layers)) for n in LINEARS
             if not same_weights(a.formats[n], b.formats[n])]  # fmt: skip
+
+
+def fastest_layouts(spec: SubnetSpec, held: list[str], price) -> tuple[SubnetSpec, list[str]]:
+    """``spec`` with the linears of each MatMulNBits code width it uses moved to another layout of that
+    width among ``held`` (ORT's int4s_b32 -> int4_b64: another block size, a zero point) where ``price``
+    (a spec's decode ms/token; CostModelError where it cannot tell) finds the whole model at least
+    ``LAYOUT_GAIN`` faster, the fastest such layout per width; and the swaps made (``old->new``)."""
+    best, best_ms, swaps = spec, price(spec), []
+    for old in sorted({f for ly in spec.layers for f in ly.formats.values()}):
+        width = get_format(old).nbits
+        priced = []
+        for new in (f for f in held if f != old and width and get_format(f).nbits == width):
+            try:
+                priced.append((price(swap_formats(best, old, new)), new))
+            except CostModelError:  # a layout the table has not profiled
+                continue
+        ms, new = min(priced, default=(math.inf, None))
+        if ms < best_ms * (1 - LAYOUT_GAIN):  # never when priced out (inf)
+            best, best_ms = swap_formats(best, old, new), ms
+            swaps.append(f"{old}->{new}")
+    return best, swaps
 
 
 def narrowed_blocks(spec: SubnetSpec, wide: SubnetSpec) -> list[int]:

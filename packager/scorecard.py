@@ -151,10 +151,14 @@ def recovery_line(sec: dict) -> str | None:
     tried = "" if len(tries) < 2 else "; tried " + ", ".join(
         f"share {t['format_share']:g} → {t['floor_ppl_after']:.2f} ({t['wall_s']:.0f} s)" for t in tries)
     gptq = f", with GPTQ redone for {r['gptq_linears']} linears at this runtime's formats" if r.get("gptq_linears") else ""
-    return (f"recovered again for this runtime's formats ({r['changed']} tensors change format, e.g. {r['example']}"
+    lay = r.get("relayout")
+    why = (f"relaid for speed ({', '.join(lay['swaps'])}: {lay['decode_ms'][0]:.2f} → {lay['decode_ms'][1]:.2f} ms/token "
+           "predicted), then recovered" if lay else "recovered again")  # fmt: skip
+    line = (f"{why} for this runtime's formats ({r['changed']} tensors change format, e.g. {r['example']}"
             f"{kept}): floor-check ppl {r['floor_ppl_before']:.2f} → {r['floor_ppl_after']:.2f} after {r['steps_run']} "
             f"steps ({r['wall_s']:.0f} s, warm-started from the winner's recovery{gptq}), floor {r['floor_ppl_limit']:.2f}: "
             f"{'met' if r['meets_floor'] else 'missed'} (formats simulated){tried}")  # fmt: skip
+    return line if r.get("used", True) else line + "; so this runtime ships the winner's weights in their exact formats"
 
 
 def runtime_lines(sec: dict) -> list[str]:

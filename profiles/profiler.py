@@ -36,7 +36,7 @@ PROFILE_WORKLOAD = Workload(prompt_tokens=64, gen_tokens=16, batch=1)
 # Default formats profiled per runtime (the search space's defaults and their neighbours)
 PROFILE_FORMATS = {
     LLAMA_CPP: ["f16", "q8_0", "q5_0", "q4_0", "iq4_nl"],
-    ONNXRUNTIME: ["f32", "int8", "int8_b32", "int8s_b32", "int4_b32", "int4s_b32"],
+    ONNXRUNTIME: ["f32", "int8", "int8_b32", "int8s_b32", "int4_b32", "int4_b64", "int4s_b32"],
 }
 EMBED_FORMATS = {LLAMA_CPP: None, ONNXRUNTIME: ["f32", "f16", "int8s_b32"]}  # None: any format the layers use
 
@@ -63,7 +63,8 @@ def default_grid(runtime: str, base: ArchInfo = SMOLLM2, formats: list[str] | No
                  workload: Workload = PROFILE_WORKLOAD) -> list[dict]:  # fmt: skip
     """A small grid covering the search space of ``base``: every format at two depths (a third of the
     base's and all of it, as a sub-network's) and two block shapes (the base's, and a small, narrow one),
-    and at a model width 32 off the base's (a row tail for a 64-wide SIMD step, see costmodel.SIMD_STEP);
+    and at a model width 32 off the base's (a row tail for a 64-wide SIMD step, see costmodel.SIMD_STEP; a
+    block off, and the small shape block-aligned, for a format whose blocks are wider and has no fallback);
     width, KV heads, model width and prompt length varied on two formats; every embedding format the
     runtime can store (any block format for llama.cpp, f32/f16/int8s_b32 for ONNX Runtime) under blocks of
     another format (a quantized block format otherwise goes under the quantized table: a 4-bit block under
@@ -81,15 +82,17 @@ def default_grid(runtime: str, base: ArchInfo = SMOLLM2, formats: list[str] | No
 
     h, q, kv, mlp = base.hidden_size, base.num_heads, base.num_kv_heads, base.intermediate_size
     g = base.group_size
-    small = (g, 1, _align(mlp // 4, 64), _align(h // 2, 32))  # the narrowest widths searched and drawn
     d_lo, d_hi = max(2, base.num_layers // 3), max(4, base.num_layers)
     mid = (d_lo + d_hi) // 2
     pts = []
     for f in fmts:
+        fmt = get_format(f)  # widths its blocks divide where it has no fallback (ORT's blocks of 64: no 32-wide tail)
+        step = 32 if fmt.fallback else max(32, fmt.block)
         pts.append(_point(d_lo, q, kv, mlp, h, f, emb(f), workload))
         pts.append(_point(d_hi, q, kv, mlp, h, f, emb(f), workload))
-        pts.append(_point(d_hi, *small, f, emb(f), workload))
-        pts.append(_point(mid, q, kv, mlp, h - 32, f, emb(f), workload))
+        # the narrowest widths searched and drawn
+        pts.append(_point(d_hi, g, 1, _align(mlp // 4, max(64, step)), _align(h // 2, step), f, emb(f), workload))
+        pts.append(_point(mid, q, kv, mlp, h - step, f, emb(f), workload))
     a, b = fmts[len(fmts) // 2], fmts[-1]  # two formats for the shared dimensions
     for f in (a, b):
         pts.append(_point(mid, q, kv, _align(mlp // 2, 64), _align(h * 2 // 3, 64), f, emb(f), workload))

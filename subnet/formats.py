@@ -69,6 +69,8 @@ FORMATS: dict[str, WeightFormat] = {
            note="MatMulNBits 8-bit symmetric, block 32, f16 scales (cast to f32 at load): q8_0's weights exactly"),
         _f("int4s_b32", 4.5, 32, (ONNXRUNTIME,), same_as="q4_0", nbits=4, symmetric=True,
            note="MatMulNBits 4-bit symmetric, block 32, f16 scales (cast to f32 at load): q4_0's weights exactly"),
+        _f("int4_b64", 4.5625, 64, (ONNXRUNTIME,), nbits=4,
+           note="MatMulNBits 4-bit, block 64, fp32 scale + 4-bit zero point"),
         _f("int4_b128", 4.28125, 128, (ONNXRUNTIME, TENSORRT), nbits=4, note="4-bit, block 128, scale + zero point"),
     ]
 }

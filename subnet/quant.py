@@ -501,6 +501,7 @@ _FAST = {
     "int8": _ort_int8_per_channel,
     "int8_b32": lambda w: _ort_blockwise(w, 8, 32),
     "int4_b32": lambda w: _ort_blockwise(w, 4, 32),
+    "int4_b64": lambda w: _ort_blockwise(w, 4, 64),
     "int4_b128": lambda w: _ort_blockwise(w, 4, 128),
     # the twins: targets.onnx_export writes q4_0's / q8_0's codes and scales (block_codes) into the graph
     "int4s_b32": lambda w: _absmax_blocks(w, 8),

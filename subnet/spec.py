@@ -343,6 +343,16 @@ def retarget_formats(spec: SubnetSpec, allowed: list[str], embed_allowed: list[s
     return out.validate()
 
 
+def swap_formats(spec: SubnetSpec, old: str, new: str) -> SubnetSpec:
+    """A copy of ``spec`` with every linear stored in ``old`` stored in ``new`` where its rows fit ``new``'s blocks."""
+    out = SubnetSpec.from_dict(spec.to_dict())
+    fmt = get_format(new)
+    for ly in out.layers:
+        shapes = out.linear_shapes(ly)
+        ly.formats = {n: new if f == old and fmt.fits(shapes[n][1]) else f for n, f in ly.formats.items()}
+    return out.validate()
+
+
 def lossy_retargets(spec: SubnetSpec, other: SubnetSpec) -> list[str]:
     """Tensors ``other`` (a retarget of ``spec``) stores in a format that is neither ``spec``'s, its
     exact twin (``same_as``), nor a float one: the weights a model recovered for ``spec`` was not

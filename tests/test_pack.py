@@ -1,6 +1,7 @@
 """`packager pack` end to end on a small random model that carries SmolLM2's tokenizer."""
 
 import json
+import shutil
 from dataclasses import asdict, replace
 
 import gguf
@@ -266,6 +267,85 @@ def test_a_runtime_that_rounds_the_winner_differently_gets_its_own_recovery(smal
     assert len(moved) == 3 * 7 and {n.split(".")[2] for n in moved} == {"0", "1", "2"}
     assert set(kept) == {linear_module_name(i, n) for i in range(3) for n in LINEARS} and regptq == 3 * 7
     assert not any(torch.equal(kept[k], scales[k]) for k in kept)
+
+
+def _layout_costs(per_linear: dict[str, float], size_mb: float = 10.0):
+    """A stand-in for ``predict``: decode ms the sum of a per-format cost over the linears; an unlisted
+    format was not profiled."""
+    from types import SimpleNamespace
+
+    from profiles.costmodel import CostModelError
+
+    def predict(spec, *_):
+        fmts = [f for ly in spec.layers for f in ly.formats.values()]
+        if any(f not in per_linear for f in fmts):
+            raise CostModelError("not profiled")
+        return SimpleNamespace(decode_ms_per_token=sum(per_linear[f] for f in fmts), size_mb=size_mb, peak_memory_mb=size_mb)
+
+    return predict
+
+
+def test_fastest_layouts_moves_a_code_width_where_the_table_prices_the_model_faster():
+    """int4s_b32 -> int4_b64 (the fastest of its width; int4_b128 unprofiled); int8s_b32 stays, int8_b32 being
+    under LAYOUT_GAIN faster; a row that block 64 does not divide keeps its format."""
+    from packager.pack import fastest_layouts
+    from subnet.arch import arch_of
+    from subnet.formats import formats_for
+    from subnet.spec import swap_formats
+
+    spec = SubnetSpec.uniform(arch_of(tiny_model("llama", hidden_size=96, intermediate_size=128).config), fmt="int4s_b32")
+    spec.layers[0].formats = {n: "int8s_b32" for n in LINEARS}
+    price = _layout_costs({"int4s_b32": 1.0, "int4_b32": 0.95, "int4_b64": 0.8, "int8s_b32": 2.0, "int8_b32": 1.99})
+    fast, swaps = fastest_layouts(spec, formats_for("onnxruntime"), lambda s: price(s).decode_ms_per_token)
+    assert swaps == ["int4s_b32->int4_b64"]
+    assert set(fast.layers[0].formats.values()) == {"int8s_b32"}
+    assert fast.layers[1].formats["down_proj"] == "int4_b64"  # rows of 128
+    assert fast.layers[1].formats["up_proj"] == "int4s_b32"  # rows of 96
+    assert fast.to_dict() == swap_formats(spec, "int4s_b32", "int4_b64").to_dict()
+    assert fastest_layouts(spec, ["int4s_b32", "int8s_b32"], lambda s: price(s).decode_ms_per_token)[1] == []
+
+
+def test_a_faster_layout_is_recovered_for_its_runtime_and_falls_back_to_the_exact_twins(small_model_dir, tmp_path,
+                                                                                         monkeypatch):  # fmt: skip
+    """--retarget fastest: a q4_0 winner goes to ONNX Runtime at int4_b64, not its twin int4s_b32, and is
+    recovered for it; a format-share try widens its sensitive blocks to the twin, not the base's formats.
+    Under an unreachable floor, the exact twins ship; a size budget the relayout breaks keeps them too."""
+    import packager.pack as pack
+    from packager.scorecard import recovery_line
+
+    monkeypatch.setattr(pack, "predict", _layout_costs({"int4s_b32": 1.0, "int4_b64": 0.8, "int8s_b32": 2.0}))
+    kw = dict(runtimes=["llama.cpp", "onnxruntime"], recover_steps=2, runtime_recover_steps=2, retarget="fastest")
+    p = Pack(small_config(small_model_dir, runtime_format_shares=[0.5], **kw), tmp_path / "met")
+    p.state.setdefault("done", {})["prepare"] = {"result": p.stage_prepare(), "wall_s": 0}
+    space = p.space(Importance.load(p.work / "importance.json"))
+    spec = space.decode(space.largest())
+    for ly in spec.layers[:3]:
+        ly.formats = {n: "q4_0" for n in ly.formats}
+    spec.save(p.work / "spec.json")
+    p.state["done"]["select"] = {"result": {"promoted": None}, "wall_s": 0}
+    rec = p.stage_recover()
+    own = rec["runtimes"]["onnxruntime"]
+    ms = [3 * 7 * 1.0 + 7 * 2.0, 3 * 7 * 0.8 + 7 * 2.0]  # three blocks of 4-bit linears, one of 8-bit ones
+    assert own["used"] and own["relayout"] == {"swaps": ["int4s_b32->int4_b64"], "decode_ms": pytest.approx(ms)}
+    assert own["changed"] == 3 * 7 and own["narrow_blocks"] == 2 and "q4_0->int4_b64" in own["example"]
+    p.state["done"]["recover"] = {"result": rec, "wall_s": 0}
+    shipped = [sorted(set(ly.formats.values())) for ly in p.runtime_specs("onnxruntime")[0].layers]
+    assert sorted(shipped) == [["int4_b64"], ["int4_b64"], ["int4s_b32"], ["int8s_b32"]]  # widened to the twin
+    assert recovery_line({"recovery": own}).startswith("relaid for speed (int4s_b32->int4_b64: 35.00 → 30.80 ms/token")
+
+    p2 = Pack(small_config(small_model_dir, accuracy_floor=-0.5, runtime_format_shares=[1.0], **kw), tmp_path / "missed")
+    for name in ("importance.json", "spec.json", "sorted", "recovered"):  # the same winner, recovered
+        src = p.work / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, p2.work / name)
+    p2.state["done"] = {k: p.state["done"][k] for k in ("prepare", "select")}
+    own = p2.runtime_recovery("onnxruntime")
+    assert not own["used"] and not own["meets_floor"]
+    p2.state["done"]["recover"] = {"result": {"runtimes": {"onnxruntime": own}}, "wall_s": 0}
+    assert not p2.own_recovery("onnxruntime") and not (p2.work / "spec-onnxruntime.json").exists()
+    assert {f for ly in p2.runtime_specs("onnxruntime")[0].layers[:3] for f in ly.formats.values()} == {"int4s_b32"}
+    assert recovery_line({"recovery": own}).endswith("ships the winner's weights in their exact formats")
+    p3 = Pack(small_config(small_model_dir, size_mb=5.0, **kw), tmp_path / "budget")
+    assert p3.relaid_spec("onnxruntime", p.retargeted_specs("onnxruntime")[0]) is None  # 10 MiB priced over 5
 
 
 def test_each_recovery_starts_from_gptq_unless_it_is_off(small_model_dir, tmp_path):

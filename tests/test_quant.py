@@ -347,7 +347,7 @@ def test_int8_simulation_does_not_depend_on_batching():
             assert torch.allclose(alone, batched, atol=1e-5) == same, scope
 
 
-@pytest.mark.parametrize("fmt,bits,block", [("int8_b32", 8, 32), ("int4_b32", 4, 32), ("int4_b128", 4, 128)])
+@pytest.mark.parametrize("fmt,bits,block", [("int8_b32", 8, 32), ("int4_b32", 4, 32), ("int4_b64", 4, 64), ("int4_b128", 4, 128)])
 def test_blockwise_accuracy_level_4_matches_ort(tmp_path, fmt, bits, block):
     """accuracy_level=4 also quantizes the input (int8 per token and block): simulated, ORT agrees."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -367,7 +367,7 @@ def test_blockwise_accuracy_level_4_matches_ort(tmp_path, fmt, bits, block):
     assert np.abs(y - x @ fq.T).max() > 1e-4 * np.abs(y).max()  # the input rounding is visible
 
 
-@pytest.mark.parametrize("fmt,bits,block", [("int8_b32", 8, 32), ("int4_b32", 4, 32), ("int4_b128", 4, 128)])
+@pytest.mark.parametrize("fmt,bits,block", [("int8_b32", 8, 32), ("int4_b32", 4, 32), ("int4_b64", 4, 64), ("int4_b128", 4, 128)])
 def test_blockwise_matches_ort_matmulnbits(tmp_path, fmt, bits, block):
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -386,7 +386,7 @@ def test_blockwise_matches_ort_matmulnbits(tmp_path, fmt, bits, block):
     assert np.abs(y - x @ w.T).max() > 1e-3 * np.abs(y).max()  # and quantization is visible
 
 
-@pytest.mark.parametrize("fmt,bits,block", [("int8_b32", 8, 32), ("int4_b32", 4, 32), ("int4_b128", 4, 128)])
+@pytest.mark.parametrize("fmt,bits,block", [("int8_b32", 8, 32), ("int4_b32", 4, 32), ("int4_b64", 4, 64), ("int4_b128", 4, 128)])
 def test_blockwise_equals_ort_quantize_kernel(fmt, bits, block):
     """Bit-exact against the kernel MatMulNBitsQuantizer calls (MLAS blockwise, asymmetric)."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
