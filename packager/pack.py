@@ -751,7 +751,7 @@ def fastest_layouts(spec: SubnetSpec, held: list[str], price) -> tuple[SubnetSpe
     for old in sorted({f for ly in spec.layers for f in ly.formats.values()}):
         width = get_format(old).nbits
         priced = []
-        for new in (f for f in held if f != old and width and get_format(f).nbits == width):
+        for new in (f for f in held if f != old and width and get_format(f).nbits == width):  # none: not MatMulNBits
             try:
                 priced.append((price(swap_formats(best, old, new)), new))
             except CostModelError:  # a layout the table has not profiled
