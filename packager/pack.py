@@ -522,7 +522,7 @@ class Pack:
         else:
             console.print(f"  {runtime}: no try met the floor; it keeps the winner's weights in its exact formats")
         return kept.result.summary() | {
-            "changed": len(changed), "example": changed[0], "used": used,
+            "changed": len(changed), "example": changed[0], "used": used, "widened_to": "exact" if fallback else "base",
             "relayout": {k: v for k, v in relaid.items() if k != "spec"} if relaid else None,
             "floor_ppl_before": self.checked_ppl(kept.start, kept.spec, kept.scales),
             "floor_ppl_after": kept.floor_ppl, "floor_ppl_limit": limit, "meets_floor": kept.floor_ppl <= limit,

@@ -145,8 +145,9 @@ def recovery_line(sec: dict) -> str | None:
     if not r:
         return None
     share = r.get("format_share", 1.0)
+    rest = "the exact twins'" if r.get("widened_to") == "exact" else "the base's"
     kept = "" if share == 1.0 else (f"; at format share {share:g}: {r['narrow_blocks']} blocks keep the carried formats, "
-                                    "the more rounding-sensitive rest the base's")  # fmt: skip
+                                    f"the more rounding-sensitive rest {rest}")  # fmt: skip
     tries = r.get("tries", [])
     tried = "" if len(tries) < 2 else "; tried " + ", ".join(
         f"share {t['format_share']:g} → {t['floor_ppl_after']:.2f} ({t['wall_s']:.0f} s)" for t in tries)

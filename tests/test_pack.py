@@ -331,7 +331,9 @@ def test_a_faster_layout_is_recovered_for_its_runtime_and_falls_back_to_the_exac
     p.state["done"]["recover"] = {"result": rec, "wall_s": 0}
     shipped = [sorted(set(ly.formats.values())) for ly in p.runtime_specs("onnxruntime")[0].layers]
     assert sorted(shipped) == [["int4_b64"], ["int4_b64"], ["int4s_b32"], ["int8s_b32"]]  # widened to the twin
-    assert recovery_line({"recovery": own}).startswith("relaid for speed (int4s_b32->int4_b64: 35.00 → 30.80 ms/token")
+    line = recovery_line({"recovery": own})
+    assert line.startswith("relaid for speed (int4s_b32->int4_b64: 35.00 → 30.80 ms/token")
+    assert "2 blocks keep the carried formats, the more rounding-sensitive rest the exact twins'" in line
 
     p2 = Pack(small_config(small_model_dir, accuracy_floor=-0.5, runtime_format_shares=[1.0], **kw), tmp_path / "missed")
     for name in ("importance.json", "spec.json", "sorted", "recovered"):  # the same winner, recovered
