@@ -226,6 +226,18 @@ def test_long_recovery_trains_the_promoted_candidate_longer_on_more_text_and_kee
     assert p.short_recoveries(net, base_ev, [Evaluation(**pruned)])[0]["wall_s"] == first["wall_s"]
 
 
+def _prepare_with_winner(p: Pack, fmt: str) -> None:
+    """Run ``p``'s prepare stage and mark its select stage done with the base's largest member, its
+    first three blocks in ``fmt`` (the recover stage's input)."""
+    p.state.setdefault("done", {})["prepare"] = {"result": p.stage_prepare(), "wall_s": 0}
+    space = p.space(Importance.load(p.work / "importance.json"))
+    spec = space.decode(space.largest())
+    for ly in spec.layers[:3]:
+        ly.formats = {n: fmt for n in ly.formats}
+    spec.save(p.work / "spec.json")
+    p.state["done"]["select"] = {"result": {"promoted": None}, "wall_s": 0}
+
+
 def test_a_runtime_that_rounds_the_winner_differently_gets_its_own_recovery(small_model_dir, tmp_path):
     """iq4_nl has no ONNX Runtime twin: its retarget is recovered again, warm-started, for the ONNX export;
     missing the floor (here an unreachable one), it is tried again with the most rounding-sensitive half
@@ -234,13 +246,7 @@ def test_a_runtime_that_rounds_the_winner_differently_gets_its_own_recovery(smal
     p = Pack(small_config(small_model_dir, runtimes=["llama.cpp", "onnxruntime"], recover_steps=2,
                           runtime_recover_steps=2, accuracy_floor=-0.5, runtime_format_shares=[1.0, 1.0, 0.5]),
              tmp_path / "r")  # fmt: skip
-    p.state.setdefault("done", {})["prepare"] = {"result": p.stage_prepare(), "wall_s": 0}
-    space = p.space(Importance.load(p.work / "importance.json"))
-    spec = space.decode(space.largest())
-    for ly in spec.layers[:3]:
-        ly.formats = {n: "iq4_nl" for n in ly.formats}
-    spec.save(p.work / "spec.json")
-    p.state["done"]["select"] = {"result": {"promoted": None}, "wall_s": 0}
+    _prepare_with_winner(p, "iq4_nl")
     rec = p.stage_recover()
     assert rec["gptq_linears"] == 3 * 7  # the winner's recovery started from GPTQ's rounding of its iq4_nl linears
     own = rec["runtimes"]["onnxruntime"]
@@ -316,13 +322,7 @@ def test_a_faster_layout_is_recovered_for_its_runtime_and_falls_back_to_the_exac
     monkeypatch.setattr(pack, "predict", _layout_costs({"int4s_b32": 1.0, "int4_b64": 0.8, "int8s_b32": 2.0}))
     kw = dict(runtimes=["llama.cpp", "onnxruntime"], recover_steps=2, runtime_recover_steps=2, retarget="fastest")
     p = Pack(small_config(small_model_dir, runtime_format_shares=[0.5], **kw), tmp_path / "met")
-    p.state.setdefault("done", {})["prepare"] = {"result": p.stage_prepare(), "wall_s": 0}
-    space = p.space(Importance.load(p.work / "importance.json"))
-    spec = space.decode(space.largest())
-    for ly in spec.layers[:3]:
-        ly.formats = {n: "q4_0" for n in ly.formats}
-    spec.save(p.work / "spec.json")
-    p.state["done"]["select"] = {"result": {"promoted": None}, "wall_s": 0}
+    _prepare_with_winner(p, "q4_0")
     rec = p.stage_recover()
     own = rec["runtimes"]["onnxruntime"]
     ms = [3 * 7 * 1.0 + 7 * 2.0, 3 * 7 * 0.8 + 7 * 2.0]  # three blocks of 4-bit linears, one of 8-bit ones
