@@ -27,6 +27,7 @@ class WeightFormat:
     same_as: str | None = None  # another runtime's format whose weights this one stores exactly
     nbits: int | None = None  # ONNX Runtime MatMulNBits code width, for its block formats
     symmetric: bool = False  # MatMulNBits without zero points (asymmetric RTN otherwise)
+    f16_scales: bool = False  # MatMulNBits block scales rounded to and stored in float16 (cast to f32 at load)
 
     @property
     def quantized(self) -> bool:
@@ -36,8 +37,9 @@ class WeightFormat:
         return row_length % self.block == 0
 
 
-def _f(name, bits, block, runtimes, ggml=None, fallback=None, note="", same_as=None, nbits=None, symmetric=False):
-    return WeightFormat(name, bits, block, tuple(runtimes), ggml, fallback, note, same_as, nbits, symmetric)
+def _f(name, bits, block, runtimes, ggml=None, fallback=None, note="", same_as=None, nbits=None, symmetric=False,
+       f16_scales=False):
+    return WeightFormat(name, bits, block, tuple(runtimes), ggml, fallback, note, same_as, nbits, symmetric, f16_scales)
 
 
 _ALL = (LLAMA_CPP, ONNXRUNTIME, TENSORRT)
@@ -65,12 +67,12 @@ FORMATS: dict[str, WeightFormat] = {
            note="MatMulNBits 8-bit, block 32, fp32 scale + 8-bit zero point"),
         _f("int4_b32", 5.125, 32, (ONNXRUNTIME,), nbits=4,
            note="MatMulNBits 4-bit, block 32, fp32 scale + 4-bit zero point"),
-        _f("int8s_b32", 8.5, 32, (ONNXRUNTIME,), same_as="q8_0", nbits=8, symmetric=True,
+        _f("int8s_b32", 8.5, 32, (ONNXRUNTIME,), same_as="q8_0", nbits=8, symmetric=True, f16_scales=True,
            note="MatMulNBits 8-bit symmetric, block 32, f16 scales (cast to f32 at load): q8_0's weights exactly"),
-        _f("int4s_b32", 4.5, 32, (ONNXRUNTIME,), same_as="q4_0", nbits=4, symmetric=True,
+        _f("int4s_b32", 4.5, 32, (ONNXRUNTIME,), same_as="q4_0", nbits=4, symmetric=True, f16_scales=True,
            note="MatMulNBits 4-bit symmetric, block 32, f16 scales (cast to f32 at load): q4_0's weights exactly"),
-        _f("int4_b64", 4.5625, 64, (ONNXRUNTIME,), nbits=4,
-           note="MatMulNBits 4-bit, block 64, fp32 scale + 4-bit zero point"),
+        _f("int4_b64", 4.3125, 64, (ONNXRUNTIME,), nbits=4, f16_scales=True,
+           note="MatMulNBits 4-bit, block 64, f16 scale (cast to f32 at load) + 4-bit zero point"),
         _f("int4_b128", 4.28125, 128, (ONNXRUNTIME, TENSORRT), nbits=4, note="4-bit, block 128, scale + zero point"),
     ]
 }

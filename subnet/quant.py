@@ -129,7 +129,8 @@ def fake_quantize(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     Exact numerics of the runtime that stores ``fmt``: ggml's quantizer for GGUF formats (pure-torch
     bit-identical fast paths for f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 and iq4_nl; ggml itself for
     K-quants), ONNX Runtime's weight quantizers for int8 (``quantize_dynamic(per_channel=True)``) and
-    int8_b32 / int4_b32 / int4_b128 (``MatMulNBitsQuantizer``, asymmetric RTN); int4s_b32 and int8s_b32
+    int8_b32 / int4_b32 / int4_b128 (``MatMulNBitsQuantizer``, asymmetric RTN; int4_b64 the same at float16
+    scales, ``ort_block_codes``); int4s_b32 and int8s_b32
     store q4_0's and q8_0's weights exactly (symmetric MatMulNBits, f16 scales). f32 is the identity.
     """
     if fmt == "f32":
@@ -298,21 +299,32 @@ def ort_int8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.clamp(torch.round(w / scale), -128, 127) + 0.0, scale  # + 0.0: an int8 has no -0
 
 
-def _ort_blockwise(w: torch.Tensor, bits: int, block: int) -> torch.Tensor:
-    """onnxruntime MatMulNBits weight quantization (MLAS BlockwiseQuantizer, asymmetric, the default).
+def ort_block_codes(w: torch.Tensor, bits: int, block: int, f16_scales: bool = False):
+    """onnxruntime MatMulNBits weight quantization (MLAS BlockwiseQuantizer, asymmetric, the default):
+    the unsigned codes [rows, n/block, block], zero points and scales [rows, n/block, 1] (as floats).
 
     Blocks of ``block`` consecutive input features per output feature. min/max are widened to include
     0, scale = (max-min)/(2^bits-1), zp = clamp(roundf(-min/scale)), q = clamp(roundf(x*(1/scale) + zp));
-    dequant (q - zp) * scale.
+    dequant (q - zp) * scale. ``f16_scales``: the scale is rounded to float16 first, and zero point and
+    codes are computed at the rounded scale (what ``targets.onnx_export`` writes for such formats).
     """
     levels = float((1 << bits) - 1)
     b = _blocks(w, block)
     lo = b.amin(dim=-1, keepdim=True).clamp(max=0.0)
     hi = b.amax(dim=-1, keepdim=True).clamp(min=0.0)
     scale = (hi - lo) / levels
+    if f16_scales:
+        scale = _fp16(scale)
     zp = torch.where(scale != 0, 0.0 - lo / torch.where(scale == 0, torch.ones_like(scale), scale), lo)
     zp = _roundf_(zp.clamp(0.0, levels))
     q = _roundf_((b * _recip(scale)).add_(zp)).clamp_(0.0, levels).add_(0.0)  # uint: no -0
+    return q, zp, scale
+
+
+def _ort_blockwise(w: torch.Tensor, fmt: str) -> torch.Tensor:
+    """``w`` through MatMulNBits format ``fmt`` (``ort_block_codes``) and back."""
+    f = get_format(fmt)
+    q, zp, scale = ort_block_codes(w, f.nbits, f.block, f.f16_scales)
     return q.sub_(zp).mul_(scale).reshape(w.shape)
 
 
@@ -499,10 +511,7 @@ _FAST = {
     "q4_1": lambda w: _minmax_blocks(w, 15),
     "q5_1": lambda w: _minmax_blocks(w, 31),
     "int8": _ort_int8_per_channel,
-    "int8_b32": lambda w: _ort_blockwise(w, 8, 32),
-    "int4_b32": lambda w: _ort_blockwise(w, 4, 32),
-    "int4_b64": lambda w: _ort_blockwise(w, 4, 64),
-    "int4_b128": lambda w: _ort_blockwise(w, 4, 128),
+    **{n: partial(_ort_blockwise, fmt=n) for n in NBITS_FORMATS if not get_format(n).same_as},  # asymmetric RTN
     # the twins: targets.onnx_export writes q4_0's / q8_0's codes and scales (block_codes) into the graph
     "int4s_b32": lambda w: _absmax_blocks(w, 8),
     "int8s_b32": _q8_0,

@@ -11,10 +11,13 @@ are per layer. Weight formats are applied with ONNX Runtime's own quantizers on 
 * ``int8``: ``quantize_dynamic(per_channel=True)`` (MatMulInteger, int8 weights per output channel,
   activations quantized dynamically at run time);
 * ``int8_b32`` / ``int4_b32`` / ``int4_b128``: ``MatMulNBitsQuantizer(accuracy_level=4)``;
+* ``int4_b64``: the same asymmetric MatMulNBits, written here from ``subnet.quant.ort_block_codes`` with
+  each block's scale rounded to float16 first, so the scales can be stored in float16 (see below);
 * ``int8s_b32`` / ``int4s_b32``, the exact twins of GGUF q8_0 / q4_0: symmetric MatMulNBits
   (accuracy_level 4) written here from ggml's own codes and f16 scales (``subnet.quant.block_codes``),
-  so a model recovered for q8_0 / q4_0 keeps its weights bit for bit. The scales are stored in float16,
-  as GGUF stores them, behind a Cast that ONNX Runtime folds at load time (``scales_to_f16``).
+  so a model recovered for q8_0 / q4_0 keeps its weights bit for bit. The scales of the formats with
+  ``f16_scales`` are stored in float16 (as GGUF stores them) behind a Cast that ONNX Runtime folds at
+  load time (``scales_to_f16``).
 
 MatMul nodes are tied to spec layers through the exporter's node metadata
 ``pkg.torch.onnx.name_scopes``. The embedding is f32, f16, or a twin format: then its Gather becomes
@@ -318,9 +321,10 @@ def embedding_to_f16(model: onnx.ModelProto) -> str | None:
 
 def scales_to_f16(model: onnx.ModelProto) -> int:
     """Store the block scales of MatMulNBits / GatherBlockQuantized nodes that float16 holds exactly (the
-    twins' scales are ggml's f16 values) in float16 behind a Cast to float32, as GGUF stores them: 2 bytes
-    less per block on disk. ONNX Runtime folds the Cast when it loads the graph, so the kernels get the
-    same float32 scales. Other scales (ORT's own quantizer's) stay float32. Returns how many tensors."""
+    formats with ``f16_scales``: the twins' are ggml's f16 values) in float16 behind a Cast to float32, as
+    GGUF stores them: 2 bytes less per block on disk. ONNX Runtime folds the Cast when it loads the graph,
+    so the kernels get the same float32 scales. Other scales (ORT's own quantizer's) stay float32.
+    Returns how many tensors."""
     g = model.graph
     inits = initializers(g)
     names = {n.input[2] for n in g.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized") and len(n.input) > 2}
@@ -368,12 +372,12 @@ def quantize_int8(path: Path, nodes: list[str]) -> None:
 def quantize_nbits(path: Path, fmt: str, nodes: list[str], kept: dict | None = None) -> None:
     """MatMulNBits (block-wise, accuracy_level 4) for exactly ``nodes``; every other node excluded.
 
-    The asymmetric formats go through ORT's own quantizer (``MatMulNBitsQuantizer``); the twins of GGUF
-    formats get ggml's codes and scales (``twin_blocks``), at ``kept`` block scales where given (node
-    name -> scales)."""
+    The asymmetric formats go through ORT's own quantizer (``MatMulNBitsQuantizer``), except those with
+    float16 scales (``asym_blocks``); the twins of GGUF formats get ggml's codes and scales
+    (``twin_blocks``), at ``kept`` block scales where given (node name -> scales)."""
     model = onnx.load(str(path))
-    if get_format(fmt).same_as:
-        twins_to_nbits(model, fmt, set(nodes), kept)
+    if get_format(fmt).f16_scales:
+        codes_to_nbits(model, fmt, set(nodes), kept)
         save(model, path)
         return
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -396,23 +400,44 @@ def twin_blocks(weight: np.ndarray, fmt: str, scales=None) -> tuple[np.ndarray, 
 
     bits = get_format(fmt).nbits
     codes, scales = block_codes(torch.from_numpy(np.array(weight, dtype=np.float32)), fmt, scales)
-    stored = (codes + (1 << (bits - 1))).to(torch.uint8).numpy()
+    return _pack((codes + (1 << (bits - 1))).numpy(), bits), scales.numpy()
+
+
+def asym_blocks(weight: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``weight`` [rows, n] in an asymmetric MatMulNBits format as ONNX Runtime stores it: the packed codes
+    [rows, n * bits / 8], the scales [rows, n / block] (float32; float16 values for ``f16_scales``) and the
+    packed zero points [rows, ceil(n / block * bits / 8)], from ``subnet.quant.ort_block_codes``."""
+    from subnet.quant import ort_block_codes
+
+    f = get_format(fmt)
+    rows = weight.shape[0]
+    q, zp, scale = ort_block_codes(torch.from_numpy(np.array(weight, dtype=np.float32)), f.nbits, f.block, f.f16_scales)
+    return _pack(q.reshape(rows, -1).numpy(), f.nbits), scale.reshape(rows, -1).numpy(), _pack(zp.reshape(rows, -1).numpy(), f.nbits)
+
+
+def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned codes [rows, m] as MatMulNBits stores them: bytes, two 4-bit codes a byte, low nibble first
+    (a row of odd length padded with a zero nibble)."""
+    stored = codes.astype(np.uint8)
     if bits == 4:
+        stored = np.pad(stored, ((0, 0), (0, stored.shape[1] % 2)))
         stored = stored[:, 0::2] | (stored[:, 1::2] << 4)
-    return np.ascontiguousarray(stored), scales.numpy()
+    return np.ascontiguousarray(stored)
 
 
-def _matmul_nbits(node, weight: str, scales: str, shape: tuple[int, int], fmt: str):
-    """The MatMulNBits node that replaces MatMul ``node`` (weight [n_out, n_in]), named as ORT's quantizer would."""
+def _matmul_nbits(node, stored: list[str], shape: tuple[int, int], fmt: str):
+    """The MatMulNBits node that replaces MatMul ``node`` (weight [n_out, n_in]), reading ``stored`` (codes,
+    scales and, if asymmetric, zero points), named as ORT's quantizer would."""
     bits, block, _ = NBITS[fmt]
     n, k = shape
-    return helper.make_node("MatMulNBits", [node.input[0], weight, scales], [node.output[0]], name=f"{node.name}_Q{bits}",
+    return helper.make_node("MatMulNBits", [node.input[0], *stored], [node.output[0]], name=f"{node.name}_Q{bits}",
                             domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block, accuracy_level=4)  # fmt: skip
 
 
-def twins_to_nbits(model: onnx.ModelProto, fmt: str, nodes: set[str], kept: dict | None = None) -> None:
-    """Replace the MatMuls ``nodes`` (weight initializers [in, out]) by MatMulNBits holding ggml's codes,
-    at the block scales ``kept`` gives a node (node name -> scales [out, in / block]) where it gives one."""
+def codes_to_nbits(model: onnx.ModelProto, fmt: str, nodes: set[str], kept: dict | None = None) -> None:
+    """Replace the MatMuls ``nodes`` (weight initializers [in, out]) by MatMulNBits holding the codes
+    ``subnet.quant`` computes: a twin's ggml codes (``twin_blocks``), at the block scales ``kept`` gives a
+    node (node name -> scales [out, in / block]) where it gives one, or asymmetric codes (``asym_blocks``)."""
     g = model.graph
     inits = initializers(g)
     keep = []
@@ -422,13 +447,17 @@ def twins_to_nbits(model: onnx.ModelProto, fmt: str, nodes: set[str], kept: dict
             continue
         init = inits[node.input[1]]
         weight = numpy_helper.to_array(init).T  # [out, in]
-        data, scales = twin_blocks(weight, fmt, (kept or {}).get(node.name))
+        if get_format(fmt).same_as:
+            data, scales = twin_blocks(weight, fmt, (kept or {}).get(node.name))
+            extra = {"_scales": scales.reshape(-1)}
+        else:
+            data, scales, zero_points = asym_blocks(weight, fmt)
+            extra = {"_scales": scales, "_zero_points": zero_points}
         n, k = weight.shape
-        data = data.reshape(n, k // NBITS[fmt][1], -1)  # MatMulNBits' [N, blocks, blob]
+        stored = {"_Q": data.reshape(n, k // NBITS[fmt][1], -1), **extra}  # MatMulNBits' [N, blocks, blob]
         g.initializer.remove(init)
-        g.initializer.extend([numpy_helper.from_array(data, init.name + "_Q"),
-                              numpy_helper.from_array(scales.reshape(-1), init.name + "_scales")])  # fmt: skip
-        keep.append(_matmul_nbits(node, init.name + "_Q", init.name + "_scales", (n, k), fmt))
+        g.initializer.extend(numpy_helper.from_array(a, init.name + suffix) for suffix, a in stored.items())
+        keep.append(_matmul_nbits(node, [init.name + suffix for suffix in stored], (n, k), fmt))
     set_nodes(g, keep)
     use_ms_domain(model)
 
@@ -465,7 +494,7 @@ def embedding_to_blocks(model: onnx.ModelProto, fmt: str, tied_head: str | None)
             new_nodes += [helper.make_node("Reshape", [name + "_Q", name + "_Q_shape"], [name + "_Q3d"], name=name + "_Q3d"),
                           helper.make_node("Reshape", [name + "_scales", name + "_scales_shape"], [name + "_scales1d"],
                                            name=name + "_scales1d")]  # fmt: skip
-            node = _matmul_nbits(node, name + "_Q3d", name + "_scales1d", (vocab, width), fmt)
+            node = _matmul_nbits(node, [name + "_Q3d", name + "_scales1d"], (vocab, width), fmt)
         new_nodes.append(node)
     set_nodes(g, [n for n in new_nodes if n.output[0] not in dropped])
     drop_value_info(g, dropped)

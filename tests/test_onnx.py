@@ -10,6 +10,7 @@ from onnx import helper
 
 from subnet.arch import LINEARS, arch_of, linear_of
 from subnet.extract import extract
+from subnet.formats import get_format
 from subnet.spec import SubnetSpec
 from targets import onnxrt, tensorrt
 from targets.backend import ExportError, Workload
@@ -159,7 +160,7 @@ def test_attention_that_gqa_cannot_hold_exports_standard_ops(monkeypatch, tmp_pa
 MIXED = {  # per kept layer: linear -> format (rest f32); tiny rows are 64 wide, o_proj of 2 heads 32
     0: {"q_proj": "int8", "k_proj": "int4_b32", "down_proj": "int8_b32"},
     1: {"gate_proj": "int4_b32", "up_proj": "int4_b32", "down_proj": "int8", "o_proj": "f16"},
-    2: {"v_proj": "int8_b32", "o_proj": "int8", "gate_proj": "int4s_b32"},
+    2: {"v_proj": "int8_b32", "o_proj": "int8", "gate_proj": "int4s_b32", "up_proj": "int4_b64"},
 }
 
 
@@ -201,9 +202,10 @@ def test_mixed_formats_land_on_the_right_matmuls(family, kind, tmp_path):
     assert sum(n.op_type == "MatMulInteger" for n in g.node) == want_fmts.count("int8")
     f16 = [i.name for i in g.initializer if i.data_type == onnx.TensorProto.FLOAT16]
     assert sum(not n.endswith("_scales.f16") for n in f16) == want_fmts.count("f16")
-    # the twin's scales (ggml's f16 values) are stored in float16; ORT's own quantizer's stay float32
+    # the twin's scales (ggml's f16 values) and int4_b64's are stored in float16; ORT's own quantizer's stay float32
     scale_types = [scales_initializer(g, n.input[2]).data_type for n in nbits]
-    assert scale_types.count(onnx.TensorProto.FLOAT16) == want_fmts.count("int4s_b32") == art.meta["f16_scales"]
+    f16_scaled = sum(f in NBITS and get_format(f).f16_scales for f in want_fmts)
+    assert scale_types.count(onnx.TensorProto.FLOAT16) == f16_scaled == art.meta["f16_scales"] == 2
 
     p = art.meta["parity"]  # vs torch with the same simulated formats (subnet.quant)
     assert p["max_abs_diff"] <= 2e-2
@@ -281,13 +283,14 @@ def test_twin_embedding_and_linears_hold_ggml_weights(family, tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # tied / untied embeddings
 def test_float16_scales_shrink_the_file_and_change_no_logit(family, monkeypatch, tmp_path):
-    """Twin scales stored in float16 behind a Cast: 2 bytes less per block on disk, and ONNX Runtime computes
-    the very same logits as from the float32 scales."""
+    """Twin and int4_b64 scales stored in float16 behind a Cast: 2 bytes less per block on disk, and ONNX
+    Runtime computes the very same logits as from the float32 scales."""
     import targets.onnx_export as ox
 
     base = tiny_model(family)
     spec = SubnetSpec.uniform(arch_of(base.config), layers=[0, 1, 3], fmt="int8s_b32")
     spec.layers[1].formats.update(gate_proj="int4s_b32", up_proj="int4s_b32", down_proj="int4s_b32")
+    spec.layers[0].formats.update(q_proj="int4_b64", k_proj="int4_b64", v_proj="int4_b64")
     if not spec.base.tie_word_embeddings:
         spec.lm_head_format = "int8s_b32"
     model = extract(base, spec.validate())

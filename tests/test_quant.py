@@ -25,6 +25,7 @@ from subnet.quant import (
     ggml_dequantize,
     ggml_qtype,
     ggml_quantize,
+    ort_block_codes,
     ort_block_quantize_input,
     ort_dynamic_quantize_input,
     ort_int8_linear,
@@ -347,48 +348,81 @@ def test_int8_simulation_does_not_depend_on_batching():
             assert torch.allclose(alone, batched, atol=1e-5) == same, scope
 
 
-@pytest.mark.parametrize("fmt,bits,block", [("int8_b32", 8, 32), ("int4_b32", 4, 32), ("int4_b64", 4, 64), ("int4_b128", 4, 128)])
-def test_blockwise_accuracy_level_4_matches_ort(tmp_path, fmt, bits, block):
-    """accuracy_level=4 also quantizes the input (int8 per token and block): simulated, ORT agrees."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+ASYM_NBITS = [n for n, f in FORMATS.items() if f.nbits and not f.same_as]
 
+
+def _nbits_model(w: np.ndarray, fmt: str, path, accuracy_level: int = 4):
+    """A one-MatMul graph with its weight stored in MatMulNBits format ``fmt`` by the exporter
+    (``quantize_nbits``: ORT's quantizer, or the codes written here for float16 scales)."""
     import onnx
+    from onnx import helper
 
+    from targets.onnx_export import quantize_nbits
+
+    quantize_nbits(_matmul_model(w, path), fmt, ["mm"])
+    model = onnx.load(str(path))
+    (node,) = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    node.attribute.remove(next(a for a in node.attribute if a.name == "accuracy_level"))
+    node.attribute.append(helper.make_attribute("accuracy_level", accuracy_level))
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ASYM_NBITS)
+def test_blockwise_accuracy_level_4_matches_ort(tmp_path, fmt):
+    """accuracy_level=4 also quantizes the input (int8 per token and block): simulated, ORT agrees."""
     w = weight(rows=40, cols=256)
     x = np.random.default_rng(3).standard_normal((5, 256)).astype(np.float32)
-    src = onnx.load(_matmul_model(w, tmp_path / "m.onnx"))
-    q = MatMulNBitsQuantizer(src, bits=bits, block_size=block, accuracy_level=4)
-    q.process()
-    q.model.save_model_to_file(str(tmp_path / "q.onnx"))
-    y = _run(tmp_path / "q.onnx", x)
+    y = _run(_nbits_model(w, fmt, tmp_path / "q.onnx"), x)
     fq = fake_quantize(torch.from_numpy(w), fmt).numpy()
-    xq = ort_block_quantize_input(torch.from_numpy(x), block).numpy()
+    xq = ort_block_quantize_input(torch.from_numpy(x), FORMATS[fmt].block).numpy()
     np.testing.assert_allclose(y, xq @ fq.T, rtol=0, atol=1e-5 * np.abs(y).max())
     assert np.abs(y - x @ fq.T).max() > 1e-4 * np.abs(y).max()  # the input rounding is visible
 
 
-@pytest.mark.parametrize("fmt,bits,block", [("int8_b32", 8, 32), ("int4_b32", 4, 32), ("int4_b64", 4, 64), ("int4_b128", 4, 128)])
-def test_blockwise_matches_ort_matmulnbits(tmp_path, fmt, bits, block):
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    import onnx
-
+@pytest.mark.parametrize("fmt", ASYM_NBITS)
+def test_blockwise_matches_ort_matmulnbits(tmp_path, fmt):
     w = weight(rows=40, cols=256)
     x = np.random.default_rng(2).standard_normal((5, 256)).astype(np.float32)
-    q = MatMulNBitsQuantizer(onnx.load(_matmul_model(w, tmp_path / "m.onnx")), bits=bits, block_size=block)
-    q.process()
-    assert [n.op_type for n in q.model.model.graph.node] == ["MatMulNBits"]
-    q.model.save_model_to_file(str(tmp_path / "q.onnx"))
-    y = _run(tmp_path / "q.onnx", x)
+    y = _run(_nbits_model(w, fmt, tmp_path / "q.onnx", accuracy_level=0), x)
     fq = fake_quantize(torch.from_numpy(w), fmt).numpy()
     # accuracy_level 0 computes in fp32 from the dequantized weight: only summation order differs
     np.testing.assert_allclose(y, x @ fq.T, rtol=0, atol=1e-5 * np.abs(y).max())
     assert np.abs(y - x @ w.T).max() > 1e-3 * np.abs(y).max()  # and quantization is visible
 
 
-@pytest.mark.parametrize("fmt,bits,block", [("int8_b32", 8, 32), ("int4_b32", 4, 32), ("int4_b64", 4, 64), ("int4_b128", 4, 128)])
+def test_float16_scaled_blocks_are_ort_quantizers_where_its_scales_are_float16(tmp_path):
+    """int4_b64's codes, scales and zero points are byte for byte what ORT's quantizer writes for a weight
+    whose every block scale float16 holds (span 15 * 2^-k); elsewhere the scales differ, float16 values."""
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from targets.onnx_export import asym_blocks
+
+    rng = np.random.default_rng(4)
+    s = 2.0 ** -rng.integers(2, 9, (24, 4, 1))  # a power of two per block of 64
+    b = rng.uniform(-7, 8, (24, 4, 64)) * s
+    b[..., 0], b[..., 1] = -7 * s[..., 0], 8 * s[..., 0]  # min and max: the span is 15 s exactly
+    w = b.reshape(24, 256).astype(np.float32)
+    q = MatMulNBitsQuantizer(onnx.load(_matmul_model(w, tmp_path / "m.onnx")), bits=4, block_size=64)
+    q.process()
+    ort = {i.name: numpy_helper.to_array(i) for i in q.model.model.graph.initializer}
+    codes, scales, zero_points = asym_blocks(w, "int4_b64")
+    assert np.array_equal(codes, ort["W_Q4"].reshape(24, -1))
+    assert bits_equal(scales, ort["W_scales"]) and np.array_equal(zero_points, ort["W_zero_points"])
+
+    w = weight(rows=24, cols=256)
+    scales = asym_blocks(w, "int4_b64")[1]
+    fp32 = ort_block_codes(torch.from_numpy(w), 4, 64)[2].reshape(24, -1).numpy()  # ORT's quantizer's
+    assert bits_equal(scales, scales.astype(np.float16).astype(np.float32)) and not bits_equal(scales, fp32)
+    np.testing.assert_allclose(scales, fp32, rtol=2**-11)
+    assert asym_blocks(np.ascontiguousarray(w[:, :192]), "int4_b64")[2].shape == (24, 2)  # 3 zero points a row, padded
+
+
+@pytest.mark.parametrize("fmt,bits,block", [("int8_b32", 8, 32), ("int4_b32", 4, 32), ("int4_b128", 4, 128)])
 def test_blockwise_equals_ort_quantize_kernel(fmt, bits, block):
-    """Bit-exact against the kernel MatMulNBitsQuantizer calls (MLAS blockwise, asymmetric)."""
+    """Bit-exact against the kernel MatMulNBitsQuantizer calls (MLAS blockwise, asymmetric, float32 scales)."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
     w = weight(rows=16, cols=256)
