@@ -129,9 +129,9 @@ def fake_quantize(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     Exact numerics of the runtime that stores ``fmt``: ggml's quantizer for GGUF formats (pure-torch
     bit-identical fast paths for f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 and iq4_nl; ggml itself for
     K-quants), ONNX Runtime's weight quantizers for int8 (``quantize_dynamic(per_channel=True)``) and
-    int8_b32 / int4_b32 / int4_b128 (``MatMulNBitsQuantizer``, asymmetric RTN; int4_b64 the same at float16
-    scales, ``ort_block_codes``); int4s_b32 and int8s_b32
-    store q4_0's and q8_0's weights exactly (symmetric MatMulNBits, f16 scales). f32 is the identity.
+    int8_b32 / int4_b32 / int4_b128 (``MatMulNBitsQuantizer``, asymmetric RTN; int4_b64 the same at
+    float16 scales, ``ort_block_codes``); int4s_b32 and int8s_b32 store q4_0's and q8_0's weights
+    exactly (symmetric MatMulNBits, f16 scales). f32 is the identity.
     """
     if fmt == "f32":
         _check_2d_torch(weight, fmt)

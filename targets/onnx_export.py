@@ -410,9 +410,9 @@ def asym_blocks(weight: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray, n
     from subnet.quant import ort_block_codes
 
     f = get_format(fmt)
-    rows = weight.shape[0]
-    q, zp, scale = ort_block_codes(torch.from_numpy(np.array(weight, dtype=np.float32)), f.nbits, f.block, f.f16_scales)
-    return _pack(q.reshape(rows, -1).numpy(), f.nbits), scale.reshape(rows, -1).numpy(), _pack(zp.reshape(rows, -1).numpy(), f.nbits)
+    w = torch.from_numpy(np.array(weight, dtype=np.float32))
+    q, zp, scale = (t.reshape(w.shape[0], -1).numpy() for t in ort_block_codes(w, f.nbits, f.block, f.f16_scales))
+    return _pack(q, f.nbits), scale, _pack(zp, f.nbits)
 
 
 def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
