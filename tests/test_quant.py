@@ -361,7 +361,8 @@ def _nbits_model(w: np.ndarray, fmt: str, path, accuracy_level: int = 4):
 
     quantize_nbits(_matmul_model(w, path), fmt, ["mm"])
     model = onnx.load(str(path))
-    (node,) = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert [n.op_type for n in model.graph.node] == ["MatMulNBits"]
+    node = model.graph.node[0]
     node.attribute.remove(next(a for a in node.attribute if a.name == "accuracy_level"))
     node.attribute.append(helper.make_attribute("accuracy_level", accuracy_level))
     onnx.save(model, str(path))
