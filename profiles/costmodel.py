@@ -35,13 +35,16 @@ from pathlib import Path
 import numpy as np
 
 from profiles import roofline
-from subnet.formats import LLAMA_CPP, ONNXRUNTIME, effective_format
+from subnet.arch import ArchInfo
+from subnet.formats import LLAMA_CPP, ONNXRUNTIME, effective_format, get_format
 from subnet.spec import SubnetSpec
 from targets.backend import BACKENDS, Measurement, Workload, cpu_features, cpu_model, read_json
 from targets.registry import Target, get_target
 
 TABLES_DIR = Path(__file__).with_name("tables")
-TABLE_VERSION = 3  # 2: per-format LM head decode features (h:<format>); 3: row-tail features (t:<format>)
+TABLE_VERSION = 4  # 2: per-format LM head decode features (h:<format>); 3: row-tail features (t:<format>);
+# 4: per-format peak memory (m:/e:<format>)
+LATENCY_VERSION = 3  # the last version whose latency features changed (an older table's calibration is void)
 SIMD_STEP = 64  # elements per step of a row-wise dot product (ggml's AVX-512 f16 kernel)
 PHASES = ("decode", "prefill")
 MIB = 2**20
@@ -95,11 +98,15 @@ def block_linears(heads: int, kv_heads: int, mlp: int, hidden: int, head_dim: in
     return {n: (o, i, fmt(n)) for n, (o, i) in shapes.items()}
 
 
+def stored_format(runtime: str, fmt: str, row: int) -> str:
+    """The format a runtime's file really stores for a row of this length (llama.cpp's K-quant fallbacks)."""
+    return effective_format(fmt, row) if runtime == LLAMA_CPP else fmt
+
+
 def runtime_format(runtime: str, fmt: str, row: int) -> str:
-    """The format a runtime really computes with for a row of this length: llama.cpp's K-quant fallbacks,
-    and f32 for ONNX Runtime's f16 (float16 storage whose Cast ONNX Runtime folds when it loads the graph)."""
-    if runtime == LLAMA_CPP:
-        return effective_format(fmt, row)
+    """The format a runtime really computes with for a row of this length: what its file stores, and f32
+    for ONNX Runtime's f16 (float16 storage whose Cast ONNX Runtime folds when it loads the graph)."""
+    fmt = stored_format(runtime, fmt, row)
     return "f32" if runtime == ONNXRUNTIME and fmt == "f16" else fmt
 
 
@@ -163,7 +170,8 @@ def _calib(table: dict, phase: str) -> tuple[float, float]:
 
 
 def feature_format(name: str) -> str | None:
-    """The weight format a fitted feature prices (``w:``, ``t:``, ``h:<format>``); None for shape terms."""
+    """The weight format a fitted feature prices (``w:``, ``t:``, ``h:``, ``m:``, ``e:<format>``); None for
+    shape terms."""
     return name.partition(":")[2] or None
 
 
@@ -248,14 +256,36 @@ def kv_cache_mb(spec: SubnetSpec, workload: Workload, kv_bytes: float) -> float:
     return 2 * sum(ly.kv_heads for ly in spec.layers) * spec.base.head_dim * tokens * kv_bytes / MIB
 
 
+def memory_features(runtime: str, spec: SubnetSpec, workload: Workload, kv_bytes: float) -> dict:
+    """Named features of the peak-memory model (MiB): the blocks' weights per format the runtime computes
+    with, at its bytes (``m:<format>``); the embedding / LM head per stored format (``e:<format>``: a
+    runtime may keep the stored table for the lookup beside a converted or repacked copy for the head);
+    and the KV cache at the workload's context. Norms and biases are left to the constant."""
+    f = {"const": 1.0, "kv": kv_cache_mb(spec, workload, kv_bytes)}
+    for name, fmt, rows, length in spec.weight_matrices():
+        if name.startswith("layers."):
+            fmt, role = runtime_format(runtime, fmt, length), "m:"
+        else:
+            fmt, role = stored_format(runtime, fmt, length), "e:"
+        f[role + fmt] = f.get(role + fmt, 0.0) + rows * length * get_format(fmt).bits / 8 / MIB
+    return f
+
+
 def memory_mb(table: dict, spec: SubnetSpec, workload: Workload) -> tuple[float, float]:
     """(peak memory MiB, size on disk MiB) of a spec under a workload."""
     weights = spec.weight_bytes() / MIB
-    kv = kv_cache_mb(spec, workload, table.get("kv_bytes", roofline.KV_BYTES))
+    kv_bytes = table.get("kv_bytes", roofline.KV_BYTES)
     if table["kind"] == "roofline":
-        return weights + kv + table["roofline"]["runtime_overhead_mb"], weights
+        return weights + kv_cache_mb(spec, workload, kv_bytes) + table["roofline"]["runtime_overhead_mb"], weights
     m = table["model"]["memory"]
-    peak = m["const"] + m["weights"] * weights + m["kv"] * kv
+    feats = memory_features(table["runtime"], spec, workload, kv_bytes)
+    missing = sorted(feature_format(k) for k in feats if k not in m["coef"] and feature_format(k))
+    if missing and "weights" not in m:
+        raise CostModelError(
+            f"the peak memory of format(s) {', '.join(missing)} was not profiled in the {table['target']}/"
+            f"{table['runtime']} table: profile them (`packager profile`) or choose a profiled format"
+        )
+    peak = sum(m["coef"].get(k, m.get("weights", 0.0)) * v for k, v in feats.items())
     return peak, weights + table["model"]["size"]["offset_mb"]
 
 
@@ -342,9 +372,22 @@ def predict(
 
 # ---- fitting and calibration -------------------------------------------------------------------
 
+def point_spec(p: dict, base: ArchInfo) -> SubnetSpec:
+    """The spec of a grid point: the first ``layers`` blocks of ``base`` (deepened if needed) cut to its shape."""
+    base = ArchInfo(**{**base.to_dict(), "num_layers": max(base.num_layers, p["layers"])})
+    return SubnetSpec.uniform(base, layers=list(range(p["layers"])), heads=p["heads"], kv_heads=p["kv_heads"],
+                              mlp=p["mlp"], hidden_size=p["hidden"], fmt=p["format"],
+                              embed_format=p["embed_format"]).validate()  # fmt: skip
+
+
+def point_workload(p: dict) -> Workload:
+    """The workload a grid point was measured under."""
+    return Workload(p["prompt_tokens"], p["gen_tokens"], p.get("batch", 1))
+
+
 def point_spec_features(table: dict, point: dict, phase: str) -> dict:
     """Features of one profiled whole model (a grid point: N identical blocks)."""
-    wl = Workload(point["prompt_tokens"], point["gen_tokens"], point.get("batch", 1))
+    wl = point_workload(point)
     hd, rt = point.get("head_dim", table["head_dim"]), table["runtime"]
     lin = runtime_linears(rt, point["heads"], point["kv_heads"], point["mlp"], point["hidden"], hd, point["format"])
     feats = fixed_features(phase, point.get("vocab", table["vocab"]), point["hidden"],
@@ -387,19 +430,37 @@ def fit_table(table: dict) -> dict:
             model[phase]["holdout_mape"] = _mape(ph, yh)
             model[phase]["holdout_n"] = len(held)
     weights = np.array([p["weights_mb"] for p in pts])
-    mem_pts = [p for p in measured if p.get("peak_rss_mb", 0) > 0]  # a 0 means the backend could not see it
-    if len(mem_pts) >= 3:
-        rows = [{"const": 1.0, "weights": p["weights_mb"], "kv": p["kv_mb"]} for p in mem_pts]
-        mem, pred = _nnls_relative(rows, np.array([p["peak_rss_mb"] for p in mem_pts]))
-        mem["mape"] = _mape(pred, [p["peak_rss_mb"] for p in mem_pts])
-    else:
-        mem = {"const": 0.0, "weights": 1.0, "kv": 1.0, "note": "no usable peak RSS measured: weights + KV only"}
-    model["memory"] = mem
+    model["memory"] = fit_memory(table)
     model["size"] = {"offset_mb": float(np.median(np.array([p["size_mb"] for p in pts]) - weights))}
     table["model"] = model
     table["kind"] = "fitted"
     table["ranges"] = _ranges(pts)
     return table
+
+
+def fit_memory(table: dict) -> dict:
+    """Fit the peak-memory model of a measured table from its points' peak RSS (``memory_features``):
+    resident MiB per MiB of each weight format, which is not 1 (llama.cpp keeps a repacked copy of its
+    4-bit blocks beside the mapped file; ONNX Runtime folds float16 into float32)."""
+    base = ArchInfo(**table["base"])
+    seen = [p for p in table["points"] if p.get("peak_rss_mb", 0) > 0]  # a 0 means the backend could not see it
+    pts = [p for p in seen if p.get("role", "fit") == "fit"]
+    if len(pts) < 3:
+        return {"coef": {"const": 0.0, "kv": 1.0}, "weights": 1.0,
+                "note": "no usable peak RSS measured: weights + KV only"}  # fmt: skip
+
+    def rows(points):
+        return [memory_features(table["runtime"], point_spec(p, base), point_workload(p), table["kv_bytes"])
+                for p in points]  # fmt: skip
+
+    y = np.array([p["peak_rss_mb"] for p in pts])
+    coef, pred = _nnls_relative(rows(pts), y)
+    mem = {"coef": coef, "mape": _mape(pred, y)}
+    held = [p for p in seen if p.get("role") == "holdout"]
+    if held:
+        mem["holdout_mape"] = _mape([_dot(coef, f) for f in rows(held)], [p["peak_rss_mb"] for p in held])
+        mem["holdout_n"] = len(held)
+    return mem
 
 
 def _mape(pred, y) -> float:
@@ -604,10 +665,15 @@ def _load_cached(path: str, mtime: float, target_name: str, runtime: str) -> str
     """The table file as JSON; a fitted table of an older version is refitted here, once per file version."""
     table = read_table(path)
     if table.get("kind") == "fitted" and "model" in table and table.get("version", 1) < TABLE_VERSION:
-        fit_table(table)
-        dropped = table.pop("calibration", None)
+        dropped, refit = None, table.get("version", 1) < LATENCY_VERSION
+        if refit:
+            fit_table(table)
+            dropped = table.pop("calibration", None)
+        else:  # only the memory model changed: the latency fit and its calibration stand
+            table["model"]["memory"] = fit_memory(table)
         table["version"] = TABLE_VERSION
-        warnings.warn(f"WARNING: {path} was fitted by an older packager: refitted from its {len(table['points'])} "
+        what = "refitted" if refit else "its peak-memory model refitted"
+        warnings.warn(f"WARNING: {path} was fitted by an older packager: {what} from its {len(table['points'])} "
                       "points" + (", its calibration dropped (re-calibrate it, see README)" if dropped else ""),
                       TableMismatchWarning, stacklevel=3)  # fmt: skip
     return json.dumps(table)

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from profiles import costmodel, roofline
-from profiles.costmodel import MIB, block_linears, kv_cache_mb, read_table, write_table
+from profiles.costmodel import MIB, block_linears, kv_cache_mb, point_spec, point_workload, read_table, write_table
 from subnet.arch import ArchInfo
 from subnet.formats import LLAMA_CPP, ONNXRUNTIME, TENSORRT, get_format
 from subnet.spec import SubnetSpec
@@ -122,14 +122,6 @@ def default_grid(runtime: str, base: ArchInfo = SMOLLM2, formats: list[str] | No
 
 def _align(x: int, step: int) -> int:
     return max(step, (x // step) * step)
-
-
-def point_spec(p: dict, base: ArchInfo) -> SubnetSpec:
-    """The spec of a grid point: the first ``layers`` blocks of ``base`` (deepened if needed) cut to its shape."""
-    base = ArchInfo(**{**base.to_dict(), "num_layers": max(base.num_layers, p["layers"])})
-    return SubnetSpec.uniform(base, layers=list(range(p["layers"])), heads=p["heads"], kv_heads=p["kv_heads"],
-                              mlp=p["mlp"], hidden_size=p["hidden"], fmt=p["format"],
-                              embed_format=p["embed_format"]).validate()  # fmt: skip
 
 
 # ---- measuring one point with the real runtime -------------------------------------------------
@@ -238,7 +230,7 @@ class RealMeasure:
             t0 = time.perf_counter()
             art = export_for(self.runtime, extract(self.rb.model, spec), self.rb.tokenizer, spec, work)
             t1 = time.perf_counter()
-            wl = Workload(point["prompt_tokens"], point["gen_tokens"], point["batch"])
+            wl = point_workload(point)
             m = self.measure(art, wl, self.threads, self.repeats)
             size = sum(Path(f).stat().st_size for f in art.files if Path(f).is_file())
         finally:
@@ -362,7 +354,7 @@ def _run(table: dict, todo: list[dict], measure_point, out: Path, base: ArchInfo
         for p in todo:
             res = measure_point(dict(p))
             spec = point_spec(p, base)
-            wl = Workload(p["prompt_tokens"], p["gen_tokens"], p["batch"])
+            wl = point_workload(p)
             rec = {**p, **res, "weights_mb": spec.weight_bytes() / MIB,
                    "kv_mb": kv_cache_mb(spec, wl, table["kv_bytes"]), "load_avg_1m": _load()}  # fmt: skip
             table["points"].append(rec)

@@ -165,20 +165,24 @@ class SubnetSpec:
                 n += (ly.heads + 2 * ly.kv_heads) * b.head_dim
         return n
 
+    def weight_matrices(self) -> list[tuple[str, str, int, int]]:
+        """(name, format, rows, row length) of every stored weight matrix: ``embed_tokens``, an untied
+        ``lm_head``, and each kept block's linears as ``layers.<index>.<linear>``."""
+        b, h = self.base, self.hidden_size
+        out = [("embed_tokens", self.embed_format, b.vocab_size, h)]
+        if not b.tie_word_embeddings:
+            out.append(("lm_head", self.lm_head_format, b.vocab_size, h))
+        for ly in self.layers:
+            out += [(f"layers.{ly.index}.{n}", ly.formats[n], o, i) for n, (o, i) in self.linear_shapes(ly).items()]
+        return out
+
     def weight_bytes(self) -> float:
         """Bytes of all weights stored in their formats (norms and biases in f32)."""
         b, h = self.base, self.hidden_size
-        emb = b.vocab_size * h
-        total = emb * get_format(self.embed_format).bits / 8
-        if not b.tie_word_embeddings:
-            total += emb * get_format(self.lm_head_format).bits / 8
-        total += 4 * h
-        for ly in self.layers:
-            for name, (o, i) in self.linear_shapes(ly).items():
-                total += o * i * get_format(ly.formats[name]).bits / 8
-            total += 4 * 2 * h
-            if b.qkv_bias:
-                total += 4 * (ly.heads + 2 * ly.kv_heads) * b.head_dim
+        total = sum(rows * length * get_format(fmt).bits / 8 for _, fmt, rows, length in self.weight_matrices())
+        total += 4 * h * (1 + 2 * len(self.layers))  # the final norm and two per block
+        if b.qkv_bias:
+            total += sum(4 * (ly.heads + 2 * ly.kv_heads) * b.head_dim for ly in self.layers)
         return total
 
     def formats_used(self) -> set[str]:

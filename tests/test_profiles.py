@@ -36,9 +36,20 @@ def fake_measure(point: dict, truth=TRUTH, runtime="llama.cpp") -> dict:
         feats = costmodel.point_spec_features(_stub_table(runtime), point, phase)
         out[key] = sum(truth[phase].get(k, 0.0) * v for k, v in feats.items())
     spec = profiler.point_spec(point, TINY)
-    out["peak_rss_mb"] = 30.0 + 1.1 * spec.weight_bytes() / costmodel.MIB
+    out["peak_rss_mb"] = true_rss(spec)
     out["size_mb"] = spec.weight_bytes() / costmodel.MIB + 0.5
     return out
+
+
+RESIDENT = {"q4_0": 2.0, "q8_0": 1.1, "f16": 1.0}  # the fake device's MiB in RAM per MiB on disk, per format
+
+
+def true_rss(spec: SubnetSpec, resident=RESIDENT) -> float:
+    """The fake device's peak RSS: 30 MiB, and each weight matrix's bytes times its format's ``resident``
+    factor (q4_0 at 2: repacked beside the mapped file, as llama.cpp's CPU backend does)."""
+    from subnet.formats import get_format
+
+    return 30.0 + sum(resident.get(f, 1.0) * r * n * get_format(f).bits / 8 for _, f, r, n in spec.weight_matrices()) / costmodel.MIB
 
 
 def tiny_grid(fmts=("f16", "q8_0", "q4_0")):
@@ -145,7 +156,9 @@ def test_fit_reproduces_grid_points_and_is_additive(fitted):
     assert cost.decode_ms_per_token == pytest.approx(parts)
     assert cost.tokens_per_s == pytest.approx(1000 / parts)
     assert cost.provenance.startswith("measured:")
-    assert cost.peak_memory_mb == pytest.approx(30 + 1.1 * spec.weight_bytes() / costmodel.MIB, rel=1e-3)
+    assert cost.peak_memory_mb == pytest.approx(true_rss(spec), rel=1e-3)  # q4_0's MLP at twice its bytes
+    coef = table["model"]["memory"]["coef"]
+    assert coef["m:q4_0"] == pytest.approx(2.0, rel=1e-3) and coef["e:q8_0"] == pytest.approx(1.1, rel=1e-3)
 
 
 def test_row_tails_past_the_simd_step_are_their_own_feature():
@@ -245,10 +258,39 @@ def test_table_of_an_older_version_is_refitted_and_its_calibration_dropped(fitte
     assert got["model"]["decode"]["coef"] == pytest.approx(coef)
 
 
+def test_table_of_the_last_latency_version_keeps_its_calibration(fitted):
+    """A table fitted before the per-format memory model: only its memory model is refitted."""
+    table, out = fitted
+    coef = dict(table["model"]["decode"]["coef"])
+    old = {**table, "version": costmodel.LATENCY_VERSION, "calibration": {"n": 3, "decode": {"scale": 2.0, "offset": 0.0}}}
+    old["model"] = {**table["model"], "memory": {"const": 37.0, "weights": 0.9, "kv": 8.0, "mape": 14.7}}
+    costmodel.write_table(old, out)
+    with pytest.warns(TableMismatchWarning, match="peak-memory model refitted from its .* points"):
+        got = costmodel.load_table("laptop-cpu", "llama.cpp", path=out)
+    assert got["version"] == costmodel.TABLE_VERSION and got["calibration"]["decode"]["scale"] == 2.0
+    assert got["model"]["decode"]["coef"] == coef
+    assert got["model"]["memory"]["coef"]["m:q4_0"] == pytest.approx(2.0, rel=1e-3)
+
+
+def test_shipped_measured_tables_are_current_and_hold_their_memory_points():
+    """No shipped table is refitted at load; each memory model reproduces its own grid's peak RSS."""
+    for path in sorted(costmodel.TABLES_DIR.glob("*.json")):
+        table = json.loads(path.read_text())
+        if table.get("kind") != "fitted":
+            continue
+        assert table["version"] == costmodel.TABLE_VERSION, f"{path.name}: refit it (see README)"
+        mem = table["model"]["memory"]
+        assert mem["mape"] < 5 and mem.get("holdout_mape", 0) < 5, path.name
+
+
 def test_head_format_never_profiled_is_refused(fitted):
     table, _ = fitted
     table["model"]["head_formats"] = ["q8_0"]
     with pytest.raises(CostModelError, match=r"LM head format\(s\) q4_0 were not profiled .*\(it has q8_0\)"):
+        costmodel.predict(SubnetSpec.uniform(TINY, fmt="q4_0"), "laptop-cpu", "llama.cpp", Workload(16, 8), table)
+    table["model"]["head_formats"] = ["q8_0", "q4_0"]
+    del table["model"]["memory"]["coef"]["m:q4_0"]
+    with pytest.raises(CostModelError, match=r"peak memory of format\(s\) q4_0 was not profiled"):
         costmodel.predict(SubnetSpec.uniform(TINY, fmt="q4_0"), "laptop-cpu", "llama.cpp", Workload(16, 8), table)
 
 
