@@ -100,10 +100,29 @@ def targets():
 @click.option("--repeats", type=int, default=5, show_default=True)
 @click.option("--out", type=click.Path(), default=None, help="Table path (default: $PACKAGER_HOME/profiles/).")
 @click.option("--no-resume", is_flag=True, help="Start over instead of continuing an interrupted profile.")
-def profile(target, runtime, threads, repeats, out, no_resume):
+@click.option("--memory-only", is_flag=True,
+              help="Re-measure only the peak memory of the table's points measured under other load settings "
+                   "(the table at --out, else the one this machine uses, written to --out or $PACKAGER_HOME/profiles/); "
+                   "latency and its calibration are kept.")  # fmt: skip
+def profile(target, runtime, threads, repeats, out, no_resume, memory_only):
     """Measure the runtime's building-block latencies on this machine into a profile table."""
+    from profiles import costmodel
     from profiles.profiler import profile as run_profile
+    from profiles.profiler import remeasure_memory
 
+    if memory_only:
+        from pathlib import Path
+
+        from targets.registry import get_target
+
+        tgt = get_target(target)
+        rt = tgt.runtime(runtime)
+        src = out if out and Path(out).is_file() else costmodel.table_path(tgt.name, rt)
+        dst = out or costmodel.user_tables_dir() / costmodel.table_name(tgt.name, rt)
+        table = remeasure_memory(src, dst, threads=threads)
+        m = table["model"]["memory"]
+        click.echo(f"peak memory of {len(table['points'])} points → {dst} (fit MAPE {m.get('mape', float('nan')):.1f}%)")
+        return
     table = run_profile(target, runtime, out=out, resume=not no_resume, threads=threads, repeats=repeats)
     click.echo(f"profiled {len(table['points'])} points → {table.get('path', out or 'the user table folder')}")
 

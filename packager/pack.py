@@ -984,7 +984,9 @@ def build_card(p: Pack) -> dict:
             m = rec_.get("measured")
             if m:
                 fp = m["fingerprint"]
-                where = f"{fp['device']}, {fp['threads']} threads, {fp['runtime']} {fp['runtime_version']}, {fp['date']}"
+                how_run = ", ".join(f"{k}={v}" for k, v in m.get("settings", {}).items())  # none: measured before they were kept
+                where = (f"{fp['device']}, {fp['threads']} threads, {fp['runtime']} {fp['runtime_version']}"
+                         f"{f' ({how_run})' if how_run else ''}, {fp['date']}")  # fmt: skip
                 n = len(rec_.get("decode_ms_rounds", []))  # none: measured before rounds were kept, in one
                 how = (f"median of {n} round{'s' * (n > 1)} (base and packaged taking turns) of {m['repeats'] // n} runs"
                        if n else f"median of {m['repeats']}")  # fmt: skip

@@ -26,7 +26,7 @@ from profiles.costmodel import MIB, block_linears, kv_cache_mb, point_spec, poin
 from subnet.arch import ArchInfo
 from subnet.formats import LLAMA_CPP, ONNXRUNTIME, TENSORRT, get_format
 from subnet.spec import SubnetSpec
-from targets.backend import Workload, fingerprint
+from targets.backend import Workload, backend, fingerprint
 from targets.registry import Target, get_target
 
 # The embedded SmolLM2-135M's shape: the default base the grid covers.
@@ -177,6 +177,11 @@ def measure_for(runtime: str):
     return measure
 
 
+def deployment_settings(runtime: str) -> dict:
+    """How the runtime's backend loads a model to measure it (its ``DEPLOYMENT``; {} where it has no choices)."""
+    return dict(getattr(backend(runtime), "DEPLOYMENT", {}))
+
+
 def measure_interleaved(model, tokenizer, specs: dict[str, SubnetSpec], runtime: str, workload: Workload,
                         threads: int, rounds: int, repeats: int = 3) -> dict[str, dict]:  # fmt: skip
     """Extract every ``name -> spec`` from ``model`` and export it for ``runtime``, then measure them
@@ -237,7 +242,7 @@ class RealMeasure:
             shutil.rmtree(work, ignore_errors=True)
         return {"prefill_ms": m.prefill_ms, "decode_ms_per_token": m.decode_ms_per_token,
                 "peak_rss_mb": m.peak_rss_mb, "size_mb": size / MIB, "export_s": round(t1 - t0, 2),
-                "measure_s": round(time.perf_counter() - t1, 2)}  # fmt: skip
+                "measure_s": round(time.perf_counter() - t1, 2), "settings": m.settings}  # fmt: skip
 
 
 # ---- the profile loop -------------------------------------------------------------------------
@@ -319,6 +324,39 @@ def profile(
         measure_point = RealMeasure(rt, base, depth, threads, repeats)
     _run(table, todo, measure_point, out, base, rt, progress, len(grid) - len(todo))
     costmodel.fit_table(table)
+    write_table(table, out)
+    return table
+
+
+def remeasure_memory(table_path: str | Path, out: str | Path | None = None, threads: int | None = None,
+                     measure_point: Callable[[dict], dict] | None = None, progress: bool = True) -> dict:
+    """Re-measure the peak RSS of a table's points that were measured under other load settings than the
+    backend's now (``deployment_settings``), refit its memory model and write it to ``out`` (default: in
+    place). Latency, its fit and its calibration are kept: a load setting such as llama.cpp's mmap moves
+    memory, not speed. Every finished point is written, so an interrupted run resumes."""
+    import os
+
+    table = read_table(table_path)
+    rt, out = table["runtime"], Path(out or table_path)
+    now = deployment_settings(rt)
+    todo = [p for p in table["points"]
+            if "decode_ms_per_token" in p and p.get("memory_settings", p.get("settings", {})) != now]  # fmt: skip
+    threads = threads or table.get("threads") or os.cpu_count()
+    if todo and measure_point is None:
+        base = ArchInfo(**table["base"])
+        measure_point = RealMeasure(rt, base, max(p["layers"] for p in todo), threads, repeats=1)
+    from rich.progress import Progress
+
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task(f"peak memory {table['target']}/{rt}", total=len(todo))
+        for p in todo:
+            p["peak_rss_mb"] = measure_point(dict(p))["peak_rss_mb"]
+            p["memory_settings"] = now
+            write_table(table, out)
+            bar.advance(task)
+    if todo:
+        table["memory_measured"] = {**fingerprint(rt, costmodel.runtime_version(rt) or "unknown", threads), "settings": now}
+    table["model"]["memory"] = costmodel.fit_memory(table)
     write_table(table, out)
     return table
 

@@ -66,6 +66,7 @@ class Measurement:
     repeats: int
     workload: dict
     fingerprint: dict
+    settings: dict = field(default_factory=dict)  # how the runtime loaded and ran the model, where it has a choice
 
     @property
     def tokens_per_s(self) -> float:
@@ -216,7 +217,7 @@ def measure_interleaved(mod, artifacts: dict, workload: Workload, threads: int, 
 
 def median_measurement(runs: list[Measurement]) -> Measurement:
     """One measurement from several rounds: the median of each figure, the repeats of all of them, the
-    last round's fingerprint."""
+    last round's fingerprint and settings."""
     return Measurement(
         runs[-1].runtime,
         statistics.median(m.prefill_ms for m in runs),
@@ -225,6 +226,7 @@ def median_measurement(runs: list[Measurement]) -> Measurement:
         sum(m.repeats for m in runs),
         runs[-1].workload,
         runs[-1].fingerprint,
+        runs[-1].settings,
     )
 
 

@@ -237,6 +237,7 @@ def test_measure_in_subprocess(tmp_path, tokenizer):
     assert m.runtime == "llama.cpp" and m.repeats == 2
     assert m.prefill_ms > 0 and m.decode_ms_per_token > 0 and m.peak_rss_mb > 0
     assert m.fingerprint["runtime_version"] == llamacpp.version() and m.fingerprint["threads"] == 1
+    assert m.settings == llamacpp.DEPLOYMENT == {"use_mmap": False, "kv_cache": "f16"}  # read, not mapped
     with pytest.raises(llamacpp.LlamaCppError, match="batch"):
         llamacpp.measure(art, Workload(16, 4, batch=2), threads=1)
 

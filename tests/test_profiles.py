@@ -272,6 +272,30 @@ def test_table_of_the_last_latency_version_keeps_its_calibration(fitted):
     assert got["model"]["memory"]["coef"]["m:q4_0"] == pytest.approx(2.0, rel=1e-3)
 
 
+def test_memory_remeasured_under_new_load_settings_keeps_latency(fitted):
+    """Points measured under other load settings (llama.cpp's file mapped) get their peak RSS measured
+    again and the memory model refitted; latency, its fit and calibration stay; a rerun measures nothing."""
+    table, out = fitted
+    table["calibration"] = {"n": 3, "decode": {"scale": 2.0, "offset": 0.0}}
+    costmodel.write_table(table, out)
+    read = {"q4_0": 1.0, "q8_0": 1.1}  # read into memory, q4_0 is resident once
+    calls = []
+
+    def measure(p):
+        calls.append(p)
+        return {"peak_rss_mb": true_rss(profiler.point_spec(p, TINY), read)}
+
+    got = profiler.remeasure_memory(out, measure_point=measure, progress=False)
+    assert len(calls) == len(table["points"]) and got["calibration"] == table["calibration"]
+    assert got["model"]["decode"] == table["model"]["decode"]
+    assert got["model"]["memory"]["coef"]["m:q4_0"] == pytest.approx(1.0, rel=1e-3)
+    assert got["memory_measured"]["settings"] == profiler.deployment_settings("llama.cpp") == {"use_mmap": False,
+                                                                                             "kv_cache": "f16"}
+    assert costmodel.read_table(out)["model"]["memory"] == got["model"]["memory"]
+    profiler.remeasure_memory(out, measure_point=measure, progress=False)
+    assert len(calls) == len(table["points"])
+
+
 def test_shipped_measured_tables_are_current_and_hold_their_memory_points():
     """No shipped table is refitted at load; each memory model reproduces its own grid's peak RSS."""
     for path in sorted(costmodel.TABLES_DIR.glob("*.json")):
