@@ -994,7 +994,7 @@ def build_card(p: Pack) -> dict:
                     "prefill_ms": figure(m["prefill_ms"], "ms", "measured", f"{how}, {where}"),
                     "decode_ms_per_token": figure(m["decode_ms_per_token"], "ms/token", "measured", f"{how}, {where}"),
                     "tokens_per_s": figure(m["tokens_per_s"], "tokens/s", "measured", where),
-                    "peak_memory_mb": figure(m["peak_rss_mb"], "MiB", "measured", f"peak RSS of the process, {where}"),
+                    "peak_memory_mb": figure(m["peak_rss_mb"], "MiB", "measured", f"{getattr(backend(rt), 'PEAK_RSS', 'peak RSS of the process')}, {where}"),
                     "perplexity_runtime": figure(rec_["perplexity_runtime"], "", "measured",
                                                  f"{rec_['perplexity_tokens']:,} held-out tokens scored in {rt}"),
                 })  # fmt: skip

@@ -28,6 +28,7 @@ GGML_TYPE_F32 = 0  # llama.cpp KV-cache type for parity runs (the default is F16
 # mapped file keeps the originals resident beside the repacked copy. Measured on SmolLM2 with 28 q4_0
 # blocks: peak RSS 177 MiB mapped, 124 MiB read, at the same decode speed; q8_0 (not repacked) 171 both ways.
 DEPLOYMENT = {"use_mmap": False, "kv_cache": "f16"}
+PEAK_RSS = "the model's peak RSS (the process's peak minus its RSS before loading)"  # what peak_rss_mb counts
 
 # Parity bounds vs the torch model with the same simulated weight quantization. llama.cpp converts
 # activations to f16 for f16 matmuls and to q8_0/q8_K for quantized ones, so only f32 is exact.

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 # no torch/transformers/subnet at import time: the measuring subprocess imports this module and the two above
 RUNTIME = "onnxruntime"  # == subnet.formats.ONNXRUNTIME
+PEAK_RSS = "peak RSS of the measuring process (Python, numpy and ONNX Runtime included)"  # what peak_rss_mb counts
 
 PARITY_TEXT = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
