@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from profiles import costmodel, roofline
-from profiles.costmodel import MIB, block_linears, kv_cache_mb, point_spec, point_workload, read_table, write_table
+from profiles.costmodel import MIB, block_linears, point_spec, point_workload, read_table, write_table
 from subnet.arch import ArchInfo
 from subnet.formats import LLAMA_CPP, ONNXRUNTIME, TENSORRT, get_format
 from subnet.spec import SubnetSpec
@@ -391,10 +391,7 @@ def _run(table: dict, todo: list[dict], measure_point, out: Path, base: ArchInfo
         task = bar.add_task(f"profile {table['target']}/{rt}", total=len(todo) + already, completed=already, last="")
         for p in todo:
             res = measure_point(dict(p))
-            spec = point_spec(p, base)
-            wl = point_workload(p)
-            rec = {**p, **res, "weights_mb": spec.weight_bytes() / MIB,
-                   "kv_mb": kv_cache_mb(spec, wl, table["kv_bytes"]), "load_avg_1m": _load()}  # fmt: skip
+            rec = {**p, **res, "weights_mb": point_spec(p, base).weight_bytes() / MIB, "load_avg_1m": _load()}
             table["points"].append(rec)
             write_table(table, out)  # resumable: every finished point is on disk
             bar.update(task, advance=1, last=f"{p['layers']}x({p['heads']}q/{p['kv_heads']}kv/{p['mlp']}/{p['hidden']}) "
