@@ -101,7 +101,8 @@ def targets():
 @click.option("--out", type=click.Path(), default=None, help="Table path (default: $PACKAGER_HOME/profiles/).")
 @click.option("--no-resume", is_flag=True, help="Start over instead of continuing an interrupted profile.")
 @click.option("--memory-only", is_flag=True,
-              help="Re-measure only the peak memory of the table's points measured under other load settings "
+              help="Re-measure only the peak memory of the table's points measured under other load settings, or "
+                   "counted otherwise "
                    "(the table at --out, else the one this machine uses, written to --out or $PACKAGER_HOME/profiles/); "
                    "latency and its calibration are kept.")  # fmt: skip
 def profile(target, runtime, threads, repeats, out, no_resume, memory_only):
@@ -375,9 +376,9 @@ def verify(bundle, no_measure, tolerance, threads, rounds):
             click.echo(f"{rt}: not re-measured: {r['skipped']}")
             continue
         for row in r["rows"]:
-            mark = "DRIFT" if row["flag"] else "ok"
-            click.echo(f"{rt} {row['metric']}: scorecard {row['scorecard']:.3g}, now {row['measured_now']:.3g} "
-                       f"({row['drift']:+.0%}) {mark}")  # fmt: skip
+            mark = f"not compared: {row['not_compared']}" if "not_compared" in row else \
+                f"({row['drift']:+.0%}) {'DRIFT' if row['flag'] else 'ok'}"
+            click.echo(f"{rt} {row['metric']}: scorecard {row['scorecard']:.3g}, now {row['measured_now']:.3g} {mark}")
     if rep["drift"]:
         click.echo(f"drift beyond {tolerance:.0%}: " + "; ".join(rep["drift"]), err=True)
         sys.exit(1)

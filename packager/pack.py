@@ -47,8 +47,8 @@ from subnet.loading import LoadedModel, load_model
 from subnet.quant import KEPT_SCALE_FORMATS, fake_quantize_model
 from subnet.spec import SubnetSpec, lossy_retargets, retarget_formats, swap_formats
 from subnet.supernet import Supernet
-from targets.backend import (atomic_output, backend, fingerprint, measure_interleaved, median_measurement,
-                             paired_speedup, runner_nll_per_block)
+from targets.backend import (PEAK_RSS, atomic_output, backend, fingerprint, measure_interleaved, median_measurement,
+                             paired_speedup, runner_nll_per_block, settings_text)
 from targets.registry import Target, get_target
 
 if TYPE_CHECKING:
@@ -984,10 +984,9 @@ def build_card(p: Pack) -> dict:
             m = rec_.get("measured")
             if m:
                 fp = m["fingerprint"]
-                how_run = ", ".join(f"{k}={v}" for k, v in m.get("settings", {}).items())  # none: measured before they were kept
+                how_run = settings_text(m.get("settings", {}))  # none: measured before they were kept
                 where = (f"{fp['device']}, {fp['threads']} threads, {fp['runtime']} {fp['runtime_version']}"
                          f"{f' ({how_run})' if how_run else ''}, {fp['date']}")  # fmt: skip
-                rss = getattr(backend(rt), "PEAK_RSS", "peak RSS of the process")  # what the backend's figure counts
                 n = len(rec_.get("decode_ms_rounds", []))  # none: measured before rounds were kept, in one
                 how = (f"median of {n} round{'s' * (n > 1)} (base and packaged taking turns) of {m['repeats'] // n} runs"
                        if n else f"median of {m['repeats']}")  # fmt: skip
@@ -995,7 +994,7 @@ def build_card(p: Pack) -> dict:
                     "prefill_ms": figure(m["prefill_ms"], "ms", "measured", f"{how}, {where}"),
                     "decode_ms_per_token": figure(m["decode_ms_per_token"], "ms/token", "measured", f"{how}, {where}"),
                     "tokens_per_s": figure(m["tokens_per_s"], "tokens/s", "measured", where),
-                    "peak_memory_mb": figure(m["peak_rss_mb"], "MiB", "measured", f"{rss}, {where}"),
+                    "peak_memory_mb": figure(m["peak_rss_mb"], "MiB", "measured", f"{PEAK_RSS}, {where}"),
                     "perplexity_runtime": figure(rec_["perplexity_runtime"], "", "measured",
                                                  f"{rec_['perplexity_tokens']:,} held-out tokens scored in {rt}"),
                 })  # fmt: skip

@@ -8,7 +8,8 @@ import tempfile
 from pathlib import Path
 
 from packager.bundle import BundleError, safe_extract, verify_integrity
-from targets.backend import ExportError, Workload, backend, measure_interleaved, median_measurement
+from targets.backend import (PEAK_RSS, ExportError, Measurement, Workload, backend, measure_interleaved,
+                             median_measurement, settings_text)
 
 METRICS = (("decode_ms_per_token", "decode_ms_per_token"), ("prefill_ms", "prefill_ms"), ("peak_memory_mb", "peak_rss_mb"))
 
@@ -19,6 +20,17 @@ def _artifact_path(folder: Path, runtime: str) -> Path:
     if not found:
         raise BundleError(f"bundle has no {pattern} artifact under artifacts/{runtime}")
     return found[0]
+
+
+def memory_not_comparable(source: str, m: Measurement) -> str | None:
+    """Why a scorecard's peak memory (its figure's ``source``) cannot be compared with ``m``'s, or None: it
+    counted something else (before both backends counted the model alone), or the model was loaded otherwise."""
+    if not source.startswith(PEAK_RSS):
+        return f"the scorecard's figure counted something other than {PEAK_RSS}"
+    how = settings_text(m.settings)
+    if how and f"({how})" not in source:
+        return f"the scorecard's figure was measured under other load settings than this version's ({how})"
+    return None
 
 
 def verify(bundle: str | Path, remeasure: bool = True, tolerance: float = 0.25, threads: int | None = None,
@@ -55,6 +67,11 @@ def verify(bundle: str | Path, remeasure: bool = True, tolerance: float = 0.25, 
             for key, mkey in METRICS:
                 want = packed[key]["value"]
                 got = getattr(m, mkey)
+                why = memory_not_comparable(packed[key]["source"], m) if key == "peak_memory_mb" else None
+                if why:
+                    rows.append({"metric": key, "scorecard": want, "measured_now": got, "drift": None, "flag": False,
+                                 "not_compared": why})  # fmt: skip
+                    continue
                 rel = got / want - 1 if want else 0.0
                 rows.append({"metric": key, "scorecard": want, "measured_now": got, "drift": rel,
                              "flag": abs(rel) > tolerance})  # fmt: skip

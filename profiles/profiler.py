@@ -26,7 +26,7 @@ from profiles.costmodel import MIB, block_linears, point_spec, point_workload, r
 from subnet.arch import ArchInfo
 from subnet.formats import LLAMA_CPP, ONNXRUNTIME, TENSORRT, get_format
 from subnet.spec import SubnetSpec
-from targets.backend import Workload, backend, fingerprint
+from targets.backend import PEAK_RSS_BASIS, Workload, backend, fingerprint
 from targets.registry import Target, get_target
 
 # The embedded SmolLM2-135M's shape: the default base the grid covers.
@@ -177,9 +177,10 @@ def measure_for(runtime: str):
     return measure
 
 
-def deployment_settings(runtime: str) -> dict:
-    """How the runtime's backend loads a model to measure it (its ``DEPLOYMENT``; {} where it has no choices)."""
-    return dict(getattr(backend(runtime), "DEPLOYMENT", {}))
+def memory_settings(runtime: str) -> dict:
+    """What a peak RSS measured by the runtime's backend depends on besides the model: how the backend loads
+    it (its ``DEPLOYMENT``; none where it has no choices) and what the figure counts (``PEAK_RSS_BASIS``)."""
+    return {**getattr(backend(runtime), "DEPLOYMENT", {}), "peak_rss": PEAK_RSS_BASIS}
 
 
 def measure_interleaved(model, tokenizer, specs: dict[str, SubnetSpec], runtime: str, workload: Workload,
@@ -242,7 +243,8 @@ class RealMeasure:
             shutil.rmtree(work, ignore_errors=True)
         return {"prefill_ms": m.prefill_ms, "decode_ms_per_token": m.decode_ms_per_token,
                 "peak_rss_mb": m.peak_rss_mb, "size_mb": size / MIB, "export_s": round(t1 - t0, 2),
-                "measure_s": round(time.perf_counter() - t1, 2), "settings": m.settings}  # fmt: skip
+                "measure_s": round(time.perf_counter() - t1, 2), "settings": m.settings,
+                "memory_settings": {**m.settings, "peak_rss": PEAK_RSS_BASIS}}  # fmt: skip
 
 
 # ---- the profile loop -------------------------------------------------------------------------
@@ -331,16 +333,15 @@ def profile(
 def remeasure_memory(table_path: str | Path, out: str | Path | None = None, threads: int | None = None,
                      measure_point: Callable[[dict], dict] | None = None, progress: bool = True) -> dict:
     """Re-measure the peak RSS of a table's points that were measured under other load settings than the
-    backend's now (``deployment_settings``), refit its memory model and write it to ``out`` (default: in
-    place). Latency, its fit and its calibration are kept: a load setting such as llama.cpp's mmap moves
-    memory, not speed. Every finished point is written, so an interrupted run resumes."""
+    backend's now, or counted something else (``memory_settings``), refit its memory model and write it to
+    ``out`` (default: in place). Latency, its fit and its calibration are kept: a load setting such as
+    llama.cpp's mmap moves memory, not speed. Every finished point is written, so an interrupted run resumes."""
     import os
 
     table = read_table(table_path)
     rt, out = table["runtime"], Path(out or table_path)
-    now = deployment_settings(rt)
-    todo = [p for p in table["points"]
-            if "decode_ms_per_token" in p and p.get("memory_settings", p.get("settings", {})) != now]  # fmt: skip
+    now = memory_settings(rt)
+    todo = [p for p in table["points"] if "decode_ms_per_token" in p and p.get("memory_settings") != now]
     threads = threads or table.get("threads") or os.cpu_count()
     if todo and measure_point is None:
         base = ArchInfo(**table["base"])

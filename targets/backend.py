@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import tempfile
@@ -53,6 +54,12 @@ class Workload:
     @property
     def context(self) -> int:
         return self.prompt_tokens + self.gen_tokens
+
+
+# What ``Measurement.peak_rss_mb`` counts, in every backend: the runtime library is imported first, so the
+# figure is the model's (weights as the runtime holds them, its buffers, the KV cache) and not Python's.
+PEAK_RSS = "the model's peak RSS (the process's peak minus its RSS before loading)"
+PEAK_RSS_BASIS = "model"  # PEAK_RSS in a word, recorded beside a profile point's peak RSS
 
 
 @dataclass
@@ -121,6 +128,40 @@ def fingerprint(runtime: str, version: str, threads: int | None = None, device: 
         "runtime_version": version,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def settings_text(settings: dict) -> str:
+    """A measurement's settings as a scorecard names them, e.g. ``use_mmap=False, kv_cache=f16`` ("" for none)."""
+    return ", ".join(f"{k}={v}" for k, v in settings.items())
+
+
+def _status_mb(key: str) -> float:
+    """VmRSS / VmHWM (peak) of this process in MiB, from /proc (ru_maxrss where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class ModelPeakRss:
+    """The peak RSS that the code inside ``with ModelPeakRss() as rss:`` adds to this process, in MiB
+    (``rss.mb`` after the block; ``PEAK_RSS``): the peak is reset to the current RSS on entry (Linux
+    ``clear_refs`` 5; where that fails, the process's peak since it started stands in)."""
+
+    def __enter__(self) -> "ModelPeakRss":
+        self.before = _status_mb("VmRSS")
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+        self.mb = 0.0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.mb = _status_mb("VmHWM") - self.before
 
 
 def model_name(config, family: str) -> str:

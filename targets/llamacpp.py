@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from targets.backend import Artifact, ExportError, Measurement, Workload, fingerprint
+from targets.backend import Artifact, ExportError, Measurement, ModelPeakRss, Workload, fingerprint
 
 RUNTIME = "llama.cpp"
 GGML_TYPE_F32 = 0  # llama.cpp KV-cache type for parity runs (the default is F16)
@@ -28,7 +27,6 @@ GGML_TYPE_F32 = 0  # llama.cpp KV-cache type for parity runs (the default is F16
 # mapped file keeps the originals resident beside the repacked copy. Measured on SmolLM2 with 28 q4_0
 # blocks: peak RSS 177 MiB mapped, 124 MiB read, at the same decode speed; q8_0 (not repacked) 171 both ways.
 DEPLOYMENT = {"use_mmap": False, "kv_cache": "f16"}
-PEAK_RSS = "the model's peak RSS (the process's peak minus its RSS before loading)"  # what peak_rss_mb counts
 
 # Parity bounds vs the torch model with the same simulated weight quantization. llama.cpp converts
 # activations to f16 for f16 matmuls and to q8_0/q8_K for quantized ones, so only f32 is exact.
@@ -216,25 +214,6 @@ PARITY_TEXT = (
 
 
 # ---- measurement ------------------------------------------------------------------------------
-def _status_mb(key: str) -> float:
-    """VmRSS / VmHWM (peak) of this process in MiB, from /proc (ru_maxrss where /proc is missing)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _reset_peak_rss() -> None:
-    """Reset VmHWM to the current RSS (Linux clear_refs 5); harmless where unsupported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
 def measure_here(path: str, workload: Workload, threads: int, repeats: int = 5) -> dict:
     """Measure in this process (use ``measure`` for a clean RSS): prefill ms, decode ms/token, peak RSS.
 
@@ -249,31 +228,29 @@ def measure_here(path: str, workload: Workload, threads: int, repeats: int = 5) 
         raise LlamaCppError("repeats, prompt_tokens and gen_tokens must all be at least 1")
     import llama_cpp  # noqa: F401  (the library's own memory is not the model's)
 
-    before = _status_mb("VmRSS")
-    _reset_peak_rss()
-    runner = load(path, n_ctx=workload.context, threads=threads, f32_kv=False, logits_all=False,
-                  use_mmap=DEPLOYMENT["use_mmap"])
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(min(1000, runner.n_vocab // 2), runner.n_vocab, workload.prompt_tokens).tolist()
-    prefill, decode = [], []
-    for r in range(repeats + 1):
-        runner.reset()
-        t0 = time.perf_counter()
-        logits = runner.step(prompt)
-        t1 = time.perf_counter()
-        for _ in range(workload.gen_tokens):
-            logits = runner.step([int(np.argmax(logits))])
-        t2 = time.perf_counter()
-        if r:  # run 0 is the warm-up
-            prefill.append((t1 - t0) * 1e3)
-            decode.append((t2 - t1) * 1e3 / workload.gen_tokens)
-    peak = _status_mb("VmHWM") - before
+    with ModelPeakRss() as rss:
+        runner = load(path, n_ctx=workload.context, threads=threads, f32_kv=False, logits_all=False,
+                      use_mmap=DEPLOYMENT["use_mmap"])
+        rng = np.random.default_rng(0)
+        prompt = rng.integers(min(1000, runner.n_vocab // 2), runner.n_vocab, workload.prompt_tokens).tolist()
+        prefill, decode = [], []
+        for r in range(repeats + 1):
+            runner.reset()
+            t0 = time.perf_counter()
+            logits = runner.step(prompt)
+            t1 = time.perf_counter()
+            for _ in range(workload.gen_tokens):
+                logits = runner.step([int(np.argmax(logits))])
+            t2 = time.perf_counter()
+            if r:  # run 0 is the warm-up
+                prefill.append((t1 - t0) * 1e3)
+                decode.append((t2 - t1) * 1e3 / workload.gen_tokens)
     runner.close()
     return Measurement(
         runtime=RUNTIME,
         prefill_ms=statistics.median(prefill),
         decode_ms_per_token=statistics.median(decode),
-        peak_rss_mb=peak,
+        peak_rss_mb=rss.mb,
         repeats=repeats,
         workload={"prompt_tokens": workload.prompt_tokens, "gen_tokens": workload.gen_tokens, "batch": 1},
         fingerprint=fingerprint(RUNTIME, version(), threads),

@@ -2,14 +2,13 @@
 
 The runner reads everything it needs (layers, KV heads, head_dim) from the graph's inputs, so an
 exported folder runs without the spec. ``measure`` runs in a fresh subprocess so that its peak RSS
-is the runtime's own.
+is the model's alone (``targets.backend.PEAK_RSS``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -20,7 +19,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from targets.backend import Artifact, ExportError, Measurement, Workload, atomic_output, fingerprint, save_tokenizer
+from targets.backend import (Artifact, ExportError, Measurement, ModelPeakRss, Workload, atomic_output, fingerprint,
+                             save_tokenizer)
 from targets.onnx_artifact import EMBED_FORMATS, KV_CACHE, MODEL_FILE  # noqa: F401  (EMBED_FORMATS: the backend's)
 
 if TYPE_CHECKING:
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 
 # no torch/transformers/subnet at import time: the measuring subprocess imports this module and the two above
 RUNTIME = "onnxruntime"  # == subnet.formats.ONNXRUNTIME
-PEAK_RSS = "peak RSS of the measuring process (Python, numpy and ONNX Runtime included)"  # what peak_rss_mb counts
 
 PARITY_TEXT = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
@@ -332,40 +331,34 @@ def export(model, tokenizer, spec: SubnetSpec, out, force: bool = False, fused: 
 
 # ---- measurement ----------------------------------------------------------------------------
 def _timings(path: str, prompt: int, gen: int, batch: int, threads: int, repeats: int, shared_kv: bool) -> dict:
-    """Prefill and decode timings of one artifact, in this process (medians over ``repeats``)."""
-    runner = OnnxRunner(Path(path), threads)
-    ids = np.random.default_rng(0).integers(0, runner.vocab, (batch, prompt)).astype(np.int64)
-    nxt = np.zeros((batch, 1), dtype=np.int64)
+    """Prefill and decode timings of one artifact, in this process (medians over ``repeats``), and the
+    model's peak RSS: what the session, its runs and the KV cache add to a process with the library loaded."""
+    import onnxruntime  # noqa: F401  (the library's own memory is not the model's)
 
-    def run_once():
-        t0 = time.perf_counter()
-        cache = runner.cache(batch, prompt + gen, shared_kv)
-        logits = cache.step(ids)
-        t1 = time.perf_counter()
-        for _ in range(gen):
-            nxt[:, 0] = logits[:, -1].argmax(-1)
-            logits = cache.step(nxt)
-        t2 = time.perf_counter()
-        return (t1 - t0) * 1e3, (t2 - t1) * 1e3 / max(gen, 1)
+    rng = np.random.default_rng(0)
+    with ModelPeakRss() as rss:
+        runner = OnnxRunner(Path(path), threads)
+        ids = rng.integers(0, runner.vocab, (batch, prompt)).astype(np.int64)
+        nxt = np.zeros((batch, 1), dtype=np.int64)
 
-    run_once()  # warm-up
-    runs = [run_once() for _ in range(repeats)]
+        def run_once():
+            t0 = time.perf_counter()
+            cache = runner.cache(batch, prompt + gen, shared_kv)
+            logits = cache.step(ids)
+            t1 = time.perf_counter()
+            for _ in range(gen):
+                nxt[:, 0] = logits[:, -1].argmax(-1)
+                logits = cache.step(nxt)
+            t2 = time.perf_counter()
+            return (t1 - t0) * 1e3, (t2 - t1) * 1e3 / max(gen, 1)
+
+        run_once()  # warm-up
+        runs = [run_once() for _ in range(repeats)]
     return {
         "prefill_ms": statistics.median(r[0] for r in runs),
         "decode_ms_per_token": statistics.median(r[1] for r in runs),
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": rss.mb,
     }
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak RSS: VmHWM (reset by exec; ru_maxrss keeps the forking parent's peak)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(artifact, workload: Workload, threads: int, repeats: int = 5, shared_kv: bool = True) -> Measurement:

@@ -13,11 +13,13 @@ from packager.cli import main
 from packager.pack import Pack, PackConfig, PackError, selection_summary
 from packager.scorecard import promotion_line, recovery_summary
 from packager.selection import candidate_key, format_family, spec_key
+from packager.verify import memory_not_comparable
 from search.importance import Importance
 from search.problem import Evaluation
 from search.recovery import RecoveryConfig
 from subnet.arch import LINEARS, linear_module_name
 from subnet.spec import SubnetSpec
+from targets.backend import PEAK_RSS, Measurement
 from tests.conftest import tiny_model
 
 
@@ -82,6 +84,19 @@ def test_pack_end_to_end_and_verify(small_model_dir, tmp_path):
     packed.write_bytes(bytes(data))
     res = CliRunner().invoke(main, ["verify", str(folder), "--no-measure"])
     assert res.exit_code == 2 and "packaged.gguf has changed" in res.output
+
+
+def test_verify_compares_peak_memory_only_where_it_counts_the_same():
+    """A scorecard whose peak memory counted the whole process (ONNX Runtime before stop 42) or was taken
+    with the file mapped (llama.cpp before stop 41) is not held against today's figure."""
+    now = Measurement("llama.cpp", 1.0, 1.0, 124.0, 3, {}, {}, {"use_mmap": False, "kv_cache": "f16"})
+    where = "AMD EPYC, 2 threads, llama.cpp 0.3.36"
+    assert memory_not_comparable(f"{PEAK_RSS}, {where} (use_mmap=False, kv_cache=f16), 2026-12-05", now) is None
+    assert "other load settings" in memory_not_comparable(f"{PEAK_RSS}, {where}, 2026-12-01", now)
+    old_ort = "peak RSS of the measuring process (Python, numpy and ONNX Runtime included), AMD EPYC"
+    assert "counted something other than the model's peak RSS" in memory_not_comparable(old_ort, replace(now, settings={}))
+    assert memory_not_comparable(f"{PEAK_RSS}, AMD EPYC, 2 threads, onnxruntime 1.32.0, 2026-12-05",
+                                 replace(now, runtime="onnxruntime", settings={})) is None
 
 
 def test_pack_resumes_from_the_last_finished_stage(small_model_dir, tmp_path, monkeypatch):

@@ -273,8 +273,9 @@ def test_table_of_the_last_latency_version_keeps_its_calibration(fitted):
 
 
 def test_memory_remeasured_under_new_load_settings_keeps_latency(fitted):
-    """Points measured under other load settings (llama.cpp's file mapped) get their peak RSS measured
-    again and the memory model refitted; latency, its fit and calibration stay; a rerun measures nothing."""
+    """Points measured under other load settings (llama.cpp's file mapped), or whose peak RSS counted
+    something else, get it measured again and the memory model refitted; latency, its fit and calibration
+    stay; a rerun measures nothing."""
     table, out = fitted
     table["calibration"] = {"n": 3, "decode": {"scale": 2.0, "offset": 0.0}}
     costmodel.write_table(table, out)
@@ -289,20 +290,28 @@ def test_memory_remeasured_under_new_load_settings_keeps_latency(fitted):
     assert len(calls) == len(table["points"]) and got["calibration"] == table["calibration"]
     assert got["model"]["decode"] == table["model"]["decode"]
     assert got["model"]["memory"]["coef"]["m:q4_0"] == pytest.approx(1.0, rel=1e-3)
-    assert got["memory_measured"]["settings"] == profiler.deployment_settings("llama.cpp") == {"use_mmap": False,
-                                                                                             "kv_cache": "f16"}
+    assert got["memory_measured"]["settings"] == profiler.memory_settings("llama.cpp") == {
+        "use_mmap": False, "kv_cache": "f16", "peak_rss": "model"}
     assert costmodel.read_table(out)["model"]["memory"] == got["model"]["memory"]
     profiler.remeasure_memory(out, measure_point=measure, progress=False)
     assert len(calls) == len(table["points"])
+    got["points"][0]["memory_settings"] = {"use_mmap": False, "kv_cache": "f16"}  # read, but counted otherwise
+    costmodel.write_table(got, out)
+    profiler.remeasure_memory(out, measure_point=measure, progress=False)
+    assert len(calls) == len(table["points"]) + 1
 
 
 def test_shipped_measured_tables_are_current_and_hold_their_memory_points():
-    """No shipped table is refitted at load; each memory model reproduces its own grid's peak RSS."""
+    """No shipped table is refitted at load; every measured point's peak RSS counts what the backends count
+    now; each memory model reproduces its own grid's peak RSS."""
     for path in sorted(costmodel.TABLES_DIR.glob("*.json")):
         table = json.loads(path.read_text())
         if table.get("kind") != "fitted":
             continue
         assert table["version"] == costmodel.TABLE_VERSION, f"{path.name}: refit it (see README)"
+        now = profiler.memory_settings(table["runtime"])
+        stale = [p for p in table["points"] if "decode_ms_per_token" in p and p.get("memory_settings") != now]
+        assert not stale, f"{path.name}: re-measure its peak memory (packager profile --memory-only)"
         mem = table["model"]["memory"]
         assert mem["mape"] < 5 and mem.get("holdout_mape", 0) < 5, path.name
 
@@ -476,6 +485,7 @@ def test_real_profile_point_llamacpp():
     p = profiler._point(2, 4, 2, 128, 64, "q8_0", "q8_0", Workload(8, 4))
     res = profiler.RealMeasure("llama.cpp", base, 2, threads=1, repeats=1)(p)
     assert res["decode_ms_per_token"] > 0 and res["prefill_ms"] > 0 and res["size_mb"] > 0
+    assert res["memory_settings"] == profiler.memory_settings("llama.cpp")  # --memory-only leaves it alone
 
 
 @pytest.mark.integration
