@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from profiles import costmodel, profiler  # noqa: E402
+from subnet.formats import get_format  # noqa: E402
 from subnet.spec import LayerSpec, SubnetSpec  # noqa: E402
 from targets.backend import Workload  # noqa: E402
 from targets.registry import get_target  # noqa: E402
@@ -48,8 +49,10 @@ def draw_spec(rng: random.Random, base, formats: list[str], embed_formats: list[
         kv = rng.randint(1, base.num_kv_heads)
         return kv * rng.randint(1, base.group_size), kv, rng.randrange(256, base.intermediate_size + 1, 64)
 
+    fitting = [f for f in formats if get_format(f).fits(hidden)]  # e.g. no blocks of 64 at width 416
+
     def fmts():
-        a, m = rng.choice(formats), rng.choice(formats)
+        a, m = rng.choice(fitting), rng.choice(fitting)
         return {"q_proj": a, "k_proj": a, "v_proj": a, "o_proj": a, "gate_proj": m, "up_proj": m, "down_proj": m}
 
     common, cf = shape(), fmts()
