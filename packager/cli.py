@@ -376,8 +376,10 @@ def verify(bundle, no_measure, tolerance, threads, rounds):
             click.echo(f"{rt}: not re-measured: {r['skipped']}")
             continue
         for row in r["rows"]:
-            mark = f"not compared: {row['not_compared']}" if "not_compared" in row else \
-                f"({row['drift']:+.0%}) {'DRIFT' if row['flag'] else 'ok'}"
+            if "not_compared" in row:
+                mark = f"not compared: {row['not_compared']}"
+            else:
+                mark = f"({row['drift']:+.0%}) {'DRIFT' if row['flag'] else 'ok'}"
             click.echo(f"{rt} {row['metric']}: scorecard {row['scorecard']:.3g}, now {row['measured_now']:.3g} {mark}")
     if rep["drift"]:
         click.echo(f"drift beyond {tolerance:.0%}: " + "; ".join(rep["drift"]), err=True)
