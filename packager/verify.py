@@ -68,14 +68,11 @@ def verify(bundle: str | Path, remeasure: bool = True, tolerance: float = 0.25, 
                 want = packed[key]["value"]
                 got = getattr(m, mkey)
                 why = memory_not_comparable(packed[key]["source"], m) if key == "peak_memory_mb" else None
-                if why:
-                    rows.append({"metric": key, "scorecard": want, "measured_now": got, "drift": None, "flag": False,
-                                 "not_compared": why})  # fmt: skip
-                    continue
-                rel = got / want - 1 if want else 0.0
-                rows.append({"metric": key, "scorecard": want, "measured_now": got, "drift": rel,
-                             "flag": abs(rel) > tolerance})  # fmt: skip
-                if abs(rel) > tolerance:
+                rel = None if why else (got / want - 1 if want else 0.0)
+                flag = rel is not None and abs(rel) > tolerance
+                rows.append({"metric": key, "scorecard": want, "measured_now": got, "drift": rel, "flag": flag,
+                             **({"not_compared": why} if why else {})})  # fmt: skip
+                if flag:
                     report["drift"].append(f"{rt} {key}: scorecard {want:.3g}, now {got:.3g} ({rel:+.0%})")
             report["runtimes"][rt] = {"rows": rows, "fingerprint": m.fingerprint}
         return report

@@ -177,10 +177,13 @@ def measure_for(runtime: str):
     return measure
 
 
-def memory_settings(runtime: str) -> dict:
-    """What a peak RSS measured by the runtime's backend depends on besides the model: how the backend loads
-    it (its ``DEPLOYMENT``; none where it has no choices) and what the figure counts (``PEAK_RSS_BASIS``)."""
-    return {**getattr(backend(runtime), "DEPLOYMENT", {}), "peak_rss": PEAK_RSS_BASIS}
+def memory_settings(runtime: str, load_settings: dict | None = None) -> dict:
+    """What a peak RSS measured by the runtime's backend depends on besides the model: how it was loaded
+    (``load_settings``, default the backend's ``DEPLOYMENT``; none where it has no choices) and what the
+    figure counts (``PEAK_RSS_BASIS``)."""
+    if load_settings is None:
+        load_settings = getattr(backend(runtime), "DEPLOYMENT", {})
+    return {**load_settings, "peak_rss": PEAK_RSS_BASIS}
 
 
 def measure_interleaved(model, tokenizer, specs: dict[str, SubnetSpec], runtime: str, workload: Workload,
@@ -244,7 +247,7 @@ class RealMeasure:
         return {"prefill_ms": m.prefill_ms, "decode_ms_per_token": m.decode_ms_per_token,
                 "peak_rss_mb": m.peak_rss_mb, "size_mb": size / MIB, "export_s": round(t1 - t0, 2),
                 "measure_s": round(time.perf_counter() - t1, 2), "settings": m.settings,
-                "memory_settings": {**m.settings, "peak_rss": PEAK_RSS_BASIS}}  # fmt: skip
+                "memory_settings": memory_settings(self.runtime, m.settings)}  # fmt: skip
 
 
 # ---- the profile loop -------------------------------------------------------------------------
