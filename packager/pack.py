@@ -48,7 +48,7 @@ from subnet.quant import KEPT_SCALE_FORMATS, fake_quantize_model
 from subnet.spec import SubnetSpec, lossy_retargets, retarget_formats, swap_formats
 from subnet.supernet import Supernet
 from targets.backend import (PEAK_RSS, atomic_output, backend, fingerprint, measure_interleaved, median_measurement,
-                             paired_speedup, runner_nll_per_block, settings_text)
+                             memory_record, paired_speedup, runner_nll_per_block, settings_text)
 from targets.registry import Target, get_target
 
 if TYPE_CHECKING:
@@ -984,17 +984,19 @@ def build_card(p: Pack) -> dict:
             m = rec_.get("measured")
             if m:
                 fp = m["fingerprint"]
-                how_run = settings_text(m.get("settings", {}))  # none: measured before they were kept
+                run = m.get("settings", {})  # none: measured before they were kept
+                how_run = settings_text(run)
                 where = (f"{fp['device']}, {fp['threads']} threads, {fp['runtime']} {fp['runtime_version']}"
                          f"{f' ({how_run})' if how_run else ''}, {fp['date']}")  # fmt: skip
                 n = len(rec_.get("decode_ms_rounds", []))  # none: measured before rounds were kept, in one
                 how = (f"median of {n} round{'s' * (n > 1)} (base and packaged taking turns) of {m['repeats'] // n} runs"
                        if n else f"median of {m['repeats']}")  # fmt: skip
                 row.update({
-                    "prefill_ms": figure(m["prefill_ms"], "ms", "measured", f"{how}, {where}"),
-                    "decode_ms_per_token": figure(m["decode_ms_per_token"], "ms/token", "measured", f"{how}, {where}"),
-                    "tokens_per_s": figure(m["tokens_per_s"], "tokens/s", "measured", where),
-                    "peak_memory_mb": figure(m["peak_rss_mb"], "MiB", "measured", f"{PEAK_RSS}, {where}"),
+                    "prefill_ms": figure(m["prefill_ms"], "ms", "measured", f"{how}, {where}", run),
+                    "decode_ms_per_token": figure(m["decode_ms_per_token"], "ms/token", "measured", f"{how}, {where}", run),
+                    "tokens_per_s": figure(m["tokens_per_s"], "tokens/s", "measured", where, run),
+                    "peak_memory_mb": figure(m["peak_rss_mb"], "MiB", "measured", f"{PEAK_RSS}, {where}",
+                                             memory_record(run)),
                     "perplexity_runtime": figure(rec_["perplexity_runtime"], "", "measured",
                                                  f"{rec_['perplexity_tokens']:,} held-out tokens scored in {rt}"),
                 })  # fmt: skip

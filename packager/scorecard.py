@@ -2,7 +2,10 @@
 
 Every figure is a dict ``{"value", "unit", "kind", "source"}`` where kind is ``measured`` (source says
 where and when), ``estimated`` (source names the profile) or ``computed`` (exact, from the spec or
-the file itself). Renderers never invent numbers: they print what the card holds.
+the file itself). A figure measured in a runtime also holds ``settings``: how the runtime loaded and ran
+the model, and for peak memory what the figure counts (``targets.backend.memory_record``), so that a
+later measurement knows whether it is comparable. Renderers never invent numbers: they print what the
+card holds.
 """
 
 from __future__ import annotations
@@ -12,13 +15,23 @@ import html
 import json
 from pathlib import Path
 
-SCHEMA = "packager.scorecard/1"
+SCHEMA = "packager.scorecard/2"  # 2: runtime measurements hold their settings as a field, not only in the source
 
 
-def figure(value, unit: str, kind: str, source: str) -> dict:
-    """One scorecard figure with its provenance."""
+def schema_version(card: dict) -> int:
+    """The version number of a scorecard's schema (``packager.scorecard/N``; 1 where it names none)."""
+    name = str(card.get("schema", "packager.scorecard/1"))
+    prefix, _, n = name.rpartition("/")
+    if prefix != "packager.scorecard" or not n.isdigit():
+        raise ValueError(f"scorecard schema {name!r} is not packager.scorecard/N: this is not a packager scorecard")
+    return int(n)
+
+
+def figure(value, unit: str, kind: str, source: str, settings: dict | None = None) -> dict:
+    """One scorecard figure with its provenance (and, for a runtime measurement, its ``settings``)."""
     assert kind in ("measured", "estimated", "computed"), kind
-    return {"value": value, "unit": unit, "kind": kind, "source": source}
+    fig = {"value": value, "unit": unit, "kind": kind, "source": source}
+    return fig if settings is None else {**fig, "settings": settings}
 
 
 def _fmt(fig: dict | None) -> str:

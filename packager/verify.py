@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from packager.bundle import BundleError, safe_extract, verify_integrity
+from packager.scorecard import schema_version
 from targets.backend import (PEAK_RSS, ExportError, Measurement, Workload, backend, measure_interleaved,
                              median_measurement, settings_text)
 
@@ -22,9 +23,24 @@ def _artifact_path(folder: Path, runtime: str) -> Path:
     return found[0]
 
 
-def memory_not_comparable(source: str, m: Measurement) -> str | None:
-    """Why a scorecard's peak memory (its figure's ``source``) cannot be compared with ``m``'s, or None: it
-    counted something else (before both backends counted the model alone), or the model was loaded otherwise."""
+def not_comparable(card: dict, key: str, fig: dict, m: Measurement) -> str | None:
+    """Why a scorecard's measured figure ``fig`` (its row ``key``) cannot be compared with the measurement
+    ``m``, or None: the runtime loaded or ran the model otherwise, or (peak memory) the figure counted
+    something else. Scorecards of schema 1 held those facts only in the peak memory's source text."""
+    if schema_version(card) < 2:
+        return _memory_source_not_comparable(fig["source"], m) if key == "peak_memory_mb" else None
+    then, now = fig.get("settings", {}), (m.memory_settings if key == "peak_memory_mb" else m.settings)
+    if then.get("peak_rss") != now.get("peak_rss"):
+        return f"the scorecard's figure counted something other than {PEAK_RSS}"
+    if then != now:
+        return (f"the scorecard's figure was measured with {settings_text(then) or 'other settings'}, "
+                f"this version's with {settings_text(now) or 'none'}")
+    return None
+
+
+def _memory_source_not_comparable(source: str, m: Measurement) -> str | None:
+    """``not_comparable`` for a schema-1 peak memory, from its source: stop 41 named the load settings in
+    brackets, stop 42 began the source with ``PEAK_RSS``."""
     if not source.startswith(PEAK_RSS):
         return f"the scorecard's figure counted something other than {PEAK_RSS}"
     how = settings_text(m.settings)
@@ -49,6 +65,10 @@ def verify(bundle: str | Path, remeasure: bool = True, tolerance: float = 0.25, 
         if not remeasure:
             return report
         card = json.loads((folder / "scorecard.json").read_text())
+        try:
+            schema_version(card)
+        except ValueError as e:
+            raise BundleError(f"{bundle}: {e}") from None
         wl = Workload(**card["workload"])
         for rt, sec in card["runtimes"].items():
             packed = sec["packaged"]
@@ -67,7 +87,7 @@ def verify(bundle: str | Path, remeasure: bool = True, tolerance: float = 0.25, 
             for key, mkey in METRICS:
                 want = packed[key]["value"]
                 got = getattr(m, mkey)
-                why = memory_not_comparable(packed[key]["source"], m) if key == "peak_memory_mb" else None
+                why = not_comparable(card, key, packed[key], m)
                 rel = None if why else (got / want - 1 if want else 0.0)
                 flag = rel is not None and abs(rel) > tolerance
                 rows.append({"metric": key, "scorecard": want, "measured_now": got, "drift": rel, "flag": flag,

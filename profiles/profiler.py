@@ -26,7 +26,7 @@ from profiles.costmodel import MIB, block_linears, point_spec, point_workload, r
 from subnet.arch import ArchInfo
 from subnet.formats import LLAMA_CPP, ONNXRUNTIME, TENSORRT, get_format
 from subnet.spec import SubnetSpec
-from targets.backend import PEAK_RSS_BASIS, Workload, backend, fingerprint
+from targets.backend import Workload, backend, fingerprint, memory_record
 from targets.registry import Target, get_target
 
 # The embedded SmolLM2-135M's shape: the default base the grid covers.
@@ -177,13 +177,11 @@ def measure_for(runtime: str):
     return measure
 
 
-def memory_settings(runtime: str, load_settings: dict | None = None) -> dict:
-    """What a peak RSS measured by the runtime's backend depends on besides the model: how it was loaded
-    (``load_settings``, default the backend's ``DEPLOYMENT``; none where it has no choices) and what the
-    figure counts (``PEAK_RSS_BASIS``)."""
-    if load_settings is None:
-        load_settings = getattr(backend(runtime), "DEPLOYMENT", {})
-    return {**load_settings, "peak_rss": PEAK_RSS_BASIS}
+def memory_settings(runtime: str) -> dict:
+    """What a peak RSS measured by the runtime's backend today depends on besides the model: how it loads
+    the model (its ``DEPLOYMENT``; none where it has no choices) and what the figure counts
+    (``targets.backend.memory_record``)."""
+    return memory_record(getattr(backend(runtime), "DEPLOYMENT", {}))
 
 
 def measure_interleaved(model, tokenizer, specs: dict[str, SubnetSpec], runtime: str, workload: Workload,
@@ -247,7 +245,7 @@ class RealMeasure:
         return {"prefill_ms": m.prefill_ms, "decode_ms_per_token": m.decode_ms_per_token,
                 "peak_rss_mb": m.peak_rss_mb, "size_mb": size / MIB, "export_s": round(t1 - t0, 2),
                 "measure_s": round(time.perf_counter() - t1, 2), "settings": m.settings,
-                "memory_settings": memory_settings(self.runtime, m.settings)}  # fmt: skip
+                "memory_settings": m.memory_settings}  # fmt: skip
 
 
 # ---- the profile loop -------------------------------------------------------------------------

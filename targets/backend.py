@@ -59,7 +59,13 @@ class Workload:
 # What ``Measurement.peak_rss_mb`` counts, in every backend: the runtime library is imported first, so the
 # figure is the model's (weights as the runtime holds them, its buffers, the KV cache) and not Python's.
 PEAK_RSS = "the model's peak RSS (the process's peak minus its RSS before loading)"
-PEAK_RSS_BASIS = "model"  # PEAK_RSS in a word, recorded beside a profile point's peak RSS
+PEAK_RSS_BASIS = "model"  # PEAK_RSS in a word, recorded beside a profile point's or a scorecard's peak RSS
+
+
+def memory_record(settings: dict) -> dict:
+    """What a peak RSS taken under load ``settings`` depends on besides the model: those settings and what
+    the figure counts (``PEAK_RSS_BASIS``). Two peaks compare only where their records are equal."""
+    return {**settings, "peak_rss": PEAK_RSS_BASIS}
 
 
 @dataclass
@@ -78,6 +84,11 @@ class Measurement:
     @property
     def tokens_per_s(self) -> float:
         return 1000.0 / self.decode_ms_per_token
+
+    @property
+    def memory_settings(self) -> dict:
+        """What its peak RSS depends on besides the model (``memory_record``)."""
+        return memory_record(self.settings)
 
     def to_dict(self) -> dict:
         d = asdict(self)

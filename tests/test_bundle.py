@@ -10,7 +10,7 @@ import tarfile
 import pytest
 
 from packager.bundle import BundleError, make_tarball, safe_extract, verify_integrity, write_manifest
-from packager.scorecard import figure, to_html, to_markdown, write_all
+from packager.scorecard import figure, schema_version, to_html, to_markdown, write_all
 
 
 def make_bundle(tmp_path):
@@ -104,7 +104,13 @@ def test_scorecard_renders_ratios_and_provenance(tmp_path):
     page = to_html(card, [])
     assert "<table>" in page and "http" not in page.replace("http-equiv", "")
     paths = write_all(card, tmp_path, [])
-    assert json.loads(paths[0].read_text())["schema"] == "packager.scorecard/1"
+    assert json.loads(paths[0].read_text())["schema"] == "packager.scorecard/2"
+
+
+def test_scorecard_schema_version_reads_old_cards_and_refuses_foreign_ones():
+    assert schema_version({}) == 1 and schema_version({"schema": "packager.scorecard/2"}) == 2
+    with pytest.raises(ValueError, match="'model-card/1' is not packager.scorecard/N"):
+        schema_version({"schema": "model-card/1"})
 
 
 def test_scorecard_says_whether_each_runtime_meets_the_accuracy_floor():

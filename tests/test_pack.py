@@ -13,13 +13,13 @@ from packager.cli import main
 from packager.pack import Pack, PackConfig, PackError, selection_summary
 from packager.scorecard import promotion_line, recovery_summary
 from packager.selection import candidate_key, format_family, spec_key
-from packager.verify import memory_not_comparable
+from packager.verify import not_comparable
 from search.importance import Importance
 from search.problem import Evaluation
 from search.recovery import RecoveryConfig
 from subnet.arch import LINEARS, linear_module_name
 from subnet.spec import SubnetSpec
-from targets.backend import PEAK_RSS, Measurement
+from targets.backend import PEAK_RSS, Measurement, memory_record
 from tests.conftest import tiny_model
 
 
@@ -58,6 +58,9 @@ def test_pack_end_to_end_and_verify(small_model_dir, tmp_path):
     assert sec["packaged"]["decode_ms_per_token"]["source"].startswith("median of 2 rounds (base and packaged taking turns) of 3 runs")
     source = sec["packaged"]["peak_memory_mb"]["source"]  # what the figure counts, and how the model was loaded
     assert source.startswith("the model's peak RSS (the process's peak minus") and " (use_mmap=False, kv_cache=f16), " in source
+    settings = {"use_mmap": False, "kv_cache": "f16"}  # and as fields, for verify to compare
+    assert sec["packaged"]["peak_memory_mb"]["settings"] == {**settings, "peak_rss": "model"}
+    assert sec["base"]["decode_ms_per_token"]["settings"] == settings and "settings" not in sec["packaged"]["size_mb"]
     assert card["spec"]["base"]["num_layers"] == 4
     floor, ci = sec["accuracy_floor"], sec["accuracy_floor"]["increase_ci95"]
     assert sec["packaged"]["perplexity_runtime"]["source"].startswith("1,020 held-out tokens")
@@ -78,6 +81,7 @@ def test_pack_end_to_end_and_verify(small_model_dir, tmp_path):
     assert res.exit_code == 0 and "integrity: ok" in res.output
     res = CliRunner().invoke(main, ["verify", str(folder), "--rounds", "2", "--tolerance", "100"])  # re-measured
     assert res.exit_code == 0 and f"llama.cpp decode_ms_per_token: scorecard {sec['packaged']['decode_ms_per_token']['value']:.3g}" in res.output
+    assert "llama.cpp peak_memory_mb: scorecard" in res.output and "not compared" not in res.output
     packed = next((folder / "artifacts" / "llama.cpp").glob("*.gguf"))
     data = bytearray(packed.read_bytes())
     data[-1] ^= 0xFF
@@ -86,17 +90,31 @@ def test_pack_end_to_end_and_verify(small_model_dir, tmp_path):
     assert res.exit_code == 2 and "packaged.gguf has changed" in res.output
 
 
-def test_verify_compares_peak_memory_only_where_it_counts_the_same():
-    """A scorecard whose peak memory counted the whole process (ONNX Runtime before stop 42) or was taken
-    with the file mapped (llama.cpp before stop 41) is not held against today's figure."""
+def test_verify_compares_a_figure_only_where_it_was_measured_alike():
+    """A figure measured under other load settings, or a peak memory that counted something else, is not
+    held against today's: from its settings field (schema 2), or from a schema-1 peak memory's source,
+    whose ONNX Runtime figure counted the whole process before stop 42 and whose llama.cpp figure was
+    taken with the file mapped before stop 41."""
     now = Measurement("llama.cpp", 1.0, 1.0, 124.0, 3, {}, {}, {"use_mmap": False, "kv_cache": "f16"})
+    v2, v1 = {"schema": "packager.scorecard/2"}, {"schema": "packager.scorecard/1"}
+    mem = {"value": 124.0, "source": PEAK_RSS, "settings": memory_record(now.settings)}
+    assert not_comparable(v2, "peak_memory_mb", mem, now) is None
+    assert not_comparable(v2, "decode_ms_per_token", {**mem, "settings": now.settings}, now) is None
+    mapped = {**mem, "settings": memory_record({"use_mmap": True, "kv_cache": "f16"})}
+    assert not_comparable(v2, "peak_memory_mb", mapped, now) == (
+        "the scorecard's figure was measured with use_mmap=True, kv_cache=f16, peak_rss=model, "
+        "this version's with use_mmap=False, kv_cache=f16, peak_rss=model")
+    assert "counted something other than" in not_comparable(v2, "peak_memory_mb", {**mem, "settings": now.settings}, now)
+    assert "measured with other settings" in not_comparable(v2, "prefill_ms", {**mem, "settings": {}}, now)
     where = "AMD EPYC, 2 threads, llama.cpp 0.3.36"
-    assert memory_not_comparable(f"{PEAK_RSS}, {where} (use_mmap=False, kv_cache=f16), 2026-12-05", now) is None
-    assert "other load settings" in memory_not_comparable(f"{PEAK_RSS}, {where}, 2026-12-01", now)
-    old_ort = "peak RSS of the measuring process (Python, numpy and ONNX Runtime included), AMD EPYC"
-    assert "counted something other than the model's peak RSS" in memory_not_comparable(old_ort, replace(now, settings={}))
-    assert memory_not_comparable(f"{PEAK_RSS}, AMD EPYC, 2 threads, onnxruntime 1.32.0, 2026-12-05",
-                                 replace(now, runtime="onnxruntime", settings={})) is None
+    src = {"source": f"{PEAK_RSS}, {where} (use_mmap=False, kv_cache=f16), 2026-12-05"}
+    assert not_comparable(v1, "peak_memory_mb", src, now) is None and not_comparable({}, "peak_memory_mb", src, now) is None
+    assert not_comparable(v1, "decode_ms_per_token", {"source": "median of 3"}, now) is None  # schema 1: timings compared
+    assert "other load settings" in not_comparable(v1, "peak_memory_mb", {"source": f"{PEAK_RSS}, {where}, 2026-12-01"}, now)
+    old_ort = {"source": "peak RSS of the measuring process (Python, numpy and ONNX Runtime included), AMD EPYC"}
+    ort = replace(now, runtime="onnxruntime", settings={})
+    assert "counted something other than the model's peak RSS" in not_comparable(v1, "peak_memory_mb", old_ort, ort)
+    assert not_comparable(v1, "peak_memory_mb", {"source": f"{PEAK_RSS}, AMD EPYC, 2 threads, onnxruntime 1.32.0"}, ort) is None
 
 
 def test_pack_resumes_from_the_last_finished_stage(small_model_dir, tmp_path, monkeypatch):
