@@ -225,7 +225,8 @@ def test_same_cpu_name_with_other_simd_features_warns(fitted, monkeypatch):
 def test_shipped_table_measured_on_a_cpu_like_this_one_is_chosen(fitted, tmp_path, monkeypatch):
     """The default shipped table came from one CPU, a ``--<cpu>`` variant from another: the host's wins,
     else the one with the fewest SIMD features differing (an AVX-512 CPU without one of the variant's
-    extensions is still far closer to it than to an AVX2-only one)."""
+    extensions is still far closer to it than to an AVX2-only one), first among tables of this CPU's
+    name, then among all."""
     table, _ = fitted
     shipped = tmp_path / "tables"
     monkeypatch.setattr(costmodel, "TABLES_DIR", shipped)
@@ -241,6 +242,14 @@ def test_shipped_table_measured_on_a_cpu_like_this_one_is_chosen(fitted, tmp_pat
     monkeypatch.setattr(costmodel, "cpu_features", lambda: ["avx2", "fma", "avx512f", "avx512bw"])
     assert costmodel.table_path("laptop-cpu", "llama.cpp").name == "laptop-cpu__llama.cpp--avx512.json"
     monkeypatch.setattr(costmodel, "cpu_features", lambda: ["sse4_2"])  # like neither: the default, which warns
+    assert costmodel.table_path("laptop-cpu", "llama.cpp").name == "laptop-cpu__llama.cpp.json"
+    table["fingerprint"].update(device="another CPU", cpu_features=["avx2", "fma", "avx512f", "avx512bw"])
+    costmodel.write_table(table, shipped / "laptop-cpu__llama.cpp--other.json")  # its features match, its name not
+    monkeypatch.setattr(costmodel, "cpu_features", lambda: ["avx2", "fma", "avx512f", "avx512bw"])
+    assert costmodel.table_path("laptop-cpu", "llama.cpp").name == "laptop-cpu__llama.cpp--avx512.json"
+    monkeypatch.setattr(costmodel, "cpu_model", lambda: "a third CPU")  # none of this name: the features decide
+    assert costmodel.table_path("laptop-cpu", "llama.cpp").name == "laptop-cpu__llama.cpp--other.json"
+    monkeypatch.setattr(costmodel, "cpu_features", lambda: ["sse4_2"])  # 3, 4 and 5 flags off: the closest
     assert costmodel.table_path("laptop-cpu", "llama.cpp").name == "laptop-cpu__llama.cpp.json"
     costmodel.write_table(table, tmp_path / "home" / "profiles" / "laptop-cpu__llama.cpp.json")  # profiled here
     assert costmodel.table_path("laptop-cpu", "llama.cpp").parent == tmp_path / "home" / "profiles"
