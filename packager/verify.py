@@ -23,11 +23,11 @@ def _artifact_path(folder: Path, runtime: str) -> Path:
     return found[0]
 
 
-def not_comparable(card: dict, key: str, fig: dict, m: Measurement) -> str | None:
-    """Why a scorecard's measured figure ``fig`` (its row ``key``) cannot be compared with the measurement
-    ``m``, or None: the runtime loaded or ran the model otherwise, or (peak memory) the figure counted
-    something else. Scorecards of schema 1 held those facts only in the peak memory's source text."""
-    if schema_version(card) < 2:
+def not_comparable(schema: int, key: str, fig: dict, m: Measurement) -> str | None:
+    """Why a measured figure ``fig`` (its row ``key``) of a scorecard of schema version ``schema`` cannot be
+    compared with the measurement ``m``, or None: the runtime loaded or ran the model otherwise, or (peak
+    memory) the figure counted something else. Schema 1 held those facts only in the peak memory's source."""
+    if schema < 2:
         return _memory_source_not_comparable(fig["source"], m) if key == "peak_memory_mb" else None
     then, now = fig.get("settings", {}), (m.memory_settings if key == "peak_memory_mb" else m.settings)
     if then.get("peak_rss") != now.get("peak_rss"):
@@ -66,7 +66,7 @@ def verify(bundle: str | Path, remeasure: bool = True, tolerance: float = 0.25, 
             return report
         card = json.loads((folder / "scorecard.json").read_text())
         try:
-            schema_version(card)
+            schema = schema_version(card)
         except ValueError as e:
             raise BundleError(f"{bundle}: {e}") from None
         wl = Workload(**card["workload"])
@@ -87,7 +87,7 @@ def verify(bundle: str | Path, remeasure: bool = True, tolerance: float = 0.25, 
             for key, mkey in METRICS:
                 want = packed[key]["value"]
                 got = getattr(m, mkey)
-                why = not_comparable(card, key, packed[key], m)
+                why = not_comparable(schema, key, packed[key], m)
                 rel = None if why else (got / want - 1 if want else 0.0)
                 flag = rel is not None and abs(rel) > tolerance
                 rows.append({"metric": key, "scorecard": want, "measured_now": got, "drift": rel, "flag": flag,

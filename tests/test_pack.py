@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from packager.cli import main
 from packager.pack import Pack, PackConfig, PackError, selection_summary
-from packager.scorecard import promotion_line, recovery_summary
+from packager.scorecard import promotion_line, recovery_summary, schema_version
 from packager.selection import candidate_key, format_family, spec_key
 from packager.verify import not_comparable
 from search.importance import Importance
@@ -96,7 +96,7 @@ def test_verify_compares_a_figure_only_where_it_was_measured_alike():
     whose ONNX Runtime figure counted the whole process before stop 42 and whose llama.cpp figure was
     taken with the file mapped before stop 41."""
     now = Measurement("llama.cpp", 1.0, 1.0, 124.0, 3, {}, {}, {"use_mmap": False, "kv_cache": "f16"})
-    v2, v1 = {"schema": "packager.scorecard/2"}, {"schema": "packager.scorecard/1"}
+    v2, v1 = 2, 1
     mem = {"value": 124.0, "source": PEAK_RSS, "settings": memory_record(now.settings)}
     assert not_comparable(v2, "peak_memory_mb", mem, now) is None
     assert not_comparable(v2, "decode_ms_per_token", {**mem, "settings": now.settings}, now) is None
@@ -108,7 +108,7 @@ def test_verify_compares_a_figure_only_where_it_was_measured_alike():
     assert "measured with other settings" in not_comparable(v2, "prefill_ms", {**mem, "settings": {}}, now)
     where = "AMD EPYC, 2 threads, llama.cpp 0.3.36"
     src = {"source": f"{PEAK_RSS}, {where} (use_mmap=False, kv_cache=f16), 2026-12-05"}
-    assert not_comparable(v1, "peak_memory_mb", src, now) is None and not_comparable({}, "peak_memory_mb", src, now) is None
+    assert not_comparable(v1, "peak_memory_mb", src, now) is None and not_comparable(schema_version({}), "peak_memory_mb", src, now) is None
     assert not_comparable(v1, "decode_ms_per_token", {"source": "median of 3"}, now) is None  # schema 1: timings compared
     assert "other load settings" in not_comparable(v1, "peak_memory_mb", {"source": f"{PEAK_RSS}, {where}, 2026-12-01"}, now)
     old_ort = {"source": "peak RSS of the measuring process (Python, numpy and ONNX Runtime included), AMD EPYC"}
