@@ -286,6 +286,10 @@ def tune_supernet_cmd(model, target, runtime, mode, steps, calib_blocks, seed, o
 @click.option("--ladder", default=2, show_default=True,
               help="Rounds of bisection toward faster members of each format family whose shortlisted candidate met "
                    "the floor (a short recovery each; 0: the shortlist only).")
+@click.option("--step-down", default=1, show_default=True,
+              help="Format shares a promoted near miss that misses the floor steps down (its most rounding-sensitive "
+                   "blocks back at the widest formats; the same recovery each, while within the budgets and faster "
+                   "than every candidate that met the floor; 0: none).")
 @click.option("--report-blocks", default=32, show_default=True,
               help="Blocks of 256 evaluation tokens (none the search scored) each runtime's perplexity is reported on.")
 @click.option("--seed", default=0, show_default=True)
@@ -300,7 +304,7 @@ def tune_supernet_cmd(model, target, runtime, mode, steps, calib_blocks, seed, o
 def pack(target, model, latency_ms, memory_mb, size_mb, accuracy_floor, runtimes, strategy, mode, budget,
          recover_steps, recover_blocks, floor_blocks, runtime_recover_steps, runtime_format_shares, retarget, shortlist,
          recoverable, promote_margin,
-         long_recovery, equalize, gptq, ladder, report_blocks, seed, threads, measure_rounds, out, resume, force,
+         long_recovery, equalize, gptq, ladder, step_down, report_blocks, seed, threads, measure_rounds, out, resume, force,
          allow_pickle):  # fmt: skip
     """One command from model to bundle: search, select, recover, export, measure, scorecard."""
     from pathlib import Path
@@ -313,7 +317,7 @@ def pack(target, model, latency_ms, memory_mb, size_mb, accuracy_floor, runtimes
                      floor_blocks=floor_blocks, runtime_recover_steps=runtime_recover_steps,
                      runtime_format_shares=_shares(runtime_format_shares), retarget=retarget,
                      shortlist=shortlist, recoverable=recoverable, promote_margin=promote_margin,
-                     long_recovery=long_recovery, equalize=equalize, gptq=gptq, ladder=ladder,
+                     long_recovery=long_recovery, equalize=equalize, gptq=gptq, ladder=ladder, step_down=step_down,
                      report_blocks=report_blocks, threads=threads, measure_rounds=measure_rounds,
                      allow_pickle=allow_pickle)  # fmt: skip
     folder = Pack(cfg, Path(out), resume=resume, force=force).run()

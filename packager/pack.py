@@ -30,6 +30,7 @@ from packager.selection import (
     share_try_key,
     shortlist_by_family,
     spec_key,
+    stepped_down,
 )
 from profiles.costmodel import CostModelError, predict, runtime_version
 from search.evaluate import perplexity, perplexity_ratio
@@ -62,7 +63,7 @@ console = Console(stderr=True)
 
 # options that act only from a late stage on (option -> that stage): a run resumed with only these changed is
 # redone from the earliest stage they act in; the select stage's act after the shortlist's recoveries (shortlist.json)
-LATE_OPTIONS = {"promote_margin": "select", "long_recovery": "select", "long_recover_steps": "select",
+LATE_OPTIONS = {"promote_margin": "select", "step_down": "select", "long_recovery": "select", "long_recover_steps": "select",
                 "long_recover_blocks": "select", "runtime_recover_steps": "recover", "runtime_format_shares": "recover",
                 "retarget": "recover", "measure_rounds": "measure"}
 # how the winner's formats are carried to the other runtimes (Pack.runtime_recovery)
@@ -95,6 +96,7 @@ class PackConfig:
     equalize: bool = True  # scale input channels for rounding (activation-aware) before the search
     gptq: bool = True  # round kept-scale-format linears by GPTQ before every recovery (subnet.gptq)
     ladder: int = 2  # rounds of bisection toward faster members of each family whose shortlisted member met the floor
+    step_down: int = 1  # format shares a promoted near miss that still misses the floor steps down (selection.stepped_down)
     runtimes: list[str] = field(default_factory=list)  # default: every runtime of the target
     strategy: str = "nsga2"
     mode: str = "uniform"
@@ -282,11 +284,13 @@ class Pack:
             tried += self.short_recoveries(problem.supernet, base_ev, probes)
         passing = [t for t in tried if t["meets_floor"]]
         best = min(passing, key=lambda t: t["evaluation"]["decode_ms"]) if passing else None
-        promoted = self.promotion(model, tried, best["evaluation"]["decode_ms"] if best else None)
+        promoted = self.promotion(problem, tried, best["evaluation"]["decode_ms"] if best else None)
         if promoted and promoted["meets_floor"]:
             near = "faster than every one meeting the floor" if best else f"within {self.cfg.promote_margin:.0%} of the floor"
+            n = len(promoted["missed"])
+            down = f", {n} format share{'s' if n > 1 else ''} lower," if n else ""
             winner, how = Evaluation(**promoted["evaluation"]), (
-                f"shortlisted candidate {near} after {self.cfg.shortlist_steps} steps that met it after the "
+                f"shortlisted candidate {near} after {self.cfg.shortlist_steps} steps that{down} met it after the "
                 f"{'long' if self.cfg.long_recovery else 'full'} "
                 f"recovery ({promoted['recovery']['steps_run']} steps)")  # fmt: skip
         elif best:
@@ -302,36 +306,55 @@ class Pack:
         return {"winner": asdict(winner), "how": how, "fallback": asdict(fallback) if fallback else None,
                 "shortlist": tried, "ladder": climbed, "promoted": promoted}  # fmt: skip
 
-    def promotion(self, model, tried: list[dict], faster_than: float | None) -> dict | None:
+    def promotion(self, problem: Problem, tried: list[dict], faster_than: float | None) -> dict | None:
         """Full recovery for ``promotion_candidate`` (a near miss faster than every passing candidate).
 
         Short recoveries stop after a few steps; a candidate just above the floor often meets it with the
-        full recovery. If it does, its recovered model is kept for the recover stage and it wins; if not,
-        the fastest passing candidate (or the fallback) does.
+        full recovery. If it misses, the member of its family one format share lower (``stepped_down``)
+        gets the same recovery, up to ``step_down`` times, while that member stays within the budgets and
+        faster than every passing candidate. The first to meet the floor has its recovered model kept for
+        the recover stage and wins (``missed``: the tries before it); if none does, the fastest passing
+        candidate (or the fallback) does.
         """
-        from search.recovery import recover
-
         t = promotion_candidate(tried, self.cfg.promote_margin, faster_than)
         if t is None:
             return None
-        spec = Evaluation(**t["evaluation"]).spec_obj()
+        e, missed = Evaluation(**t["evaluation"]), []
+        out = self.promote(problem.supernet.model, e, t["floor_ppl_limit"])
+        for _ in range(self.cfg.step_down):
+            down = None if out["meets_floor"] else stepped_down(problem, e, faster_than)
+            if down is None:
+                break
+            missed.append(out)
+            e = down
+            console.print(f"  stepped down one format share ({e.decode_ms:.2f} ms/token predicted, {e.size_mb:.1f} MiB)")
+            out = self.promote(problem.supernet.model, e, t["floor_ppl_limit"])
+        return out | {"missed": missed}
+
+    def promote(self, model, e: Evaluation, limit: float) -> dict:
+        """Give ``e`` the promotion's recovery (``promotion_recovery``) from its GPTQ rounding, and the floor
+        check before and after it against ``limit``; a recovered model that meets it is kept for the
+        recover stage."""
+        from search.recovery import recover
+
+        spec = e.spec_obj()
         blocks, config = self.promotion_recovery()
         long = "-long" if self.cfg.long_recovery else ""
         console.print(f"  promoted to {'long' if long else 'full'} recovery: {_spec_summary(spec)}")
         sub, scales = self.rounded_subnet(model, spec, self.calibration_blocks())
+        before = self.checked_ppl(sub, spec, scales)
         res = recover(model, sub, spec, blocks.train, blocks.held, config, block_scales=scales,
-                      out_dir=self.work / "promotion" / (candidate_key(t["evaluation"]["x"]) + long), resume=True)  # fmt: skip
+                      out_dir=self.work / "promotion" / (candidate_key(e.x) + long), resume=True)  # fmt: skip
         after = self.checked_ppl(res.model, spec, res.block_scales)
-        ok = after <= t["floor_ppl_limit"]
+        ok = after <= limit
         if ok:
             save_model(res.model, self.work / "recovered", block_scales=res.block_scales)
-        console.print(f"  promoted: floor-check ppl {t['floor_ppl_before']:.2f} → {after:.2f} after {res.steps_run} "
-                      f"steps (limit {t['floor_ppl_limit']:.2f}): {'meets' if ok else 'misses'} the floor")  # fmt: skip
-        return {"evaluation": t["evaluation"],
+        console.print(f"  promoted: floor-check ppl {before:.2f} → {after:.2f} after {res.steps_run} "
+                      f"steps (limit {limit:.2f}): {'meets' if ok else 'misses'} the floor")  # fmt: skip
+        return {"evaluation": asdict(e),
                 "recovery": res.summary() | {"gptq_linears": len(scales), "train_blocks": len(blocks.train)},
                 "long": self.cfg.long_recovery,
-                "floor_ppl_before": t["floor_ppl_before"], "floor_ppl_after": after,
-                "floor_ppl_limit": t["floor_ppl_limit"], "meets_floor": ok}  # fmt: skip
+                "floor_ppl_before": before, "floor_ppl_after": after, "floor_ppl_limit": limit, "meets_floor": ok}  # fmt: skip
 
     def short_recoveries(self, net: Supernet, base_ev: Evaluation, candidates: list[Evaluation]) -> list[dict]:
         """Give each candidate ``shortlist_steps`` of recovery; its perplexity before/after vs the floor.
@@ -1058,12 +1081,15 @@ def selection_summary(sel: dict) -> dict:
              "predicted_decode_ms": t["evaluation"]["decode_ms"], "ppl_simulated": t["evaluation"]["ppl"],
              **{k: t[k] for k in (*FLOOR_KEYS, "wall_s")}}
             for t in sel["shortlist"]]  # fmt: skip
+    def promoted(pro: dict) -> dict:
+        return {"spec": _spec_summary(SubnetSpec.from_dict(pro["evaluation"]["spec"])),
+                **{k: pro["recovery"][k] for k in ("steps_run", "wall_s")}, "train_blocks": pro["recovery"].get("train_blocks"),
+                "long": pro.get("long", False), "predicted_decode_ms": pro["evaluation"]["decode_ms"],
+                **{k: pro[k] for k in FLOOR_KEYS}}  # fmt: skip
+
     pro = sel.get("promoted")
     if pro:
-        pro = {"spec": _spec_summary(SubnetSpec.from_dict(pro["evaluation"]["spec"])),
-               **{k: pro["recovery"][k] for k in ("steps_run", "wall_s")}, "train_blocks": pro["recovery"].get("train_blocks"),
-               "long": pro.get("long", False),
-               **{k: pro[k] for k in FLOOR_KEYS}}  # fmt: skip
+        pro = promoted(pro) | {"missed": [promoted(m) for m in pro.get("missed", [])]}
     return {"how": sel["how"], "shortlist": rows, "promoted": pro}
 
 

@@ -113,15 +113,22 @@ def selection_rows(sel: dict) -> list[tuple[str, ...]]:
 
 
 def promotion_line(sel: dict) -> str | None:
-    """One sentence on the shortlisted candidate given the full recovery, if one was."""
+    """Sentences on the shortlisted candidate given the full recovery, if one was, and on each member of
+    its family it stepped down to."""
     p = sel.get("promoted")
     if not p:
         return None
     other = "the fastest shortlisted candidate meeting it" if any(t["meets_floor"] for t in sel["shortlist"]) else "the fallback"
-    text = f" on {256 * p['train_blocks']:,} calibration tokens" if p.get("train_blocks") else ""
-    return (f"promoted to {'long' if p.get('long') else 'full'} recovery: {p['spec']}: floor-check ppl {p['floor_ppl_before']:.2f} → "
-            f"{p['floor_ppl_after']:.2f} after {p['steps_run']} steps{text} ({p['wall_s']:.0f} s), floor {p['floor_ppl_limit']:.2f}: "
-            f"{'met, so it won' if p['meets_floor'] else f'missed, so {other} won'}.")
+
+    def outcome(r: dict) -> str:
+        text = f" on {256 * r['train_blocks']:,} calibration tokens" if r.get("train_blocks") else ""
+        return (f"{r['spec']}: floor-check ppl {r['floor_ppl_before']:.2f} → {r['floor_ppl_after']:.2f} after "
+                f"{r['steps_run']} steps{text} ({r['wall_s']:.0f} s), floor {r['floor_ppl_limit']:.2f}")
+
+    tries = [*p.get("missed", []), p]
+    lines = [f"promoted to {'long' if p.get('long') else 'full'} recovery: {outcome(tries[0])}"]
+    lines += [f"missed, so it stepped down one format share: {outcome(r)}" for r in tries[1:]]
+    return "; ".join(lines) + f": {'met, so it won' if p['meets_floor'] else f'missed, so {other} won'}."
 
 
 def floor_line(sec: dict) -> str | None:

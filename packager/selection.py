@@ -1,8 +1,9 @@
 """Choosing the winner among the search's front: which candidates get a short recovery (one per format
-family, then a bisection toward each family's faster members), and which near miss gets the full one.
+family, then a bisection toward each family's faster members), which near miss gets the full one, and
+which member of its family it steps down to where the full one misses.
 
-Pure functions of search evaluations and short-recovery outcomes; the recoveries themselves run in
-``packager.pack``.
+Functions of search evaluations and short-recovery outcomes (a step down evaluates its new member
+through the search problem); the recoveries themselves run in ``packager.pack``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 
-from search.problem import Evaluation
+from search.problem import Evaluation, Problem
 from subnet.arch import ATTN_LINEARS, MLP_LINEARS
 from subnet.formats import get_format
 from subnet.spec import SubnetSpec
@@ -74,6 +75,27 @@ def promotion_candidate(tried: list[dict], margin: float, faster_than: float | N
     near = [t for t in tried if not t["meets_floor"] and t["floor_ppl_after"] <= t["floor_ppl_limit"] * (1 + margin)
             and (faster_than is None or t["evaluation"]["decode_ms"] < faster_than)]  # fmt: skip
     return min(near, key=lambda t: t["evaluation"]["decode_ms"]) if near else None
+
+
+def stepped_down(problem: Problem, e: Evaluation, faster_than: float | None) -> Evaluation | None:
+    """The member of ``e``'s family at the next lower format share that differs from it
+    (``SearchSpace.widened``: its most rounding-sensitive blocks back at the widest formats), evaluated by
+    ``problem``, where it meets the cost budgets and is predicted faster than ``faster_than`` (the fastest
+    candidate that met the floor; None when none did); else None.
+
+    The search ranks members before recovery, so a family's front can skip the member that recovery
+    brings under the floor: under a 92 MiB budget on the Xeon it held only all-30-block 4-bit members,
+    and the one promoted missed the floor by 0.8% (stop 43)."""
+    here = e.spec_obj().to_dict()
+    x = problem.space.widened(e.x)
+    while x is not None and problem.space.decode(x).to_dict() == here:  # the same blocks narrowed at that share
+        x = problem.space.widened(x)
+    if x is None:
+        return None
+    down = problem.evaluate(x)
+    if problem.cost_violation(vars(down)) > 0 or (faster_than is not None and down.decode_ms >= faster_than):
+        return None
+    return down
 
 
 def ladder_probes(front: list[Evaluation], tried: list[dict]) -> list[Evaluation]:

@@ -114,12 +114,18 @@ class Problem:
         return self.base_ppl
 
     # ---- evaluation ---------------------------------------------------------------------------
-    def violation(self, ppl: float, cost: dict) -> float:
+    def cost_violation(self, cost: dict) -> float:
+        """The sum of ``cost``'s relative overshoots of the latency, prefill, memory and size budgets (0: all met)."""
         b, v = self.budgets, 0.0
         for limit, value in ((b.latency_ms, cost["decode_ms"]), (b.prefill_ms, cost["prefill_ms"]),
                              (b.memory_mb, cost["memory_mb"]), (b.size_mb, cost["size_mb"])):  # fmt: skip
             if limit is not None and value > limit:
                 v += value / limit - 1
+        return v
+
+    def violation(self, ppl: float, cost: dict) -> float:
+        """``cost_violation`` plus the relative overshoot of the accuracy floor by ``ppl``."""
+        b, v = self.budgets, self.cost_violation(cost)
         if b.max_ppl_increase is not None:
             limit = self.reference_ppl() * (1 + b.max_ppl_increase)
             if ppl > limit:

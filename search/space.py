@@ -200,6 +200,15 @@ class SearchSpace:
         spec = SubnetSpec(self.arch, g["hidden"], layers, g["embed_format"], g["embed_format"])
         return spec.validate()
 
+    def widened(self, x) -> list[int] | None:
+        """``x`` at the next lower format share: its most rounding-sensitive narrowed blocks back at the
+        widest formats (28 of 30 narrowed instead of 30). None where ``x`` is at the lowest share, or the
+        space has no format shares."""
+        j = self._index.get(FORMAT_SHARE)
+        if j is None or int(x[j]) + 1 >= self.vars[j].size:
+            return None
+        return [int(v) + (i == j) for i, v in enumerate(x)]
+
     def narrow_blocks(self, kept: list[int], share: float) -> set[int]:
         """The ``share`` of ``kept`` blocks least sensitive to rounding (all of them at share 1.0)."""
         return least_sensitive(self.quant_rank, kept, share)

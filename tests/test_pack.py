@@ -16,6 +16,7 @@ from packager.selection import candidate_key, format_family, spec_key
 from packager.verify import not_comparable
 from search.importance import Importance
 from search.problem import Evaluation
+from search.space import FORMAT_SHARE
 from search.recovery import RecoveryConfig
 from subnet.arch import LINEARS, linear_module_name
 from subnet.spec import SubnetSpec
@@ -210,10 +211,12 @@ def test_promotion_gives_a_near_miss_the_full_recovery_and_the_recover_stage_reu
         return [{"evaluation": pruned, "floor_ppl_before": after, "floor_ppl_after": after, "floor_ppl_limit": limit,
                  "meets_floor": False}]
 
-    assert p.promotion(model, near(1.0, 1.2), None) is None  # 20% above the floor: not promoted
-    missed = p.promotion(model, near(1.0, 1.04), None)  # promoted, but no model reaches perplexity 1
-    assert missed["meets_floor"] is False and not (p.work / "recovered").exists()
-    met = p.promotion(model, near(1e9, 1.04e9), None)
+    problem = p.problem(model, p.cfg.accuracy_floor)
+    assert p.promotion(problem, near(1.0, 1.2), None) is None  # 20% above the floor: not promoted
+    p.cfg.step_down = 0
+    missed = p.promotion(problem, near(1.0, 1.04), None)  # promoted, but no model reaches perplexity 1
+    assert missed["meets_floor"] is False and missed["missed"] == [] and not (p.work / "recovered").exists()
+    met = p.promotion(problem, near(1e9, 1.04e9), None)
     assert met["meets_floor"] and met["recovery"]["steps_run"] == 2 and (p.work / "recovered" / "config.json").is_file()
     p.state["done"]["select"] = {"result": {"promoted": met}, "wall_s": 0}
     rec = p.stage_recover()
@@ -228,6 +231,31 @@ def test_promotion_gives_a_near_miss_the_full_recovery_and_the_recover_stage_reu
         spec.save(p.work / "spec.json")
         p.recover_winner()
     assert sorted(d.name for d in (p.work / "recovery").iterdir()) == sorted(spec_key(s) for s in specs)
+
+
+def test_a_promoted_candidate_that_misses_steps_down_one_format_share(small_model_dir, tmp_path):
+    """Missing the floor after the full recovery, the promoted member's family member one format share
+    lower (its most rounding-sensitive block back at the widest formats) gets the same recovery; the first
+    try is recorded as missed, and the scorecard tells both."""
+    p = Pack(small_config(small_model_dir, recover_steps=2), tmp_path / "p")
+    p.state.setdefault("done", {})["prepare"] = {"result": p.stage_prepare(), "wall_s": 0}
+    problem = p.problem(p.sorted_model(), p.cfg.accuracy_floor)
+    space = problem.space
+    assert space.vars[-1].name == FORMAT_SHARE and len(space.vars[-1].choices) > 1
+    narrow = problem.evaluate(space.largest(fmt_index=space.n_formats - 1))  # every block narrowed
+    tried = [{"evaluation": asdict(narrow), "floor_ppl_before": 1.04, "floor_ppl_after": 1.04, "floor_ppl_limit": 1.0,
+              "meets_floor": False}]  # a floor no model reaches: every try misses
+    out = p.promotion(problem, tried, None)
+    assert [m["evaluation"]["x"] for m in out["missed"]] == [narrow.x] and out["meets_floor"] is False
+    down = out["evaluation"]["x"]  # the first lower share that changes it (0.95 and 0.9 of 4 blocks round to 4)
+    assert down[:-1] == narrow.x[:-1] and space.vars[-1].choices[down[-1]] == 0.8
+    widest = {ly.formats["q_proj"] for ly in Evaluation(**out["evaluation"]).spec_obj().layers}
+    assert widest == {space.config.attn_formats[0], space.config.attn_formats[-1]}  # some blocks back at the widest
+    assert [t["recovery"]["steps_run"] for t in (*out["missed"], out)] == [2, 2]
+    line = promotion_line(selection_summary({"shortlist": [], "promoted": out, "how": ""}))
+    assert "; missed, so it stepped down one format share: " in line and line.endswith("missed, so the fallback won.")
+    faster_than = narrow.decode_ms + 1e-6  # a passing candidate just slower than the promoted one, faster than its step down
+    assert p.promotion(problem, tried, faster_than)["missed"] == []
 
 
 def test_long_recovery_trains_the_promoted_candidate_longer_on_more_text_and_keeps_the_shortlist(small_model_dir,
@@ -245,7 +273,7 @@ def test_long_recovery_trains_the_promoted_candidate_longer_on_more_text_and_kee
     assert config.max_steps == 40 and config.evaluations_patience == 40 // config.eval_every
     tried = [{"evaluation": pruned, "floor_ppl_before": 1.04e9, "floor_ppl_after": 1.04e9, "floor_ppl_limit": 1e9,
               "meets_floor": False}]
-    met = p.promotion(p.sorted_model(), tried, None)
+    met = p.promotion(p.problem(p.sorted_model(), cfg.accuracy_floor), tried, None)
     assert met["recovery"]["steps_run"] == 40 and met["recovery"]["stopped_reason"] == "max steps"
     assert met["recovery"]["train_blocks"] == 12
     assert [d.name for d in (p.work / "promotion").iterdir()] == [candidate_key(pruned["x"]) + "-long"]

@@ -74,6 +74,20 @@ def test_format_share_gives_the_chosen_formats_to_the_least_sensitive_blocks(set
         SearchSpace(arch, "llama.cpp", SpaceConfig(format_shares=[0.5, 1.0]), imp.layer_rank, quant_rank)
 
 
+def test_widened_steps_the_format_share_down_and_cost_violation_leaves_out_accuracy(setup):
+    model, imp = setup
+    cfg = SpaceConfig(attn_formats=["q8_0", "q4_0"], mlp_formats=["q8_0", "q4_0"], format_shares=[1.0, 0.75, 0.5])
+    space = SearchSpace(arch_of(model.config), "llama.cpp", cfg, imp.layer_rank, [2, 0, 3, 1])
+    x = space.largest(fmt_index=1)
+    assert space.widened(x) == x[:-1] + [1] and space.widened(space.widened(x)) == x[:-1] + [2]
+    assert space.widened(x[:-1] + [2]) is None  # the lowest share
+    assert SearchSpace(arch_of(model.config), "llama.cpp", SpaceConfig(), imp.layer_rank).widened([0] * 7) is None
+    problem = Problem(space, Supernet(model), BLOCKS[:4], BLOCKS[4:], fake_cost, Budgets(size_mb=1.0, max_ppl_increase=0.0))
+    cost = {"decode_ms": 1.0, "prefill_ms": 1.0, "memory_mb": 1.0, "size_mb": 1.5}
+    assert problem.cost_violation(cost) == pytest.approx(0.5)
+    assert problem.violation(problem.reference_ppl() * 2, cost) == pytest.approx(1.5)
+
+
 def test_choice_vectors_of_one_sub_network_share_one_evaluation(setup):
     """At the widest formats a format share changes nothing: the second vector costs no evaluation."""
     model, imp = setup

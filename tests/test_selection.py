@@ -1,12 +1,17 @@
-"""Choosing the winner: the shortlist per format family, the ladder within a family, promotion."""
+"""Choosing the winner: the shortlist per format family, the ladder within a family, promotion and its step down."""
 
 from types import SimpleNamespace
 
 from packager.selection import (candidate_key, format_family, ladder_probes, promotion_candidate, share_try_key,
-                                shortlist_by_family, spread)
+                                shortlist_by_family, spread, stepped_down)
+from search.importance import sort_model
+from search.problem import Budgets, Problem
+from search.space import SearchSpace, SpaceConfig
 from subnet.arch import ATTN_LINEARS, MLP_LINEARS, arch_of
 from subnet.spec import SubnetSpec
+from subnet.supernet import Supernet
 from tests.conftest import tiny_model
+from tests.test_search import BLOCKS, fake_cost
 
 
 def cand(ppl, attn, mlp, narrowed, ms=None):
@@ -75,3 +80,22 @@ def test_ladder_bisects_toward_the_fastest_member_of_each_family_that_met_the_fl
     assert ladder_probes(front, first + [outcome(rungs[2], True), outcome(rungs[3], False)]) == []
     assert ladder_probes(front, first + [outcome(rungs[4], True)]) == []
     assert candidate_key(rungs[0].x) == "1,300"
+
+
+def test_a_step_down_widens_the_most_sensitive_blocks_within_the_budgets_and_the_speed_to_beat():
+    """From every block narrowed, the next share that changes the sub-network (0.9 of 4 blocks rounds to
+    all 4: skipped) puts the most rounding-sensitive block (1) back at q8_0; not where that breaks a
+    budget, is no faster than the fastest passing candidate, or no share is left."""
+    model = tiny_model("llama")
+    imp = sort_model(model, BLOCKS)
+    cfg = SpaceConfig(attn_formats=["q8_0", "q4_0"], mlp_formats=["q8_0", "q4_0"], format_shares=[1.0, 0.9, 0.75])
+    space = SearchSpace(arch_of(model.config), "llama.cpp", cfg, imp.layer_rank, [2, 0, 3, 1])
+    problem = Problem(space, Supernet(model), BLOCKS[:4], BLOCKS[4:], fake_cost)
+    e = problem.evaluate(space.largest(fmt_index=1))
+    down = stepped_down(problem, e, None)
+    assert down.x[-1] == 2 and down.decode_ms > e.decode_ms
+    assert {ly.index for ly in down.spec_obj().layers if ly.formats["q_proj"] == "q8_0"} == {1}
+    assert stepped_down(problem, down, None) is None  # no lower share
+    assert stepped_down(problem, e, down.decode_ms) is None  # no faster than a candidate that met the floor
+    problem.budgets = Budgets(size_mb=e.size_mb)
+    assert stepped_down(problem, e, None) is None  # over the size budget
