@@ -1,6 +1,8 @@
 """ONNX export with KV cache, ONNX Runtime runner, per-layer weight formats, TensorRT recipe."""
 
+import os
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,7 +15,7 @@ from subnet.extract import extract
 from subnet.formats import get_format
 from subnet.spec import SubnetSpec
 from targets import onnxrt, tensorrt
-from targets.backend import ExportError, ModelPeakRss, Workload
+from targets.backend import ExportError, ModelPeakRss, Workload, drop_page_cache
 from targets.onnx_export import NBITS, FormatNotSupported, applied_formats, export_onnx, kv_shapes, quantize_nbits
 from tests.conftest import tiny_model
 
@@ -466,13 +468,20 @@ def test_existing_output_needs_force(tmp_path):
     assert art.meta["applied"]["layers.0.q_proj"] == "f32"
 
 
-def test_measure_runs_in_a_subprocess(f32_export):
+def test_measure_runs_in_a_subprocess(f32_export, monkeypatch):
     """Timed in a fresh process whose peak RSS counts the model alone: the tiny model's session and KV
-    cache, not the ~60 MiB or more that Python, numpy and ONNX Runtime hold before it loads."""
+    cache, not the ~60 MiB or more that Python, numpy and ONNX Runtime hold before it loads. The model's
+    files are dropped from the page cache first, and the measurement says so."""
     _, _, art = f32_export
+    dropped = []
+    fadvise = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, *a: dropped.append(os.readlink(f"/proc/self/fd/{fd}")) or fadvise(fd, *a))
     m = onnxrt.measure(art, Workload(prompt_tokens=6, gen_tokens=3), threads=1, repeats=1)
     assert m.prefill_ms > 0 and m.decode_ms_per_token > 0 and 0 < m.peak_rss_mb < 30
     assert m.fingerprint["runtime"] == "onnxruntime" and m.fingerprint["threads"] == 1
+    model_files = sorted(str(p) for p in Path(art.path).parent.iterdir() if p.name.startswith("model.onnx"))
+    assert sorted(dropped) == model_files and m.settings == {"page_cache": "dropped"}
+    drop_page_cache([Path(art.path).parent / "missing.onnx"])  # a file that cannot be opened is skipped
 
 
 def test_model_peak_rss_counts_only_what_its_block_adds():
