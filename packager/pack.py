@@ -63,9 +63,9 @@ console = Console(stderr=True)
 
 # options that act only from a late stage on (option -> that stage): a run resumed with only these changed is
 # redone from the earliest stage they act in; the select stage's act after the shortlist's recoveries (shortlist.json)
-LATE_OPTIONS = {"promote_margin": "select", "step_down": "select", "long_recovery": "select", "long_recover_steps": "select",
-                "long_recover_blocks": "select", "runtime_recover_steps": "recover", "runtime_format_shares": "recover",
-                "retarget": "recover", "measure_rounds": "measure"}
+LATE_OPTIONS = {"promote_margin": "select", "step_down": "select", "long_recovery": "select",
+                "long_recover_steps": "select", "long_recover_blocks": "select", "runtime_recover_steps": "recover",
+                "runtime_format_shares": "recover", "retarget": "recover", "measure_rounds": "measure"}
 # how the winner's formats are carried to the other runtimes (Pack.runtime_recovery)
 RETARGET_RULES = ("exact", "fastest")
 LAYOUT_GAIN = 0.03  # a relayout must be priced this much faster for the whole model, beyond the table's fit error
@@ -1081,6 +1081,7 @@ def selection_summary(sel: dict) -> dict:
              "predicted_decode_ms": t["evaluation"]["decode_ms"], "ppl_simulated": t["evaluation"]["ppl"],
              **{k: t[k] for k in (*FLOOR_KEYS, "wall_s")}}
             for t in sel["shortlist"]]  # fmt: skip
+
     def promoted(pro: dict) -> dict:
         return {"spec": _spec_summary(SubnetSpec.from_dict(pro["evaluation"]["spec"])),
                 **{k: pro["recovery"][k] for k in ("steps_run", "wall_s")}, "train_blocks": pro["recovery"].get("train_blocks"),
