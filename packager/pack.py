@@ -320,7 +320,7 @@ class Pack:
         if t is None:
             return None
         e, missed = Evaluation(**t["evaluation"]), []
-        out = self.promote(problem.supernet.model, e, t["floor_ppl_limit"])
+        out = self.promote(problem.supernet.model, e, t["floor_ppl_limit"], before=t["floor_ppl_before"])
         for _ in range(self.cfg.step_down):
             down = None if out["meets_floor"] else stepped_down(problem, e, faster_than)
             if down is None:
@@ -331,10 +331,10 @@ class Pack:
             out = self.promote(problem.supernet.model, e, t["floor_ppl_limit"])
         return out | {"missed": missed}
 
-    def promote(self, model, e: Evaluation, limit: float) -> dict:
+    def promote(self, model, e: Evaluation, limit: float, before: float | None = None) -> dict:
         """Give ``e`` the promotion's recovery (``promotion_recovery``) from its GPTQ rounding, and the floor
-        check before and after it against ``limit``; a recovered model that meets it is kept for the
-        recover stage."""
+        check before (``before`` where its short recovery already scored it) and after it against ``limit``;
+        a recovered model that meets it is kept for the recover stage."""
         from search.recovery import recover
 
         spec = e.spec_obj()
@@ -342,7 +342,7 @@ class Pack:
         long = "-long" if self.cfg.long_recovery else ""
         console.print(f"  promoted to {'long' if long else 'full'} recovery: {_spec_summary(spec)}")
         sub, scales = self.rounded_subnet(model, spec, self.calibration_blocks())
-        before = self.checked_ppl(sub, spec, scales)
+        before = self.checked_ppl(sub, spec, scales) if before is None else before
         res = recover(model, sub, spec, blocks.train, blocks.held, config, block_scales=scales,
                       out_dir=self.work / "promotion" / (candidate_key(e.x) + long), resume=True)  # fmt: skip
         after = self.checked_ppl(res.model, spec, res.block_scales)

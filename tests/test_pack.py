@@ -252,6 +252,8 @@ def test_a_promoted_candidate_that_misses_steps_down_one_format_share(small_mode
     widest = {ly.formats["q_proj"] for ly in Evaluation(**out["evaluation"]).spec_obj().layers}
     assert widest == {space.config.attn_formats[0], space.config.attn_formats[-1]}  # some blocks back at the widest
     assert [t["recovery"]["steps_run"] for t in (*out["missed"], out)] == [2, 2]
+    # the promoted member's floor check before recovery is its short recovery's; the step down's is scored anew
+    assert out["missed"][0]["floor_ppl_before"] == 1.04 and out["floor_ppl_before"] > 2
     line = promotion_line(selection_summary({"shortlist": [], "promoted": out, "how": ""}))
     assert "; missed, so it stepped down one format share: " in line and line.endswith("missed, so the fallback won.")
     faster_than = narrow.decode_ms + 1e-6  # a passing candidate just slower than the promoted one, faster than its step down
