@@ -145,6 +145,8 @@ def floor_line(sec: dict) -> str | None:
     line += f"; 95% interval {ci['low'] - 1:+.1%} to {ci['high'] - 1:+.1%}, paired bootstrap over {ci['blocks']} blocks)"
     if f["met"] and ci["high"] > 1 + f["max_increase"]:
         line += ": the interval reaches past the floor"
+    elif not f["met"] and ci["low"] <= 1 + f["max_increase"]:
+        line += ": the interval reaches under the floor"
     return line
 
 

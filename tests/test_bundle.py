@@ -128,6 +128,12 @@ def test_scorecard_says_whether_each_runtime_meets_the_accuracy_floor():
                                                                          "blocks": 32}  # fmt: skip
     assert ("met (27.70, +4.5%; 95% interval +3.1% to +5.8%, paired bootstrap over 32 blocks): the interval "
             "reaches past the floor") in to_markdown(card)
+    card["runtimes"]["onnxruntime"]["accuracy_floor"]["increase_ci95"] = {"ratio": 1.18, "low": 1.04, "high": 1.33,
+                                                                           "blocks": 32}  # fmt: skip
+    assert ("MISSED (31.20, +18.2%; 95% interval +4.0% to +33.0%, paired bootstrap over 32 blocks): the interval "
+            "reaches under the floor") in to_markdown(card)
+    card["runtimes"]["onnxruntime"]["accuracy_floor"]["increase_ci95"]["low"] = 1.06
+    assert to_markdown(card).count("reaches under") == 0
     assert "recovered again" not in md
     card["runtimes"]["onnxruntime"]["recovery"] = {
         "changed": 210, "example": "layers.0.q_proj iq4_nl->int4s_b32", "floor_ppl_before": 35.86, "floor_ppl_after": 32.2,
