@@ -335,26 +335,34 @@ class Pack:
         """Give ``e`` the promotion's recovery (``promotion_recovery``) from its GPTQ rounding, and the floor
         check before (``before`` where its short recovery already scored it) and after it against ``limit``;
         a recovered model that meets it is kept for the recover stage."""
-        from search.recovery import recover
-
         spec = e.spec_obj()
         blocks, config = self.promotion_recovery()
         long = "-long" if self.cfg.long_recovery else ""
         console.print(f"  promoted to {'long' if long else 'full'} recovery: {_spec_summary(spec)}")
-        sub, scales = self.rounded_subnet(model, spec, self.calibration_blocks())
-        before = self.checked_ppl(sub, spec, scales) if before is None else before
-        res = recover(model, sub, spec, blocks.train, blocks.held, config, block_scales=scales,
-                      out_dir=self.work / "promotion" / (candidate_key(e.x) + long), resume=True)  # fmt: skip
-        after = self.checked_ppl(res.model, spec, res.block_scales)
+        res, gptq, before, after = self.recover_rounded(model, spec, blocks, config,
+                                                        self.work / "promotion" / (candidate_key(e.x) + long), before)  # fmt: skip
         ok = after <= limit
         if ok:
             save_model(res.model, self.work / "recovered", block_scales=res.block_scales)
         console.print(f"  promoted: floor-check ppl {before:.2f} → {after:.2f} after {res.steps_run} "
                       f"steps (limit {limit:.2f}): {'meets' if ok else 'misses'} the floor")  # fmt: skip
         return {"evaluation": asdict(e),
-                "recovery": res.summary() | {"gptq_linears": len(scales), "train_blocks": len(blocks.train)},
+                "recovery": res.summary() | {"gptq_linears": gptq, "train_blocks": len(blocks.train)},
                 "long": self.cfg.long_recovery,
                 "floor_ppl_before": before, "floor_ppl_after": after, "floor_ppl_limit": limit, "meets_floor": ok}  # fmt: skip
+
+    def recover_rounded(self, model, spec: SubnetSpec, blocks: Holdout, config, out_dir: Path | None,
+                        before: float | None = None) -> tuple[RecoveryResult, int, float, float]:
+        """``spec``'s recovery by ``config`` on ``blocks`` from its GPTQ rounding (``rounded_subnet``),
+        checkpointed under ``out_dir`` (None: not at all): the result, how many linears GPTQ rounded, and
+        the floor check before (``before`` where it was already scored) and after it."""
+        from search.recovery import recover
+
+        sub, scales = self.rounded_subnet(model, spec, self.calibration_blocks())
+        before = self.checked_ppl(sub, spec, scales) if before is None else before
+        res = recover(model, sub, spec, blocks.train, blocks.held, config, block_scales=scales, out_dir=out_dir,
+                      resume=out_dir is not None)
+        return res, len(scales), before, self.checked_ppl(res.model, spec, res.block_scales)
 
     def short_recoveries(self, net: Supernet, base_ev: Evaluation, candidates: list[Evaluation]) -> list[dict]:
         """Give each candidate ``shortlist_steps`` of recovery; its perplexity before/after vs the floor.
@@ -364,7 +372,7 @@ class Pack:
         blocks' perplexity every 10 steps, ``val_curve``), under the options of the run that made them, so a
         resumed run skips them unless an option changed since.
         """
-        from search.recovery import RecoveryConfig, recover
+        from search.recovery import RecoveryConfig
 
         if not candidates:
             return []
@@ -379,11 +387,8 @@ class Pack:
             if key in done:
                 continue
             spec = e.spec_obj()
-            sub, scales = self.rounded_subnet(model, spec, self.calibration_blocks())
-            before = self.checked_ppl(sub, spec, scales)
-            res = recover(model, sub, spec, blocks.train, blocks.held, block_scales=scales,
-                          config=RecoveryConfig(max_steps=self.cfg.shortlist_steps, eval_every=10, qat=True))  # fmt: skip
-            after = self.checked_ppl(res.model, spec, res.block_scales)
+            config = RecoveryConfig(max_steps=self.cfg.shortlist_steps, eval_every=10, qat=True)
+            res, _, before, after = self.recover_rounded(model, spec, blocks, config, None)
             done[key] = {"evaluation": asdict(e), "floor_ppl_before": before, "floor_ppl_after": after,
                          "floor_ppl_limit": limit, "meets_floor": after <= limit, "wall_s": res.wall_s,
                          "val_curve": [[h["step"], h["val_ppl"]] for h in res.history if "val_ppl" in h]}  # fmt: skip
@@ -476,21 +481,17 @@ class Pack:
     def recover_winner(self) -> dict:
         spec = self.winner_spec()
         model = self.sorted_model()
-        from search.recovery import base_format, nothing_to_recover, recover
+        from search.recovery import base_format, nothing_to_recover
 
         why = nothing_to_recover(spec, base_format(model), qat=True)
         if why:  # the base itself at lossless formats
             save_model(extract(model, spec), self.work / "recovered")
             return {"skipped": why}
-        blocks = self.recovery_blocks
-        sub, scales = self.rounded_subnet(model, spec, self.calibration_blocks())
-        before = self.checked_ppl(sub, spec, scales)
-        res = recover(model, sub, spec, blocks.train, blocks.held, self.recovery_config(), block_scales=scales,
-                      out_dir=self.work / "recovery" / spec_key(spec), resume=True)  # fmt: skip
+        res, gptq, before, after = self.recover_rounded(model, spec, self.recovery_blocks, self.recovery_config(),
+                                                        self.work / "recovery" / spec_key(spec))  # fmt: skip
         save_model(res.model, self.work / "recovered", block_scales=res.block_scales)
         limit = self.floor_limit(model, self.base_spec())
-        after = self.checked_ppl(res.model, spec, res.block_scales)
-        return res.summary() | {"gptq_linears": len(scales), "floor_ppl_before": before, "floor_ppl_after": after,
+        return res.summary() | {"gptq_linears": gptq, "floor_ppl_before": before, "floor_ppl_after": after,
                                 "floor_ppl_limit": limit, "meets_floor": after <= limit}  # fmt: skip
 
     def runtime_recovery(self, runtime: str) -> dict | None:
