@@ -41,7 +41,8 @@ def small_model_dir(tmp_path_factory):
 
 def small_config(model_dir, **over):
     kw = dict(target="laptop-cpu", model=str(model_dir), runtimes=["llama.cpp"], budget=6, calib_blocks=8, val_blocks=2,
-              floor_blocks=4, eval_blocks=2, report_blocks=4, recover_steps=4, accuracy_floor=10.0, seed=0, measure_rounds=2)
+              floor_blocks=4, eval_blocks=2, report_blocks=4, recover_steps=4, accuracy_floor=10.0, seed=0, measure_rounds=2,
+              long_recovery=False)
     kw.update(over)
     return PackConfig(**kw)
 
