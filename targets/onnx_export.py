@@ -46,8 +46,8 @@ from targets.backend import Artifact, ExportError, atomic_output, model_name
 from targets.onnx_artifact import EMBED_FORMATS, KV_CACHE, MODEL_FILE
 from targets.onnx_attention import GQADecoder, translation_table, unsupported
 from targets.onnx_fusion import fuse_projections
-from targets.onnx_graph import (MS_DOMAIN, GraphIndex, attrs, cast_initializer, drop_value_info, initializers,
-                                 prepend, set_nodes, use_ms_domain)  # fmt: skip
+from targets.onnx_graph import (MS_DOMAIN, GraphIndex, attrs, cast_initializer, drop_stack_traces, drop_value_info,
+                                 initializers, prepend, set_nodes, use_ms_domain)  # fmt: skip
 
 NBITS = {  # bits, block, symmetric (asymmetric RTN unless symmetric, as subnet.quant simulates)
     n: (get_format(n).nbits, get_format(n).block, get_format(n).symmetric) for n in NBITS_FORMATS
@@ -574,6 +574,7 @@ def write_onnx(model, spec: SubnetSpec, folder: Path, fused: bool = False, block
     attention = "eager" if why_not else "gqa"
     torch_export(model, raw / MODEL_FILE, optimize=fused, attention=attention)
     graph = onnx.load(str(raw / MODEL_FILE))
+    drop_stack_traces(graph)
     for f in raw.iterdir():
         f.unlink()
     raw.rmdir()

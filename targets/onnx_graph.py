@@ -9,11 +9,25 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops
+STACK_TRACE = "pkg.torch.onnx.stack_trace"  # torch.onnx's per-node Python stack: file paths of the exporting machine
 
 
 def attrs(node) -> dict:
     """A node's attributes as name -> Python value."""
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def drop_stack_traces(model: onnx.ModelProto) -> int:
+    """Remove torch.onnx's per-node stack traces, which name the exporting machine's source and site-packages
+    paths, so that the same weights and spec export to the same bytes on any machine; how many were removed."""
+    dropped = 0
+    for node in model.graph.node:
+        kept = [p for p in node.metadata_props if p.key != STACK_TRACE]
+        if len(kept) < len(node.metadata_props):
+            dropped += len(node.metadata_props) - len(kept)
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+    return dropped
 
 
 def initializers(graph: onnx.GraphProto) -> dict:

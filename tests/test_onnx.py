@@ -17,6 +17,7 @@ from subnet.spec import SubnetSpec
 from targets import onnxrt, tensorrt
 from targets.backend import ExportError, ModelPeakRss, Workload, drop_page_cache
 from targets.onnx_export import NBITS, FormatNotSupported, applied_formats, export_onnx, kv_shapes, quantize_nbits
+from targets.onnx_graph import STACK_TRACE
 from tests.conftest import tiny_model
 
 IDS = [5, 17, 42, 99, 3, 64, 7, 120, 33, 8, 71, 12]
@@ -88,6 +89,17 @@ def test_f32_graph_io_names_and_per_layer_kv(f32_export):
         assert past[f"past_key_values.{i}.key"][1] == ly.kv_heads
         assert past[f"past_key_values.{i}.value"][1] == ly.kv_heads
     assert [o.name for o in g.output] == ["logits"] + [f"present.{i}.{t}" for i in range(n) for t in ("key", "value")]
+
+
+
+def test_graph_holds_no_path_of_the_exporting_machine(f32_export):
+    """torch.onnx's per-node stack traces are dropped: the exported bytes do not depend on where the code lives."""
+    _, _, art = f32_export
+    raw = Path(art.path).read_bytes()
+    assert str(Path(onnxrt.__file__).resolve().parents[1]).encode() not in raw and b"site-packages" not in raw
+    graph = onnx.load(art.path, load_external_data=False).graph
+    assert not any(p.key == STACK_TRACE for node in graph.node for p in node.metadata_props)
+    assert any(p.key == "pkg.torch.onnx.name_scopes" for node in graph.node for p in node.metadata_props)
 
 
 def test_kv_cache_decode_matches_torch(f32_export):
