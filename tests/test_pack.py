@@ -483,3 +483,22 @@ def test_the_equalization_note_names_the_formats_and_reads_runs_prepared_before_
     (old,) = equalization_notes(summary["groups"])
     assert "equalized before" in old and "q/k/v x0.60" in old
     assert equalization_notes(None) == [] and equalization_summary([]) is None
+
+
+@pytest.mark.parametrize("flags, long", [([], True), (["--short-recovery"], False), (["--long-recovery"], True)])
+def test_pack_cli_gives_the_promotion_the_long_recovery_unless_told_short(monkeypatch, tmp_path, flags, long):
+    """The CLI's default is PackConfig's: the long recovery; ``--short-recovery`` turns it off."""
+    seen = []
+
+    class Captured:
+        def __init__(self, cfg, out, resume=False, force=False):
+            seen.append(cfg)
+
+        def run(self):
+            (tmp_path / "scorecard.md").write_text("scorecard")
+            return tmp_path
+
+    monkeypatch.setattr("packager.pack.Pack", Captured)
+    res = CliRunner().invoke(main, ["pack", "--target", "laptop-cpu", "--out", str(tmp_path / "b"), *flags])
+    assert res.exit_code == 0, res.output
+    assert seen[0].long_recovery is long and PackConfig(target="laptop-cpu").long_recovery is True
