@@ -277,8 +277,8 @@ def tune_supernet_cmd(model, target, runtime, mode, steps, calib_blocks, seed, o
                    "meeting it, gets the full recovery.")
 @click.option("--long-recovery/--short-recovery", default=True, show_default=True,
               help="Long: the promoted near miss trains 600 steps on 4x the training text with every step run "
-                   "(about 31 min on 2 cores for SmolLM2), and so does each try of another runtime's own "
-                   "recovery. Short: the winner's recovery (120 steps, early-stopped; about 6 min), a bundle "
+                   "(30-40 min on 2 cores for SmolLM2), and so does each try of another runtime's own "
+                   "recovery. Short: the winner's recovery (120 steps, early-stopped; 5-6 min), a bundle "
                    "that can land just over the accuracy floor.")
 @click.option("--equalize/--no-equalize", default=True, show_default=True,
               help="Scale input channels for rounding (activation-aware, folded into norms, up and v) before the search.")

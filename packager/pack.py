@@ -90,7 +90,7 @@ class PackConfig:
     shortlist_steps: int = 30  # recovery steps per shortlisted candidate
     promote_margin: float = 0.05  # a shortlisted candidate missing the floor by at most this gets the full recovery
     # the promoted candidate trains long_recover_steps on long_recover_blocks, every step run (Pack.promotion_recovery);
-    # False: the winner's recovery (recover_steps, early-stopped), about 14 minutes sooner for SmolLM2 on 2 cores
+    # False: the winner's recovery (recover_steps, early-stopped), 25-30 minutes sooner for SmolLM2 on 2 cores
     long_recovery: bool = True
     long_recover_steps: int = 600
     long_recover_blocks: int = 640

@@ -91,7 +91,6 @@ def test_f32_graph_io_names_and_per_layer_kv(f32_export):
     assert [o.name for o in g.output] == ["logits"] + [f"present.{i}.{t}" for i in range(n) for t in ("key", "value")]
 
 
-
 def test_graph_holds_no_path_of_the_exporting_machine(f32_export):
     """torch.onnx's per-node stack traces are dropped: the exported bytes do not depend on where the code lives."""
     _, _, art = f32_export
