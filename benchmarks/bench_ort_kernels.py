@@ -31,14 +31,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from targets.onnx_graph import MS_DOMAIN, attrs  # noqa: E402
-from targets.onnxrt import SharedKV, load  # noqa: E402
+from targets.onnxrt import SharedKV, load, session  # noqa: E402
 
 SHAPES = {"gate_up": (3072, 576), "down": (576, 1536), "head": (49152, 576)}  # N, K
 # (label, bits, block, zero points) for MatMulNBits; None: dynamic int8 (MatMulInteger per output channel)
@@ -47,19 +46,9 @@ LAYOUTS = [("int8s_b32 (q8_0's twin)", 8, 32, False), ("int8_b32", 8, 32, True),
            ("4-bit b128 + zero points", 4, 128, True), ("int8 (MatMulInteger)", None, None, None)]  # fmt: skip
 
 
-def session(model, threads: int, profile: str | None = None) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    if profile:
-        opts.enable_profiling, opts.profile_file_prefix = True, profile
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-
-
 def profile(path, threads: int, prompt: int, gen: int, prefix: str) -> None:
     """Print the decode steps' kernel time of one artifact, per op type and per MatMulNBits shape."""
-    runner = load(path, threads=threads)
-    model_path = runner.path
-    runner.session = session(str(model_path), threads, prefix)  # the same graph, profiled
+    runner = load(path, threads=threads, profile=prefix)
     cache = SharedKV(runner, 1, prompt + gen)
     cache.step(np.arange(100, 100 + prompt)[None])
     start = time.perf_counter()
@@ -69,7 +58,7 @@ def profile(path, threads: int, prompt: int, gen: int, prefix: str) -> None:
     events = json.loads(Path(runner.session.end_profiling()).read_text())
     runs = [e for e in events if e.get("name") == "model_run"]
     prefill_end = runs[0]["ts"] + runs[0]["dur"]
-    shapes = {n.name: attrs(n) for n in onnx.load(str(model_path), load_external_data=False).graph.node
+    shapes = {n.name: attrs(n) for n in onnx.load(str(runner.path), load_external_data=False).graph.node
               if n.op_type == "MatMulNBits"}  # fmt: skip
     by_op, by_shape, calls = collections.Counter(), collections.Counter(), collections.Counter()
     for e in events:

@@ -17,17 +17,13 @@ def attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def drop_stack_traces(model: onnx.ModelProto) -> int:
+def drop_stack_traces(model: onnx.ModelProto) -> None:
     """Remove torch.onnx's per-node stack traces, which name the exporting machine's source and site-packages
-    paths, so that the same weights and spec export to the same bytes on any machine; how many were removed."""
-    dropped = 0
+    paths, so that the same weights and spec export to the same bytes on any machine."""
     for node in model.graph.node:
         kept = [p for p in node.metadata_props if p.key != STACK_TRACE]
-        if len(kept) < len(node.metadata_props):
-            dropped += len(node.metadata_props) - len(kept)
-            del node.metadata_props[:]
-            node.metadata_props.extend(kept)
-    return dropped
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
 
 
 def initializers(graph: onnx.GraphProto) -> dict:

@@ -47,22 +47,32 @@ def _onnx_path(artifact_or_path) -> Path:
     return p
 
 
+def session(model, threads: int | None = None, graph_opt: str = "all", profile: str | None = None):
+    """An ONNX Runtime CPU session for ``model`` (a path or serialized bytes): ``threads`` intra-op threads
+    (one inter-op), ``graph_opt`` "all" or "basic", and with ``profile`` ONNX Runtime's profiler writing
+    under that prefix."""
+    import onnxruntime as ort
+
+    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = levels[graph_opt]
+    if profile:
+        opts.enable_profiling, opts.profile_file_prefix = True, profile
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
+                                providers=["CPUExecutionProvider"])  # fmt: skip
+
+
 class OnnxRunner:
     """Greedy generation and logits through an exported KV-cache graph (batch 1 unless asked)."""
 
-    def __init__(self, path: Path, threads: int | None = None, graph_opt: str = "all"):
-        import onnxruntime as ort
-
-        levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = levels[graph_opt]
+    def __init__(self, path: Path, threads: int | None = None, graph_opt: str = "all", profile: str | None = None):
         self.path = path
         self.threads = threads
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.session = session(path, threads, graph_opt, profile)
         self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.kv = [tuple(i.shape[1::2]) for i in self.session.get_inputs() if i.name in self.past_names]  # (heads, hd)
         self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
@@ -159,13 +169,15 @@ class SharedKV:
         return logits
 
 
-def load(artifact_or_path, threads: int | None = None, graph_opt: str = "all") -> OnnxRunner:
+def load(artifact_or_path, threads: int | None = None, graph_opt: str = "all",
+         profile: str | None = None) -> OnnxRunner:  # fmt: skip
     """A runner for an exported artifact (an Artifact, its folder, or its model.onnx).
 
     ``graph_opt="basic"`` skips ORT's extended fusions (which, e.g., turn a weight DequantizeLinear +
-    MatMul into an int8 MatMul with dynamically quantized activations).
+    MatMul into an int8 MatMul with dynamically quantized activations). ``profile``: a prefix for
+    ONNX Runtime's profile of every run (``runner.session.end_profiling()`` writes it).
     """
-    return OnnxRunner(_onnx_path(artifact_or_path), threads, graph_opt)
+    return OnnxRunner(_onnx_path(artifact_or_path), threads, graph_opt, profile)
 
 
 def parity_ids(tokenizer, vocab_size: int, n: int = 48) -> list[int]:
