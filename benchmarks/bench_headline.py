@@ -41,7 +41,7 @@ from subnet.loading import embedded_model_dir, load_model
 from subnet.spec import SubnetSpec
 from targets import llamacpp, onnxrt
 from targets.backend import Workload, measure_interleaved, paired_speedup, runner_nll_per_block
-from targets.onnx_graph import attrs
+from targets.onnx_graph import weight_bytes
 
 
 def perplexity_cells(mod, variants: dict, blocks, threads: int, ref: str) -> dict[str, str]:
@@ -137,16 +137,8 @@ def gguf_weight_bytes(path: Path) -> int:
 
 
 def onnx_weight_bytes(path: Path) -> int:
-    """Bytes of weight data an ONNX model's kernels read per decode token (KV cache aside): every
-    initializer, those stored in float16 behind a Cast to float32 (which ONNX Runtime folds at load)
-    at the float32 bytes the kernels get."""
-    graph = onnx.load(str(path), load_external_data=False).graph
-    widened = {n.input[0] for n in graph.node if n.op_type == "Cast" and attrs(n)["to"] == onnx.TensorProto.FLOAT}
-    total = 0
-    for t in graph.initializer:
-        itemsize = 4 if t.name in widened else onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        total += int(np.prod(t.dims, dtype=np.int64)) * itemsize
-    return total
+    """Bytes of weight data an ONNX model's kernels read per decode token (KV cache aside)."""
+    return weight_bytes(onnx.load(str(path), load_external_data=False).graph)
 
 
 def roofline_cell(decode_ms: float, weight_bytes: int, bandwidth_gbs: float) -> str:

@@ -45,7 +45,7 @@ from onnx import numpy_helper as nh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from targets.onnx_graph import MS_DOMAIN, attrs  # noqa: E402
+from targets.onnx_graph import MS_DOMAIN, attrs, drop_unused_initializers, weight_bytes  # noqa: E402
 from targets.onnxrt import SharedKV, load, session  # noqa: E402
 
 SHAPES = {"gate_up": (3072, 576), "down": (576, 1536), "head": (49152, 576)}  # N, K
@@ -69,7 +69,7 @@ def decode_ms(runner, prompt: int, gen: int) -> float:
 def linears_only(path: Path, threads: int) -> tuple:
     """A session of ``path``'s MatMulNBits alone, each reading its own graph input [1, 1, K] (the constant
     subgraphs that feed them kept: float16 scales' Casts, a tied head's Reshape); its feed; and the bytes
-    the linears read (codes, float32 scales, zero points)."""
+    the linears read (``weight_bytes``: codes, scales as float32, zero points)."""
     model = onnx.load(str(path))
     known, nodes = {t.name for t in model.graph.initializer}, []
     for n in model.graph.node:
@@ -77,19 +77,16 @@ def linears_only(path: Path, threads: int) -> tuple:
             nodes.append(n)
             known.update(n.output if n.op_type != "MatMulNBits" else [])
     linears = [n for n in nodes if n.op_type == "MatMulNBits"]
-    widths, nbytes = {n.input[0]: attrs(n)["K"] for n in linears}, 0
-    for n in linears:
-        a = attrs(n)
-        blocks = -(-a["K"] // a["block_size"])
-        zero_points = a["N"] * -(-blocks * a["bits"] // 8) if len(n.input) > 3 and n.input[3] else 0
-        nbytes += a["N"] * blocks * (a["block_size"] * a["bits"] // 8 + 4) + zero_points
+    widths = {n.input[0]: attrs(n)["K"] for n in linears}
     graph = helper.make_graph(nodes, "linears",
                               [helper.make_tensor_value_info(t, TensorProto.FLOAT, [1, 1, k]) for t, k in widths.items()],
                               [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, None) for n in linears],
                               model.graph.initializer)  # fmt: skip
-    sess = session(helper.make_model(graph, opset_imports=model.opset_import).SerializeToString(), threads)
+    linears_model = helper.make_model(graph, opset_imports=model.opset_import)
+    drop_unused_initializers(linears_model)
     rng = np.random.default_rng(0)
-    return sess, {t: rng.random((1, 1, k), dtype=np.float32) for t, k in widths.items()}, nbytes
+    feed = {t: rng.random((1, 1, k), dtype=np.float32) for t, k in widths.items()}
+    return session(linears_model.SerializeToString(), threads), feed, weight_bytes(linears_model.graph)
 
 
 def split(paths: list, threads: int, prompt: int, gen: int, rounds: int) -> None:

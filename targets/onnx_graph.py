@@ -26,6 +26,17 @@ def drop_stack_traces(model: onnx.ModelProto) -> None:
         node.metadata_props.extend(kept)
 
 
+def weight_bytes(graph: onnx.GraphProto) -> int:
+    """Bytes of weight data the graph's kernels read per run: every initializer, those stored in float16
+    behind a Cast to float32 (which ONNX Runtime folds at load) at the float32 bytes the kernels get."""
+    widened = {n.input[0] for n in graph.node if n.op_type == "Cast" and attrs(n)["to"] == TensorProto.FLOAT}
+    total = 0
+    for t in graph.initializer:
+        itemsize = 4 if t.name in widened else helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        total += int(np.prod(t.dims, dtype=np.int64)) * itemsize
+    return total
+
+
 def initializers(graph: onnx.GraphProto) -> dict:
     """The graph's initializers by name."""
     return {t.name: t for t in graph.initializer}
